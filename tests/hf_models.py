@@ -1,0 +1,60 @@
+"""Random-weight Hugging Face models saved to a folder, for checking our engine against `transformers`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+VOCAB = 512
+
+
+def _word_level_tokenizer(folder: Path, vocab_size: int) -> None:
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {f"w{i}": i for i in range(vocab_size)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="w0"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps({
+        "eos_token": "w1",
+        "chat_template": "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }} {% endfor %}assistant:",
+    }))
+
+
+SHAPE = dict(
+    vocab_size=VOCAB, hidden_size=64, intermediate_size=160, num_hidden_layers=3, num_attention_heads=4,
+    num_key_value_heads=2, max_position_embeddings=1024, initializer_range=0.1, eos_token_id=1, bos_token_id=2,
+)
+
+
+def make_config(arch: str):
+    import transformers as tf
+
+    if arch == "llama":
+        return tf.LlamaConfig(**SHAPE, rope_parameters={
+            "rope_type": "llama3", "rope_theta": 50000.0, "factor": 8.0, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 64,
+        })
+    if arch == "mistral":
+        return tf.MistralConfig(**SHAPE, sliding_window=None)
+    if arch == "qwen2":
+        return tf.Qwen2Config(**SHAPE, tie_word_embeddings=True)
+    if arch == "qwen3":
+        return tf.Qwen3Config(**SHAPE, head_dim=32)
+    raise ValueError(arch)
+
+
+def save_random_model(arch: str, folder: Path, seed: int = 0):
+    """Builds the HF model with seeded random weights, saves it, returns it (eval mode, float32)."""
+    import transformers as tf
+
+    cls = {"llama": tf.LlamaForCausalLM, "mistral": tf.MistralForCausalLM,
+           "qwen2": tf.Qwen2ForCausalLM, "qwen3": tf.Qwen3ForCausalLM}[arch]
+    torch.manual_seed(seed)
+    model = cls(make_config(arch)).eval()
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(folder)
+    _word_level_tokenizer(folder, VOCAB)
+    return model

@@ -1,0 +1,67 @@
+"""Engine configuration: validated once, frozen, passed down (never written back)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+SUPPORTED_DTYPES = ("float32", "bfloat16", "float16")
+KV_CACHE_DTYPES = ("auto", "int8", "fp8")
+EVICTION_POLICIES = ("lru", "lfu", "fifo", "adaptive")
+
+
+@dataclass(frozen=True, slots=True)
+class EngineConfig:
+    """What a worker's engine is built from.
+
+    `num_kv_blocks=None` sizes the KV pool from `kv_cache_memory_bytes`, or, when that is None too,
+    from the memory the device has free. `max_model_len=None` takes the model's own context length.
+    """
+
+    model: str = "tiny"
+    device: str = "cpu"
+    dtype: str = "float32"
+    block_size: int = 16
+    num_kv_blocks: int | None = None
+    kv_cache_memory_bytes: int | None = None
+    gpu_memory_utilization: float = 0.9
+    enable_prefix_caching: bool = True
+    eviction_policy: str = "lru"
+    kv_cache_dtype: str = "auto"
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 2048
+    max_model_len: int | None = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.model:
+            raise ValueError("model must be 'tiny' or the path of a local Hugging Face model folder")
+        if not (self.device == "cpu" or self.device == "cuda" or self.device.startswith("cuda:")):
+            raise ValueError(f"device={self.device!r} is not supported; use 'cpu', 'cuda' or 'cuda:N'")
+        if self.dtype not in SUPPORTED_DTYPES:
+            raise ValueError(f"dtype={self.dtype!r} is not supported; use one of {', '.join(SUPPORTED_DTYPES)}")
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(
+                f"kv_cache_dtype={self.kv_cache_dtype!r} is not supported; use one of {', '.join(KV_CACHE_DTYPES)}"
+            )
+        if self.kv_cache_dtype == "fp8" and self.device == "cpu":
+            raise ValueError("kv_cache_dtype='fp8' needs a CUDA GPU with fp8 support; on the CPU use 'int8'")
+        if self.eviction_policy not in EVICTION_POLICIES:
+            raise ValueError(
+                f"eviction_policy={self.eviction_policy!r} is unknown; use one of {', '.join(EVICTION_POLICIES)}"
+            )
+        if not 1 <= self.block_size <= 256:
+            raise ValueError(f"block_size={self.block_size} must be between 1 and 256 tokens (16 is usual)")
+        if self.num_kv_blocks is not None and self.num_kv_blocks < 2:
+            raise ValueError(f"num_kv_blocks={self.num_kv_blocks} must be at least 2, or None to size it from memory")
+        if self.kv_cache_memory_bytes is not None and self.kv_cache_memory_bytes <= 0:
+            raise ValueError("kv_cache_memory_bytes must be positive, or None to size it from free memory")
+        if not 0.0 < self.gpu_memory_utilization <= 1.0:
+            raise ValueError(f"gpu_memory_utilization={self.gpu_memory_utilization} must be in (0, 1]")
+        if self.max_num_seqs < 1:
+            raise ValueError(f"max_num_seqs={self.max_num_seqs} must be at least 1")
+        if self.max_num_batched_tokens < self.block_size:
+            raise ValueError(
+                f"max_num_batched_tokens={self.max_num_batched_tokens} must be at least block_size={self.block_size}"
+            )
+        if self.max_model_len is not None and self.max_model_len < 2:
+            raise ValueError(f"max_model_len={self.max_model_len} must be at least 2, or None for the model's own")

@@ -1,0 +1,221 @@
+"""LLMEngine: the model, the paged KV cache and the scheduler a worker keeps warm between tasks."""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections import deque
+from collections.abc import Sequence as Seq
+
+import torch
+
+from workers.config import EngineConfig
+from workers.hashing import root_hash
+from workers.kv_cache import PagedKVCache
+from workers.kv_cache_manager import KVCacheManager
+from workers.loader import DTYPES, load_model
+from workers.memory import num_kv_blocks
+from workers.model_runner import ModelRunner
+from workers.outputs import CompletionOutput, RequestMetrics
+from workers.sampling import SamplingParams
+from workers.scheduler import Scheduler
+from workers.sequence import Sequence
+from workers.stats import EngineStats
+from workers.stop_checker import StopChecker
+
+Prompt = str | list[int]
+
+
+class LLMEngine:
+    """Generates completions with continuous batching over a paged, prefix-cached KV store.
+
+    `generate()` runs a whole batch; `add_request()` + `step()` let a caller feed work in as it
+    arrives. Outputs do not depend on what else shares the batch, on the prefix cache, or on
+    preemption (greedy decoding gives the same tokens as a request run alone).
+    """
+
+    def __init__(self, config: EngineConfig | None = None) -> None:
+        self.config = config = config or EngineConfig()
+        self.device = _device(config)
+        self.loaded = load_model(config.model, self.device, config.dtype, config.max_model_len)
+        cfg = self.loaded.config
+        self.tokenizer = self.loaded.tokenizer
+        self.max_model_len = self.loaded.max_model_len
+        dtype = DTYPES[config.dtype]
+        per_block = PagedKVCache.bytes_per_block(
+            cfg.num_layers, config.block_size, cfg.num_kv_heads, cfg.head_dim, dtype, config.kv_cache_dtype
+        )
+        num_blocks = num_kv_blocks(config, self.device, per_block, self.max_model_len)
+        self.kv_cache = PagedKVCache(
+            cfg.num_layers, num_blocks, config.block_size, cfg.num_kv_heads, cfg.head_dim, dtype, self.device,
+            config.kv_cache_dtype,
+        )
+        self.kv_manager = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching, config.eviction_policy)
+        eos = frozenset(self.tokenizer.eos_token_ids | set(cfg.eos_token_ids))
+        self.scheduler = Scheduler(
+            self.kv_manager, StopChecker(eos, self.tokenizer.decode, self.max_model_len),
+            config.max_num_seqs, config.max_num_batched_tokens,
+        )
+        self.runner = ModelRunner(self.loaded.model, self.kv_cache, self.device, config.seed)
+        self._ids = itertools.count()
+        self._live: dict[str, Sequence] = {}
+        self._stats = EngineStats()
+
+    # -- requests --------------------------------------------------------------------------------
+    def add_request(
+        self, prompt: Prompt, params: SamplingParams | None = None, request_id: str | None = None,
+        cache_salt: str | None = None,
+    ) -> str:
+        """Queues one request and returns its id. `cache_salt` separates prefix-cache entries (one
+        tenant cannot hit another's blocks). Raises ValueError for a prompt the engine cannot serve."""
+        params = params or SamplingParams()
+        token_ids = self._tokens(prompt)
+        self._check_fits(token_ids, params)
+        request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
+        if request_id in self._live:
+            raise ValueError(f"request id {request_id!r} is already in the engine")
+        generator = None
+        if params.seed is not None:
+            generator = torch.Generator(device=self.device).manual_seed(params.seed)
+        seq = Sequence(request_id, token_ids, params, root_hash(self.loaded.fingerprint, cache_salt), generator)
+        self._live[request_id] = seq
+        self.scheduler.add(seq)
+        return request_id
+
+    def step(self) -> list[CompletionOutput]:
+        """Runs one scheduler step and returns the requests it finished."""
+        started = time.perf_counter()
+        scheduled = self.scheduler.schedule()
+        sampled = self.runner.execute(scheduled)
+        finished = self.scheduler.update(scheduled, sampled)
+        self._stats.record_step(scheduled.num_batched_tokens, len(sampled), time.perf_counter() - started)
+        return [self._finish(seq) for seq in finished]
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    def abort_request(self, request_id: str) -> bool:
+        seq = self.scheduler.abort(request_id)
+        self._live.pop(request_id, None)
+        return seq is not None
+
+    def generate(
+        self, prompts: Seq[Prompt], params: SamplingParams | Seq[SamplingParams] | None = None,
+        cache_salt: str | None = None,
+    ) -> list[CompletionOutput]:
+        """Completes every prompt; outputs come back in the order of `prompts`. All prompts are
+        checked before any runs, so a bad one raises ValueError and nothing is queued."""
+        params_list = self._params_per_prompt(prompts, params)
+        for i, (prompt, p) in enumerate(zip(prompts, params_list)):
+            try:
+                self._check_fits(self._tokens(prompt), p)
+            except ValueError as e:
+                raise ValueError(f"prompt {i}: {e}") from None
+        ids = [self.add_request(prompt, p, cache_salt=cache_salt) for prompt, p in zip(prompts, params_list)]
+        done: dict[str, CompletionOutput] = {}
+        while len(done) < len(ids):
+            for output in self.step():
+                done[output.request_id] = output
+        return [done[i] for i in ids]
+
+    def next_token_logits(self, prompts: Seq[Prompt], cache_salt: str | None = None) -> list[torch.Tensor]:
+        """Full-vocabulary float32 logits after each prompt, computed through the paged cache (for
+        evaluation: reference checks and KV quantization error)."""
+        params = SamplingParams(max_tokens=1, ignore_eos=True)
+        ids = [self.add_request(p, params, cache_salt=cache_salt) for p in prompts]
+        for request_id in ids:
+            self._live[request_id].keep_logits = True
+        seqs = [self._live[i] for i in ids]
+        while any(not s.is_finished for s in seqs):
+            self.step()
+        return [s.last_logits for s in seqs]
+
+    # -- cache -----------------------------------------------------------------------------------
+    def reset_prefix_cache(self) -> int:
+        """Drops every cached prefix block that no running request holds; returns how many."""
+        return self.kv_manager.pool.reset_prefix_cache()
+
+    def stats(self) -> dict[str, float | int | str]:
+        pool = self.kv_manager.pool
+        kv = self.kv_manager
+        return {
+            "model": self.config.model,
+            "device": str(self.device),
+            "kv_cache_dtype": self.config.kv_cache_dtype,
+            "eviction_policy": self.config.eviction_policy,
+            "block_size": self.config.block_size,
+            "kv_cache_bytes": self.kv_cache.nbytes,
+            "num_total_blocks": pool.num_blocks,
+            "num_free_blocks": pool.num_free_blocks,
+            "num_used_blocks": pool.num_blocks - pool.num_free_blocks,
+            "num_cached_blocks": pool.num_cached_blocks,
+            "peak_used_blocks": kv.peak_used_blocks,
+            "num_evictions": pool.num_evictions,
+            "num_preemptions": self.scheduler.num_preemptions,
+            "prefix_cache_queries": kv.prefix_cache_queries,
+            "prefix_cache_hits": kv.prefix_cache_hits,
+            "prefix_cache_hit_rate": kv.prefix_cache_hits / kv.prefix_cache_queries if kv.prefix_cache_queries else 0.0,
+            "num_running": len(self.scheduler.running),
+            "num_waiting": len(self.scheduler.waiting),
+            **self._stats.summary(),
+        }
+
+    # -- helpers ---------------------------------------------------------------------------------
+    def _tokens(self, prompt: Prompt) -> list[int]:
+        if isinstance(prompt, str):
+            return self.tokenizer.encode(prompt)
+        if not isinstance(prompt, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+            raise ValueError("a prompt must be a string or a list of token ids")
+        vocab = self.loaded.config.vocab_size
+        bad = next((t for t in prompt if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise ValueError(f"token id {bad} is outside the vocabulary [0, {vocab})")
+        return list(prompt)
+
+    def _check_fits(self, token_ids: list[int], params: SamplingParams) -> None:
+        n = len(token_ids)
+        if n == 0:
+            raise ValueError("the prompt is empty; send at least one token")
+        if n >= self.max_model_len:
+            raise ValueError(f"prompt has {n} tokens, the model accepts {self.max_model_len - 1} (max_model_len {self.max_model_len})")
+        longest = min(n + params.max_tokens, self.max_model_len)
+        if self.kv_manager.blocks_needed(longest) > self.kv_manager.pool.num_blocks:
+            raise ValueError(
+                f"prompt of {n} tokens plus max_tokens={params.max_tokens} needs "
+                f"{self.kv_manager.blocks_needed(longest)} KV blocks, the pool has {self.kv_manager.pool.num_blocks}; "
+                "lower max_tokens or give the engine more KV memory"
+            )
+
+    def _params_per_prompt(self, prompts: Seq[Prompt], params: SamplingParams | Seq[SamplingParams] | None) -> list[SamplingParams]:
+        if params is None or isinstance(params, SamplingParams):
+            return [params or SamplingParams()] * len(prompts)
+        if len(params) != len(prompts):
+            raise ValueError(f"got {len(params)} SamplingParams for {len(prompts)} prompts; pass one, or one per prompt")
+        return list(params)
+
+    def _finish(self, seq: Sequence) -> CompletionOutput:
+        self._live.pop(seq.request_id, None)
+        text = self.scheduler.stop_checker.final_text(seq) if seq.params.stop else self.tokenizer.decode(seq.output_token_ids)
+        metrics = RequestMetrics(seq.arrival_time, seq.first_scheduled_time, seq.first_token_time, seq.finished_time)
+        self._stats.record_finished(seq.num_prompt_tokens, metrics)
+        return CompletionOutput(
+            request_id=seq.request_id,
+            token_ids=list(seq.output_token_ids),
+            text=text,
+            finish_reason=seq.finish_reason,
+            num_prompt_tokens=seq.num_prompt_tokens,
+            num_cached_tokens=seq.num_cached_tokens or 0,
+            metrics=metrics,
+        )
+
+
+def _device(config: EngineConfig) -> torch.device:
+    device = torch.device(config.device)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device={config.device!r} but no CUDA GPU is visible to PyTorch; use device='cpu'")
+        if config.kv_cache_dtype == "fp8" and torch.cuda.get_device_capability(device) < (8, 9):
+            raise ValueError("kv_cache_dtype='fp8' needs a GPU of compute capability 8.9 or newer; use 'int8'")
+    if config.dtype != "float32" and device.type == "cpu" and config.dtype == "float16":
+        raise ValueError("dtype='float16' is slow and inexact on the CPU; use 'float32' or 'bfloat16'")
+    return device

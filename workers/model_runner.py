@@ -1,0 +1,99 @@
+"""Turns a scheduler step into tensors, runs the model, and samples."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from workers.kv_cache import PagedKVCache
+from workers.layers.attention import AttentionContext, AttentionGroup
+from workers.layers.sampler import sample
+from workers.models.llama import LlamaForCausalLM
+from workers.scheduler import ScheduledSeq, SchedulerOutput
+
+
+class ModelRunner:
+    def __init__(self, model: LlamaForCausalLM, cache: PagedKVCache, device: torch.device, seed: int) -> None:
+        self.model = model
+        self.cache = cache
+        self.block_size = cache.block_size
+        self.device = device
+        self.default_generator = torch.Generator(device=device).manual_seed(seed)
+
+    @torch.inference_mode()
+    def execute(self, out: SchedulerOutput) -> dict[str, int]:
+        """Runs one step; returns the token sampled for each sequence that needed one."""
+        if not out.scheduled:
+            return {}
+        input_ids, positions, ctx, logits_rows, sampling = self.prepare(out.scheduled)
+        hidden = self.model(input_ids, positions, ctx, self.cache)  # [T, hidden]
+        if not sampling:
+            return {}
+        logits = self.model.compute_logits(hidden[logits_rows])  # [N, V]
+        seqs = [item.seq for item in sampling]
+        for row, seq in enumerate(seqs):
+            if seq.keep_logits:
+                seq.last_logits = logits[row].cpu()
+        generators = [seq.generator or self.default_generator for seq in seqs]
+        tokens = sample(logits, [seq.params for seq in seqs], generators)
+        return {seq.request_id: tok for seq, tok in zip(seqs, tokens)}
+
+    def prepare(
+        self, scheduled: list[ScheduledSeq]
+    ) -> tuple[torch.Tensor, torch.Tensor, AttentionContext, torch.Tensor, list[ScheduledSeq]]:
+        bs = self.block_size
+        ids: list[int] = []
+        positions, slots = [], []
+        decodes, prefills, logits_rows, sampling = [], [], [], []
+        row = 0
+        for item in scheduled:
+            seq, n, start = item.seq, item.num_new_tokens, item.start
+            ids.extend(seq.token_range(start, start + n))
+            pos = np.arange(start, start + n)
+            block_ids = np.fromiter((b.block_id for b in seq.blocks), dtype=np.int64, count=len(seq.blocks))
+            positions.append(pos)
+            slots.append(block_ids[pos // bs] * bs + pos % bs)
+            (decodes if n == 1 else prefills).append((row, item))
+            if item.samples:
+                logits_rows.append(row + n - 1)
+                sampling.append(item)
+            row += n
+        groups = [self._group(g) for g in (decodes, prefills) if g]
+        ctx = AttentionContext(slot_mapping=self._tensor(np.concatenate(slots)), groups=groups)
+        return (
+            self._tensor(np.asarray(ids, dtype=np.int64)),
+            self._tensor(np.concatenate(positions)),
+            ctx,
+            self._tensor(np.asarray(logits_rows, dtype=np.int64)),
+            sampling,
+        )
+
+    def _group(self, items: list[tuple[int, ScheduledSeq]]) -> AttentionGroup:
+        bs = self.block_size
+        b = len(items)
+        q = max(item.num_new_tokens for _, item in items)
+        nb = max(-(-(item.start + item.num_new_tokens) // bs) for _, item in items)
+        block_tables = np.zeros((b, nb), dtype=np.int64)
+        query_index = np.zeros((b, q), dtype=np.int64)
+        query_pos = np.zeros((b, q), dtype=np.int64)  # a padding query sits at position 0: it sees key 0 only
+        valid_rows, token_index = [], []
+        for i, (row, item) in enumerate(items):
+            n, start = item.num_new_tokens, item.start
+            used = -(-(start + n) // bs)
+            block_tables[i, :used] = [blk.block_id for blk in item.seq.blocks[:used]]
+            query_index[i, :n] = np.arange(row, row + n)
+            query_pos[i, :n] = np.arange(start, start + n)
+            valid_rows.append(np.arange(i * q, i * q + n))
+            token_index.append(query_index[i, :n])
+        key_pos = torch.arange(nb * bs, device=self.device)
+        mask = (key_pos.view(1, 1, -1) <= self._tensor(query_pos).unsqueeze(-1)).unsqueeze(1)  # [B, 1, Q, L]
+        return AttentionGroup(
+            block_tables=self._tensor(block_tables),
+            query_index=self._tensor(query_index),
+            mask=mask,
+            valid_rows=None if q == 1 else self._tensor(np.concatenate(valid_rows)),
+            token_index=self._tensor(np.concatenate(token_index)),
+        )
+
+    def _tensor(self, array: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(array).to(self.device, non_blocking=True)
