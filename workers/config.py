@@ -35,7 +35,7 @@ class EngineConfig:
     def __post_init__(self) -> None:
         if not self.model:
             raise ValueError("model must be 'tiny' or the path of a local Hugging Face model folder")
-        if not (self.device == "cpu" or self.device == "cuda" or self.device.startswith("cuda:")):
+        if not (self.device in ("cpu", "cuda") or (self.device.startswith("cuda:") and _is_index(self.device[5:]))):
             raise ValueError(f"device={self.device!r} is not supported; use 'cpu', 'cuda' or 'cuda:N'")
         if self.dtype not in SUPPORTED_DTYPES:
             raise ValueError(f"dtype={self.dtype!r} is not supported; use one of {', '.join(SUPPORTED_DTYPES)}")
@@ -65,3 +65,9 @@ class EngineConfig:
             )
         if self.max_model_len is not None and self.max_model_len < 2:
             raise ValueError(f"max_model_len={self.max_model_len} must be at least 2, or None for the model's own")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**63:
+            raise ValueError(f"seed={self.seed!r} must be an integer in [0, 2**63)")
+
+
+def _is_index(text: str) -> bool:
+    return text.isascii() and text.isdigit()

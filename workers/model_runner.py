@@ -58,7 +58,7 @@ class ModelRunner:
                 logits_rows.append(row + n - 1)
                 sampling.append(item)
             row += n
-        groups = [self._group(g) for g in (decodes, prefills) if g]
+        groups = [self._group(g) for g in [decodes, *split_by_length(prefills)] if g]
         ctx = AttentionContext(slot_mapping=self._tensor(np.concatenate(slots)), groups=groups)
         return (
             self._tensor(np.asarray(ids, dtype=np.int64)),
@@ -85,15 +85,47 @@ class ModelRunner:
             query_pos[i, :n] = np.arange(start, start + n)
             valid_rows.append(np.arange(i * q, i * q + n))
             token_index.append(query_index[i, :n])
-        key_pos = torch.arange(nb * bs, device=self.device)
-        mask = (key_pos.view(1, 1, -1) <= self._tensor(query_pos).unsqueeze(-1)).unsqueeze(1)  # [B, 1, Q, L]
+        num_shared = self._num_shared_blocks(block_tables, min(item.start for _, item in items))
+        if num_shared:
+            query_pos = np.maximum(query_pos - num_shared * bs, 0)
+        key_pos = torch.arange((nb - num_shared) * bs, device=self.device)
+        visible = key_pos.view(1, 1, -1) <= self._tensor(query_pos).unsqueeze(-1)
+        bias = torch.zeros(visible.shape, dtype=self.cache.dtype, device=self.device).masked_fill_(~visible, float("-inf"))
         return AttentionGroup(
-            block_tables=self._tensor(block_tables),
+            block_tables=self._tensor(np.ascontiguousarray(block_tables[:, num_shared:])),
             query_index=self._tensor(query_index),
-            mask=mask,
+            bias=bias.unsqueeze(1),  # [B, 1, Q, L]
             valid_rows=None if q == 1 else self._tensor(np.concatenate(valid_rows)),
             token_index=self._tensor(np.concatenate(token_index)),
+            shared_blocks=self._tensor(block_tables[0, :num_shared].copy()) if num_shared else None,
         )
+
+    def _num_shared_blocks(self, block_tables: np.ndarray, first_query_pos: int) -> int:
+        """Leading blocks common to every sequence of the group and wholly before its first query
+        (so no causal mask is needed on them); at least one own block stays for the masked part."""
+        b, nb = block_tables.shape
+        if b < 2:
+            return 0
+        same = (block_tables == block_tables[0]).all(axis=0)
+        common = nb if same.all() else int(np.argmin(same))
+        return min(common, first_query_pos // self.block_size, nb - 1)
 
     def _tensor(self, array: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(array).to(self.device, non_blocking=True)
+
+
+def split_by_length(items: list[tuple[int, ScheduledSeq]]) -> list[list[tuple[int, ScheduledSeq]]]:
+    """Groups prefill chunks of similar length: padding every chunk to the longest one would make
+    a 300-token prompt cost 40 short ones as much again. A group closes when padding would exceed
+    half of its real tokens."""
+    groups: list[list[tuple[int, ScheduledSeq]]] = []
+    real = 0
+    for entry in sorted(items, key=lambda e: -e[1].num_new_tokens):
+        n = entry[1].num_new_tokens
+        if groups and (len(groups[-1]) + 1) * groups[-1][0][1].num_new_tokens <= 1.5 * (real + n):
+            groups[-1].append(entry)
+            real += n
+        else:
+            groups.append([entry])
+            real = n
+    return groups
