@@ -97,7 +97,8 @@ class BlockPool:
         copy and this one remains private, to be freed as an empty block."""
         if not self.enable_caching or block.block_hash is not None or block_hash in self._cached:
             return
-        self._clock += 1
+        # The clock moves on frees only: blocks cached in one step share a timestamp, so FIFO's
+        # tie-break (deeper first) evicts a chain's tail before its head, like the other policies.
         block.block_hash = block_hash
         block.usage = BlockUsage(depth=depth, uses=1, cached_at=self._clock, last_used=self._clock)
         self._cached[block_hash] = block.block_id

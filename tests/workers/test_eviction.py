@@ -15,12 +15,12 @@ POLICIES = ("lru", "fifo", "lfu", "adaptive")
 
 
 def cached_free_pool(policy: str, num_blocks: int) -> BlockPool:
-    """A pool whose blocks all hold cached contents `h<id>` (depth 0), freed in id order."""
+    """A pool whose blocks all hold cached contents `h<id>` (depth 0), each cached and freed in
+    turn in id order, so their cache times and free times both follow the ids."""
     pool = BlockPool(num_blocks, policy)
     blocks = pool.allocate(num_blocks)
     for block in blocks:
         pool.cache_block(block, f"h{block.block_id}".encode(), 0)
-    for block in blocks:
         pool.free([block])
     return pool
 
@@ -151,13 +151,13 @@ def test_ties_go_deeper_first_then_least_recently_freed_then_lower_id(policy: st
 @pytest.mark.parametrize(
     ("policy", "expected"),
     [
-        # Equal priority: the chain's tail goes before its head (LRU through the tail-first free).
+        # Equal priority: the chain's tail goes before its head (LRU through the tail-first free,
+        # the others through the deeper-first tie-break). Block 3 never held anything: it goes first.
         ("lru", [3, 2, 1, 0]),
         ("lfu", [3, 2, 1, 0]),
         ("adaptive", [3, 2, 1, 0]),
-        # FIFO has no tie here: a chain's blocks are cached head first, one tick apart, so the head
-        # is the earliest cached and goes first.
-        ("fifo", [3, 0, 1, 2]),
+        # The chain's blocks were cached in one step, so FIFO sees a tie too.
+        ("fifo", [3, 2, 1, 0]),
     ],
 )
 def test_order_of_a_freed_sequence(policy: str, expected: list[int]) -> None:
@@ -165,7 +165,7 @@ def test_order_of_a_freed_sequence(policy: str, expected: list[int]) -> None:
     seq = Sequence("a", [1, 2, 3, 4, 5, 6], SamplingParams(), root_hash("m", None), None)
     assert kv.allocate_slots(seq, 6)
     assert [b.block_id for b in seq.blocks] == [0, 1, 2]
-    assert [b.usage.cached_at for b in seq.blocks] == [1, 2, 3]
+    assert [b.usage.cached_at for b in seq.blocks] == [0, 0, 0]
     kv.free(seq)
     assert [b.block_id for b in kv.pool.allocate(4)] == expected  # block 3 was never used
 
