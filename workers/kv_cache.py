@@ -27,10 +27,11 @@ class PagedKVCache:
         self.quantized = kv_cache_dtype in ("int8", "fp8")
         self.kind = kv_cache_dtype
         store = storage_dtype(kv_cache_dtype) if self.quantized else dtype
-        # torch.empty: pages of an unused block are never touched, so an idle pool costs no RAM on the CPU.
-        self.kv = torch.empty(num_layers, 2, num_blocks, block_size * num_kv_heads * head_dim, dtype=store, device=device)
+        # Zeroed, not empty: masked-out slots (the unused tail of a sequence's last block, padding
+        # blocks) still enter the matmuls, and garbage NaN there would survive any mask (0 * NaN).
+        self.kv = torch.zeros(num_layers, 2, num_blocks, block_size * num_kv_heads * head_dim, dtype=store, device=device)
         self.scales = (
-            torch.empty(num_layers, 2, num_blocks, block_size * num_kv_heads, dtype=torch.float32, device=device)
+            torch.zeros(num_layers, 2, num_blocks, block_size * num_kv_heads, dtype=torch.float32, device=device)
             if self.quantized else None
         )
 

@@ -6,8 +6,8 @@ import torch
 
 from workers.config import EngineConfig
 
-CPU_DEFAULT_FRACTION = 0.25  # of the memory available when the engine starts
-CPU_DEFAULT_CAP = 4 << 30
+CPU_DEFAULT_FRACTION = 0.2  # of the memory available when the engine starts
+CPU_DEFAULT_CAP = 1 << 30  # the pool is zeroed, so all of it is resident: set kv_cache_memory_bytes for more
 
 
 def kv_cache_budget(config: EngineConfig, device: torch.device) -> int:
