@@ -8,11 +8,14 @@ from workers.kv_quant import dequantize, quantize, storage_dtype
 
 
 class PagedKVCache:
-    """K and V of every layer in one tensor `[layers, 2, num_blocks, block_size * kv_heads * head_dim]`.
+    """K and V of every layer in one tensor `[layers, 2, kv_heads, num_blocks, block_size * head_dim]`.
 
-    A block's tokens are contiguous, so gathering a sequence is one `index_select` over whole blocks
-    (about ten times faster on the CPU than indexing token by token). With `kv_cache_dtype` int8 or
-    fp8 the values are stored quantized, with one float32 scale per token and KV head beside them.
+    Head-major so that gathering a group of sequences yields `[KVH, B, L, D]` directly: the batched
+    matmuls of attention then read it with no copy (a token-major layout cost two full copies of
+    the gathered keys and values per layer). A block's tokens are contiguous per head, so a gather
+    is one `index_select` over whole blocks (about ten times faster on the CPU than token by token).
+    With `kv_cache_dtype` int8 or fp8 the values are stored quantized, with one float32 scale per
+    token and KV head beside them.
     """
 
     def __init__(
@@ -24,16 +27,19 @@ class PagedKVCache:
         self.num_kv_heads = num_kv_heads
         self.head_dim = head_dim
         self.dtype = dtype
+        self.device = device
         self.quantized = kv_cache_dtype in ("int8", "fp8")
         self.kind = kv_cache_dtype
         store = storage_dtype(kv_cache_dtype) if self.quantized else dtype
         # Zeroed, not empty: masked-out slots (the unused tail of a sequence's last block, padding
         # blocks) still enter the matmuls, and garbage NaN there would survive any mask (0 * NaN).
-        self.kv = torch.zeros(num_layers, 2, num_blocks, block_size * num_kv_heads * head_dim, dtype=store, device=device)
+        shape = (num_layers, 2, num_kv_heads, num_blocks, block_size * head_dim)
+        self.kv = torch.zeros(shape, dtype=store, device=device)
         self.scales = (
-            torch.zeros(num_layers, 2, num_blocks, block_size * num_kv_heads, dtype=torch.float32, device=device)
+            torch.zeros(num_layers, 2, num_kv_heads, num_blocks, block_size, dtype=torch.float32, device=device)
             if self.quantized else None
         )
+        self._head_offsets = (torch.arange(num_kv_heads, device=device) * num_blocks).view(-1, 1)
 
     @staticmethod
     def bytes_per_block(num_layers: int, block_size: int, num_kv_heads: int, head_dim: int,
@@ -51,24 +57,27 @@ class PagedKVCache:
         """k, v [T, KVH, D] go to token slots [T]."""
         kvh, d = self.num_kv_heads, self.head_dim
         for i, x in ((0, k), (1, v)):
-            dst = self.kv[layer, i].view(-1, kvh, d)  # [num_slots, KVH, D]
+            dst = self.kv[layer, i].view(kvh, -1, d)  # [KVH, num_slots, D]
             if self.quantized:
                 values, scale = quantize(x, self.kind)
-                dst.index_copy_(0, slots, values)
-                self.scales[layer, i].view(-1, kvh).index_copy_(0, slots, scale)
+                dst.index_copy_(1, slots, values.transpose(0, 1))
+                self.scales[layer, i].view(kvh, -1).index_copy_(1, slots, scale.transpose(0, 1))
             else:
-                dst.index_copy_(0, slots, x.to(self.dtype))
+                dst.index_copy_(1, slots, x.transpose(0, 1).to(self.dtype))
 
-    def gather(self, layer: int, block_tables: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """block_tables [B, NB] -> k, v [B, NB * block_size, KVH, D] in the compute dtype."""
-        b, nb = block_tables.shape
-        flat = block_tables.reshape(-1)
-        length = nb * self.block_size
+    def gather_index(self, block_tables: torch.Tensor) -> torch.Tensor:
+        """block_tables [B, NB] -> the rows of every head's blocks, for `gather` (computed once a
+        step and reused by every layer)."""
+        return (self._head_offsets + block_tables.reshape(1, -1)).reshape(-1)
+
+    def gather(self, layer: int, index: torch.Tensor, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> k, v [KVH, B, L, D] in the compute dtype, for the blocks of `gather_index`."""
+        kvh, d = self.num_kv_heads, self.head_dim
         out = []
         for i in (0, 1):
-            x = self.kv[layer, i].index_select(0, flat).view(b, length, self.num_kv_heads, self.head_dim)
+            x = self.kv[layer, i].view(kvh * self.num_blocks, -1).index_select(0, index).view(kvh, batch, -1, d)
             if self.quantized:
-                scale = self.scales[layer, i].index_select(0, flat).view(b, length, self.num_kv_heads)
-                x = dequantize(x, scale, self.dtype)
+                scale = self.scales[layer, i].view(kvh * self.num_blocks, -1).index_select(0, index)
+                x = dequantize(x, scale.view(kvh, batch, -1), self.dtype)
             out.append(x)
         return out[0], out[1]

@@ -91,13 +91,14 @@ class ModelRunner:
         key_pos = torch.arange((nb - num_shared) * bs, device=self.device)
         visible = key_pos.view(1, 1, -1) <= self._tensor(query_pos).unsqueeze(-1)
         bias = torch.zeros(visible.shape, dtype=self.cache.dtype, device=self.device).masked_fill_(~visible, float("-inf"))
+        own_tables = self._tensor(np.ascontiguousarray(block_tables[:, num_shared:]))
         return AttentionGroup(
-            block_tables=self._tensor(np.ascontiguousarray(block_tables[:, num_shared:])),
+            gather_index=self.cache.gather_index(own_tables),
             query_index=self._tensor(query_index),
             bias=bias.unsqueeze(1),  # [B, 1, Q, L]
             valid_rows=None if q == 1 else self._tensor(np.concatenate(valid_rows)),
             token_index=self._tensor(np.concatenate(token_index)),
-            shared_blocks=self._tensor(block_tables[0, :num_shared].copy()) if num_shared else None,
+            shared_index=self.cache.gather_index(self._tensor(block_tables[:1, :num_shared].copy())) if num_shared else None,
         )
 
     def _num_shared_blocks(self, block_tables: np.ndarray, first_query_pos: int) -> int:
