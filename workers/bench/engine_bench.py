@@ -86,7 +86,9 @@ def log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def make_engine(folder: Path, prefix_caching: bool = True, policy: str = "lru", num_kv_blocks: int | None = None) -> LLMEngine:
+def make_engine(
+    folder: Path, prefix_caching: bool = True, policy: str = "lru", num_kv_blocks: int | None = None
+) -> LLMEngine:
     """An engine on the benchmark folder, warmed up (kernels picked, first allocations done) with an
     empty prefix cache."""
     engine = LLMEngine(EngineConfig(
@@ -125,7 +127,8 @@ def run_ours(engine: LLMEngine, workload: Workload) -> OurRun:
 def peak_kv_bytes(engine: LLMEngine) -> int:
     cfg = engine.loaded.config
     per_block = engine.kv_cache.bytes_per_block(
-        cfg.num_layers, engine.config.block_size, cfg.num_kv_heads, cfg.head_dim, torch.float32, engine.config.kv_cache_dtype
+        cfg.num_layers, engine.config.block_size, cfg.num_kv_heads, cfg.head_dim, torch.float32,
+        engine.config.kv_cache_dtype,
     )
     return engine.kv_manager.peak_used_blocks * per_block
 
@@ -190,7 +193,8 @@ def bench_policy(workload: Workload, folder: Path, policy: str) -> PolicyResult:
     log(f"  {workload.name}: eviction policy {policy}")
     engine = make_engine(folder, policy=policy, num_kv_blocks=workload.num_kv_blocks)
     run = run_ours(engine, workload)
-    return PolicyResult(policy, run.hit_rate, workload.num_requested_tokens / run.seconds, run.num_evictions, run.num_preemptions)
+    tokens_per_s = workload.num_requested_tokens / run.seconds
+    return PolicyResult(policy, run.hit_rate, tokens_per_s, run.num_evictions, run.num_preemptions)
 
 
 def run_bench(workloads: list[str], scale: str = "full", repeat: int = 1) -> BenchResult:
@@ -205,7 +209,9 @@ def run_bench(workloads: list[str], scale: str = "full", repeat: int = 1) -> Ben
     try:
         import transformers
     except ImportError:
-        raise ValueError("the benchmark needs transformers as its peer; pip install 'llm-batch-pipeline[bench]'") from None
+        raise ValueError(
+            "the benchmark needs transformers as its peer; pip install 'llm-batch-pipeline[bench]'"
+        ) from None
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
     load_start = os.getloadavg()[0]

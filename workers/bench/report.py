@@ -46,10 +46,12 @@ def format_report(result: BenchResult) -> str:
     widths = [max(14, len(n)) for n in names]
     lines.append("metric".ljust(label_width) + "".join(f"  {n:>{w}}" for n, w in zip(names, widths)))
     for label, cell in ROWS:
-        lines.append(label.ljust(label_width) + "".join(f"  {cell(wl):>{w}}" for wl, w in zip(result.workloads, widths)))
+        cells = "".join(f"  {cell(wl):>{w}}" for wl, w in zip(result.workloads, widths))
+        lines.append(label.ljust(label_width) + cells)
     for w in result.workloads:
         if w.caching_overhead is not None:
-            lines += ["", f"prefix caching on vs off ({w.name}, nothing shared, two alternating runs each, best of each): "
+            lines += ["", f"prefix caching on vs off ({w.name}, nothing shared, two alternating runs each, best of "
+                      "each): "
                       f"on {w.cache_on_tokens_per_s:.1f} tokens/s, off {w.no_cache_tokens_per_s:.1f} tokens/s, "
                       f"overhead {w.caching_overhead:+.1%}"]
         if w.policies:
@@ -77,7 +79,8 @@ def _bars(result: BenchResult) -> list[str]:
             out.append(f"prefix caching overhead {w.caching_overhead:+.1%}, bar < {MAX_CACHING_OVERHEAD:.0%}: "
                        f"{_verdict(w.caching_overhead < MAX_CACHING_OVERHEAD)}")
         if w.adaptive_vs_lru is not None:
-            out.append(f"adaptive hit rate {w.adaptive_vs_lru * 100:+.1f} points over lru: {_verdict(w.adaptive_vs_lru > 0)}")
+            out.append(f"adaptive hit rate {w.adaptive_vs_lru * 100:+.1f} points over lru: "
+                       f"{_verdict(w.adaptive_vs_lru > 0)}")
     return out
 
 

@@ -53,7 +53,7 @@ def shared_prefix(
     """One shared prefix, then `own_len` (inclusive range) tokens of each prompt's own."""
     rng = np.random.default_rng(seed)
     prefix = _tokens(rng, vocab_size, prefix_len)
-    prompts = [prefix + _tokens(rng, vocab_size, int(rng.integers(own_len[0], own_len[1] + 1))) for _ in range(num_prompts)]
+    prompts = [prefix + _tokens(rng, vocab_size, _length(rng, own_len)) for _ in range(num_prompts)]
     return Workload("shared-prefix", prompts, [new_tokens] * num_prompts, [0] * num_prompts, [prefix_len] * num_prompts)
 
 
@@ -63,7 +63,7 @@ def distinct(
 ) -> Workload:
     """Unrelated prompts of varied lengths asking for varied numbers of tokens (inclusive ranges)."""
     rng = np.random.default_rng(seed)
-    prompts = [_tokens(rng, vocab_size, int(rng.integers(prompt_len[0], prompt_len[1] + 1))) for _ in range(num_prompts)]
+    prompts = [_tokens(rng, vocab_size, _length(rng, prompt_len)) for _ in range(num_prompts)]
     max_tokens = [int(n) for n in rng.integers(new_tokens[0], new_tokens[1] + 1, size=num_prompts)]
     return Workload("distinct", prompts, max_tokens, [None] * num_prompts, [0] * num_prompts)
 
@@ -92,7 +92,7 @@ def skewed(
             prefix, prefix_id = hot[k], k
         else:
             prefix, prefix_id = _tokens(rng, vocab_size, prefix_len), num_hot + i
-        prompts.append(prefix + _tokens(rng, vocab_size, int(rng.integers(own_len[0], own_len[1] + 1))))
+        prompts.append(prefix + _tokens(rng, vocab_size, _length(rng, own_len)))
         prefix_ids.append(prefix_id)
     max_tokens = [new_tokens] * num_requests
     waves = [list(range(s, min(s + wave_size, num_requests))) for s in range(0, num_requests, wave_size)]
@@ -125,3 +125,7 @@ def make_workload(name: str, scale: str, vocab_size: int, block_size: int) -> Wo
 
 def _tokens(rng: np.random.Generator, vocab_size: int, n: int) -> list[int]:
     return [int(t) for t in rng.integers(FIRST_TOKEN, vocab_size, size=n)]
+
+
+def _length(rng: np.random.Generator, bounds: tuple[int, int]) -> int:
+    return int(rng.integers(bounds[0], bounds[1] + 1))  # both ends included

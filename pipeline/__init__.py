@@ -1,0 +1,1 @@
+"""The user-facing side of the pipeline: the command line. It never imports torch at import time."""
