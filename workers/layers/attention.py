@@ -89,19 +89,20 @@ def matmul_attention(
     kvh, _, l_len, _ = k.shape
     g = h // kvh
     qg = (q * scale).view(b, nq, kvh, g, d).permute(2, 0, 1, 3, 4).reshape(kvh, b, nq * g, d)
-    s_own = torch.matmul(qg, k.transpose(-1, -2)).view(kvh, b, nq, g, l_len)  # [KVH, B, Q, G, L]
+    # Scores and softmax in float32 whatever the model's dtype (no-ops on the float32 CPU path).
+    s_own = torch.matmul(qg, k.transpose(-1, -2)).float().view(kvh, b, nq, g, l_len)  # [KVH, B, Q, G, L]
     s_own.add_(bias.view(1, b, nq, 1, l_len))
     if shared_k is None:
         probs = torch.softmax(s_own, dim=-1).view(kvh, b, nq * g, l_len)
-        o = torch.matmul(probs, v)  # [KVH, B, Q*G, D]
+        o = torch.matmul(probs.to(v.dtype), v).float()  # [KVH, B, Q*G, D]
     else:
         s_len = shared_k.shape[1]
-        s_shared = torch.matmul(qg.reshape(kvh, b * nq * g, d), shared_k.transpose(-1, -2))  # [KVH, B*Q*G, S]
+        s_shared = torch.matmul(qg.reshape(kvh, b * nq * g, d), shared_k.transpose(-1, -2)).float()  # [KVH, B*Q*G, S]
         m = torch.maximum(s_own.amax(-1), s_shared.view(kvh, b, nq, g, s_len).amax(-1))  # [KVH, B, Q, G]
         s_own.sub_(m.unsqueeze(-1)).exp_()
         s_shared.sub_(m.view(kvh, b * nq * g, 1)).exp_()
         denom = s_own.sum(-1) + s_shared.sum(-1).view(kvh, b, nq, g)
-        o = torch.matmul(s_own.view(kvh, b, nq * g, l_len), v)
-        o = o + torch.matmul(s_shared, shared_v).view(kvh, b, nq * g, d)
+        o = torch.matmul(s_own.view(kvh, b, nq * g, l_len).to(v.dtype), v).float()
+        o = o + torch.matmul(s_shared.to(v.dtype), shared_v).float().view(kvh, b, nq * g, d)
         o = o / denom.view(kvh, b, nq * g, 1)
-    return o.view(kvh, b, nq, g, d).permute(1, 2, 0, 3, 4).reshape(b, nq, h, d)
+    return o.to(q.dtype).view(kvh, b, nq, g, d).permute(1, 2, 0, 3, 4).reshape(b, nq, h, d)
