@@ -85,7 +85,7 @@ class ModelRunner:
             query_pos[i, :n] = np.arange(start, start + n)
             valid_rows.append(np.arange(i * q, i * q + n))
             token_index.append(query_index[i, :n])
-        num_shared = self._num_shared_blocks(block_tables, min(item.start for _, item in items))
+        num_shared = self._num_shared_blocks(block_tables, min(item.start for _, item in items)) if q == 1 else 0
         if num_shared:
             query_pos = np.maximum(query_pos - num_shared * bs, 0)
         key_pos = torch.arange((nb - num_shared) * bs, device=self.device)
@@ -103,7 +103,9 @@ class ModelRunner:
 
     def _num_shared_blocks(self, block_tables: np.ndarray, first_query_pos: int) -> int:
         """Leading blocks common to every sequence of the group and wholly before its first query
-        (so no causal mask is needed on them); at least one own block stays for the masked part."""
+        (so no causal mask is needed on them); at least one own block stays for the masked part.
+        Only decode groups use them: for prefill chunks SDPA's fused kernel over the whole gather
+        measured faster than the cascade's two matmuls (11 ms against 18 ms for 47 chunks of 64)."""
         b, nb = block_tables.shape
         if b < 2:
             return 0
