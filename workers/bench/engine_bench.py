@@ -15,6 +15,7 @@ import torch
 
 from workers import EngineConfig, LLMEngine, SamplingParams
 from workers.bench.hf_peer import HF_BATCH_SIZE, run_hf
+from workers.bench.kv_quant_bench import KVQuantResult, bench_kv_quant, bytes_per_block
 from workers.bench.model_setup import SHAPES, ModelShape, build_model
 from workers.bench.roofline import measure_matmul_flops, workload_flops
 from workers.bench.workloads import WORKLOADS, Workload, make_workload
@@ -71,6 +72,7 @@ class BenchResult:
     hf_batch_size: int
     load_average: tuple[float, float]  # 1-minute load at start and end: other work skews the timings
     workloads: list[WorkloadResult]
+    kv_quant: KVQuantResult | None = None  # int8 against full precision, on the shared-prefix workload
 
 
 @dataclass(slots=True)
@@ -87,13 +89,15 @@ def log(message: str) -> None:
 
 
 def make_engine(
-    folder: Path, prefix_caching: bool = True, policy: str = "lru", num_kv_blocks: int | None = None
+    folder: Path, prefix_caching: bool = True, policy: str = "lru", num_kv_blocks: int | None = None,
+    kv_cache_dtype: str = "auto",
 ) -> LLMEngine:
     """An engine on the benchmark folder, warmed up (kernels picked, first allocations done) with an
     empty prefix cache."""
     engine = LLMEngine(EngineConfig(
         model=str(folder), device="cpu", dtype="float32", block_size=BLOCK_SIZE, num_kv_blocks=num_kv_blocks,
         enable_prefix_caching=prefix_caching, eviction_policy=policy, max_num_seqs=256, max_num_batched_tokens=2048,
+        kv_cache_dtype=kv_cache_dtype,
     ))
     engine.generate(WARMUP_PROMPTS, SamplingParams(max_tokens=4, ignore_eos=True))
     engine.reset_prefix_cache()
@@ -125,12 +129,7 @@ def run_ours(engine: LLMEngine, workload: Workload) -> OurRun:
 
 
 def peak_kv_bytes(engine: LLMEngine) -> int:
-    cfg = engine.loaded.config
-    per_block = engine.kv_cache.bytes_per_block(
-        cfg.num_layers, engine.config.block_size, cfg.num_kv_heads, cfg.head_dim, torch.float32,
-        engine.config.kv_cache_dtype,
-    )
-    return engine.kv_manager.peak_used_blocks * per_block
+    return engine.kv_manager.peak_used_blocks * bytes_per_block(engine)
 
 
 def bench_workload(workload: Workload, folder: Path, hf_model: Any, repeat: int, hf_batch_size: int) -> WorkloadResult:
@@ -224,14 +223,18 @@ def run_bench(workloads: list[str], scale: str = "full", repeat: int = 1) -> Ben
         log("measuring the matmul rate")
         matmul = measure_matmul_flops()
         results = []
+        kv_quant = None
         for name in workloads:
             workload = make_workload(name, scale, shape.vocab_size, BLOCK_SIZE)
             log(f"workload {name}: {len(workload.prompts)} prompts")
             results.append(bench_workload(workload, Path(tmp), hf_model, repeat, hf_batch_size))
+            if name == "shared-prefix":
+                log("  shared-prefix: int8 KV cache against full precision")
+                kv_quant = bench_kv_quant(workload, make_engine(Path(tmp)), make_engine(Path(tmp), kv_cache_dtype="int8"))
     # Measured at both ends of the run: the better rate is the machine's, a worse one met other load.
     matmul = max(matmul, measure_matmul_flops())
     for w in results:
         for system in (w.ours, w.hf):
             system.roofline_fraction = w.needed_flops / system.seconds / matmul
     load = (load_start, os.getloadavg()[0])
-    return BenchResult(scale, shape, torch.get_num_threads(), matmul, hf_batch_size, load, results)
+    return BenchResult(scale, shape, torch.get_num_threads(), matmul, hf_batch_size, load, results, kv_quant)

@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from workers.bench.engine_bench import BenchResult, WorkloadResult
+from workers.bench.kv_quant_bench import KVQuantResult
 
 SPEEDUP_BARS = {"shared-prefix": 3.0, "distinct": 1.5}
 MAX_CACHING_OVERHEAD = 0.03
@@ -63,7 +64,9 @@ def format_report(result: BenchResult) -> str:
                              f"{p.num_preemptions:>11}")
             lines.append(f"{'ideal':<10}  {w.ideal_hit_rate:>8.1%}  (every repeat of a prefix served from the cache)")
             lines.append(f"adaptive vs lru hit rate: {w.adaptive_vs_lru * 100:+.1f} points")
-    bars = _bars(result)
+    if result.kv_quant is not None:
+        lines += ["", *_kv_quant_lines(result.kv_quant)]
+    bars = _bars(result) if result.scale == "full" else []  # the bars hold for the full shape only
     if bars:
         lines += ["", "bars:"] + [f"  {b}" for b in bars]
     return "\n".join(lines)
@@ -90,3 +93,17 @@ def _verdict(ok: bool) -> str:
 
 def _mib(n: int) -> str:
     return f"{n / (1 << 20):.1f} MiB"
+
+
+def _kv_quant_lines(q: KVQuantResult) -> list[str]:
+    return [
+        f"int8 KV cache against full precision ({q.workload}):",
+        f"  bytes per block {q.bytes_per_block_full} -> {q.bytes_per_block_int8} "
+        f"({q.bytes_per_block_full / q.bytes_per_block_int8:.2f}x the blocks in the same memory); "
+        f"peak KV {_mib(q.peak_kv_bytes_full)} -> {_mib(q.peak_kv_bytes_int8)}",
+        f"  next-token logits on {q.num_contexts} contexts (same tokens for both): max error {q.max_logit_error:.4f}, "
+        f"mean {q.mean_logit_error:.5f} (logit std {q.logit_std:.3f}); top-1 agreement "
+        f"{q.num_top1_agreeing}/{q.num_contexts}",
+        f"  generation: {q.tokens_per_s_int8:.1f} tokens/s (full precision {q.tokens_per_s_full:.1f}); greedy "
+        f"outputs identical for {q.num_outputs_identical}/{q.num_prompts} prompts",
+    ]
