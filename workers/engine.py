@@ -106,12 +106,14 @@ class LLMEngine:
         """Completes every prompt; outputs come back in the order of `prompts`. All prompts are
         checked before any runs, so a bad one raises ValueError and nothing is queued."""
         params_list = self._params_per_prompt(prompts, params)
+        token_lists = []
         for i, (prompt, p) in enumerate(zip(prompts, params_list)):
             try:
-                self._check_fits(self._tokens(prompt), p)
+                token_lists.append(self._tokens(prompt))
+                self._check_fits(token_lists[-1], p)
             except ValueError as e:
                 raise ValueError(f"prompt {i}: {e}") from None
-        ids = [self.add_request(prompt, p, cache_salt=cache_salt) for prompt, p in zip(prompts, params_list)]
+        ids = [self.add_request(tokens, p, cache_salt=cache_salt) for tokens, p in zip(token_lists, params_list)]
         done: dict[str, CompletionOutput] = {}
         while len(done) < len(ids):
             for output in self.step():
@@ -216,6 +218,6 @@ def _device(config: EngineConfig) -> torch.device:
             raise ValueError(f"device={config.device!r} but no CUDA GPU is visible to PyTorch; use device='cpu'")
         if config.kv_cache_dtype == "fp8" and torch.cuda.get_device_capability(device) < (8, 9):
             raise ValueError("kv_cache_dtype='fp8' needs a GPU of compute capability 8.9 or newer; use 'int8'")
-    if config.dtype != "float32" and device.type == "cpu" and config.dtype == "float16":
+    if device.type == "cpu" and config.dtype == "float16":
         raise ValueError("dtype='float16' is slow and inexact on the CPU; use 'float32' or 'bfloat16'")
     return device

@@ -80,11 +80,12 @@ def test_bad_workload_is_a_usage_error() -> None:
 
 def test_int8_kv_section_is_measured(small_run: tuple[str, dict]) -> None:
     output, data = small_run
-    q = data["kv_quant"]
+    assert [q["init_range"] for q in data["kv_quant"]] == [0.1, 0.02]
+    q = data["kv_quant"][1]
     assert q["workload"] == "shared-prefix"
     # small shape: 2 layers, 2 KV heads, head_dim 16, block 16 -> 4-byte floats vs 1 byte + a 4-byte scale per head
     assert (q["bytes_per_block_full"], q["bytes_per_block_int8"]) == (2 * 2 * 16 * 2 * 16 * 4, 2 * 2 * 16 * 2 * (16 + 4))
     assert q["num_contexts"] == 24
     assert 0.0 < q["max_logit_error"] < q["logit_std"]
-    assert "int8 KV cache against full precision (shared-prefix):" in output
+    assert "int8 KV cache against full precision (shared-prefix, weights at init range 0.02):" in output
     assert "bars:" not in output  # the bars are for the full shape

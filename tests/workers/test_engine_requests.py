@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from workers import EngineConfig, LLMEngine, SamplingParams
 from workers.tokenizer import ByteTokenizer
@@ -123,3 +124,27 @@ def test_abort_frees_blocks():
     assert engine.abort_request(rid)
     assert engine.stats()["num_free_blocks"] == 16
     assert not engine.has_unfinished_requests()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message shown where no GPU is visible")
+def test_cuda_without_a_gpu_is_refused():
+    with pytest.raises(ValueError, match="device='cuda' but no CUDA GPU is visible to PyTorch; use device='cpu'"):
+        LLMEngine(EngineConfig(device="cuda"))
+
+
+def test_float16_on_the_cpu_is_refused():
+    with pytest.raises(ValueError, match="dtype='float16' is slow and inexact on the CPU; use 'float32' or 'bfloat16'"):
+        LLMEngine(EngineConfig(dtype="float16"))
+
+
+def test_bfloat16_runs_close_to_float32(hf_model_dirs):
+    """The reduced-precision path a GPU uses, run here on the CPU: logits within bf16's resolution."""
+    folder, _ = hf_model_dirs("qwen3")
+    prompts = [[5, 9, 300, 41, 7] * 6, list(range(3, 90))]
+    f32 = LLMEngine(EngineConfig(model=str(folder), num_kv_blocks=64)).next_token_logits(prompts)
+    bf16_engine = LLMEngine(EngineConfig(model=str(folder), num_kv_blocks=64, dtype="bfloat16"))
+    assert bf16_engine.kv_cache.kv.dtype == torch.bfloat16
+    bf16 = bf16_engine.next_token_logits(prompts)
+    for a, b in zip(f32, bf16):
+        assert b.dtype == torch.float32
+        assert (a - b).abs().max().item() < 0.1 * a.std().item()

@@ -16,7 +16,7 @@ import torch
 from workers import EngineConfig, LLMEngine, SamplingParams
 from workers.bench.hf_peer import HF_BATCH_SIZE, run_hf
 from workers.bench.kv_quant_bench import KVQuantResult, bench_kv_quant, bytes_per_block
-from workers.bench.model_setup import SHAPES, ModelShape, build_model
+from workers.bench.model_setup import BENCH_INIT_RANGE, DEFAULT_INIT_RANGE, SHAPES, ModelShape, build_model
 from workers.bench.roofline import measure_matmul_flops, workload_flops
 from workers.bench.workloads import WORKLOADS, Workload, make_workload
 
@@ -72,7 +72,7 @@ class BenchResult:
     hf_batch_size: int
     load_average: tuple[float, float]  # 1-minute load at start and end: other work skews the timings
     workloads: list[WorkloadResult]
-    kv_quant: KVQuantResult | None = None  # int8 against full precision, on the shared-prefix workload
+    kv_quant: list[KVQuantResult] = field(default_factory=list)  # int8 vs full precision, shared-prefix
 
 
 @dataclass(slots=True)
@@ -188,6 +188,20 @@ def bench_workload(workload: Workload, folder: Path, hf_model: Any, repeat: int,
     return result
 
 
+def bench_kv_quant_both_inits(workload: Workload, shape: ModelShape, bench_folder: Path) -> list[KVQuantResult]:
+    """int8 against full precision on the benchmark's weights and on weights at transformers'
+    default init, whose activations are closer to a trained model's."""
+    log("  shared-prefix: int8 KV cache against full precision, benchmark weights")
+    results = [bench_kv_quant(workload, make_engine(bench_folder), make_engine(bench_folder, kv_cache_dtype="int8"),
+                              init_range=BENCH_INIT_RANGE)]
+    with tempfile.TemporaryDirectory(prefix="bench-default-init-") as tmp:
+        log(f"  shared-prefix: int8 KV cache against full precision, weights at init range {DEFAULT_INIT_RANGE}")
+        build_model(shape, Path(tmp), initializer_range=DEFAULT_INIT_RANGE)
+        results.append(bench_kv_quant(workload, make_engine(Path(tmp)), make_engine(Path(tmp), kv_cache_dtype="int8"),
+                                      init_range=DEFAULT_INIT_RANGE))
+    return results
+
+
 def bench_policy(workload: Workload, folder: Path, policy: str) -> PolicyResult:
     log(f"  {workload.name}: eviction policy {policy}")
     engine = make_engine(folder, policy=policy, num_kv_blocks=workload.num_kv_blocks)
@@ -223,14 +237,13 @@ def run_bench(workloads: list[str], scale: str = "full", repeat: int = 1) -> Ben
         log("measuring the matmul rate")
         matmul = measure_matmul_flops()
         results = []
-        kv_quant = None
+        kv_quant: list[KVQuantResult] = []
         for name in workloads:
             workload = make_workload(name, scale, shape.vocab_size, BLOCK_SIZE)
             log(f"workload {name}: {len(workload.prompts)} prompts")
             results.append(bench_workload(workload, Path(tmp), hf_model, repeat, hf_batch_size))
             if name == "shared-prefix":
-                log("  shared-prefix: int8 KV cache against full precision")
-                kv_quant = bench_kv_quant(workload, make_engine(Path(tmp)), make_engine(Path(tmp), kv_cache_dtype="int8"))
+                kv_quant = bench_kv_quant_both_inits(workload, shape, Path(tmp))
     # Measured at both ends of the run: the better rate is the machine's, a worse one met other load.
     matmul = max(matmul, measure_matmul_flops())
     for w in results:

@@ -16,6 +16,7 @@ CUT_FRACTIONS = (0.5, 0.75, 1.0)  # each context is a prompt cut at these fracti
 @dataclass(slots=True)
 class KVQuantResult:
     workload: str
+    init_range: float  # the weights' initializer_range: larger makes attention nearly one-hot
     bytes_per_block_full: int
     bytes_per_block_int8: int
     peak_kv_bytes_full: int
@@ -31,7 +32,7 @@ class KVQuantResult:
     num_outputs_identical: int  # free-running greedy outputs identical to full precision's
 
 
-def bench_kv_quant(workload: Workload, full: LLMEngine, int8: LLMEngine) -> KVQuantResult:
+def bench_kv_quant(workload: Workload, full: LLMEngine, int8: LLMEngine, init_range: float) -> KVQuantResult:
     """`full` and `int8`: warmed engines on the same model, full-precision and int8 KV caches."""
     contexts = [p[: max(1, int(len(p) * f))] for p in workload.prompts[:16] for f in CUT_FRACTIONS]
     ref = torch.stack(full.next_token_logits(contexts))
@@ -48,6 +49,7 @@ def bench_kv_quant(workload: Workload, full: LLMEngine, int8: LLMEngine) -> KVQu
         timings[name] = time.perf_counter() - started
     return KVQuantResult(
         workload=workload.name,
+        init_range=init_range,
         bytes_per_block_full=bytes_per_block(full),
         bytes_per_block_int8=bytes_per_block(int8),
         peak_kv_bytes_full=full.kv_manager.peak_used_blocks * bytes_per_block(full),

@@ -64,8 +64,8 @@ def format_report(result: BenchResult) -> str:
                              f"{p.num_preemptions:>11}")
             lines.append(f"{'ideal':<10}  {w.ideal_hit_rate:>8.1%}  (every repeat of a prefix served from the cache)")
             lines.append(f"adaptive vs lru hit rate: {w.adaptive_vs_lru * 100:+.1f} points")
-    if result.kv_quant is not None:
-        lines += ["", *_kv_quant_lines(result.kv_quant)]
+    for q in result.kv_quant:
+        lines += ["", *_kv_quant_lines(q)]
     bars = _bars(result) if result.scale == "full" else []  # the bars hold for the full shape only
     if bars:
         lines += ["", "bars:"] + [f"  {b}" for b in bars]
@@ -97,7 +97,7 @@ def _mib(n: int) -> str:
 
 def _kv_quant_lines(q: KVQuantResult) -> list[str]:
     return [
-        f"int8 KV cache against full precision ({q.workload}):",
+        f"int8 KV cache against full precision ({q.workload}, weights at init range {q.init_range}):",
         f"  bytes per block {q.bytes_per_block_full} -> {q.bytes_per_block_int8} "
         f"({q.bytes_per_block_full / q.bytes_per_block_int8:.2f}x the blocks in the same memory); "
         f"peak KV {_mib(q.peak_kv_bytes_full)} -> {_mib(q.peak_kv_bytes_int8)}",
