@@ -2,25 +2,16 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 
+from workers.bench.model_setup import write_tokenizer
+
 VOCAB = 512
 
 
-def _word_level_tokenizer(folder: Path, vocab_size: int) -> None:
-    from tokenizers import Tokenizer, models, pre_tokenizers
-
-    vocab = {f"w{i}": i for i in range(vocab_size)}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="w0"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok.save(str(folder / "tokenizer.json"))
-    (folder / "tokenizer_config.json").write_text(json.dumps({
-        "eos_token": "w1",
-        "chat_template": "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }} {% endfor %}assistant:",
-    }))
+CHAT_TEMPLATE = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }} {% endfor %}assistant:"
 
 
 SHAPE = dict(
@@ -56,5 +47,5 @@ def save_random_model(arch: str, folder: Path, seed: int = 0):
     model = cls(make_config(arch)).eval()
     folder.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(folder)
-    _word_level_tokenizer(folder, VOCAB)
+    write_tokenizer(folder, VOCAB, CHAT_TEMPLATE)
     return model

@@ -54,7 +54,7 @@ def build_model(shape: ModelShape, folder: Path, seed: int = 0, initializer_rang
     return model
 
 
-def write_tokenizer(folder: Path, vocab_size: int) -> None:
+def write_tokenizer(folder: Path, vocab_size: int, chat_template: str | None = None) -> None:
     """A word-level tokenizer (`w0` ... `wN`, whitespace split): the engine needs tokenizer.json to
     load a folder, and the benchmark feeds token ids, so any vocabulary of the right size will do."""
     from tokenizers import Tokenizer, models, pre_tokenizers
@@ -63,4 +63,7 @@ def write_tokenizer(folder: Path, vocab_size: int) -> None:
     tok = Tokenizer(models.WordLevel(vocab, unk_token=f"w{PAD_ID}"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tok.save(str(folder / "tokenizer.json"))
-    (folder / "tokenizer_config.json").write_text(json.dumps({"eos_token": f"w{EOS_ID}", "bos_token": f"w{BOS_ID}"}))
+    config = {"eos_token": f"w{EOS_ID}", "bos_token": f"w{BOS_ID}"}
+    if chat_template is not None:
+        config["chat_template"] = chat_template
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
