@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from workers.kv_quant import dequantize, quantize, storage_dtype
+from workers.kv_quant import dequantize, from_storage, quantize, storage_dtype, to_storage
 
 
 class PagedKVCache:
@@ -60,7 +60,7 @@ class PagedKVCache:
             dst = self.kv[layer, i].view(kvh, -1, d)  # [KVH, num_slots, D]
             if self.quantized:
                 values, scale = quantize(x, self.kind)
-                dst.index_copy_(1, slots, values.transpose(0, 1))
+                dst.index_copy_(1, slots, to_storage(values, self.kind).transpose(0, 1))
                 self.scales[layer, i].view(kvh, -1).index_copy_(1, slots, scale.transpose(0, 1))
             else:
                 dst.index_copy_(1, slots, x.transpose(0, 1).to(self.dtype))
@@ -78,6 +78,6 @@ class PagedKVCache:
             x = self.kv[layer, i].view(kvh * self.num_blocks, -1).index_select(0, index).view(kvh, batch, -1, d)
             if self.quantized:
                 scale = self.scales[layer, i].view(kvh * self.num_blocks, -1).index_select(0, index)
-                x = dequantize(x, scale.view(kvh, batch, -1), self.dtype)
+                x = dequantize(from_storage(x, self.kind), scale.view(kvh, batch, -1), self.dtype)
             out.append(x)
         return out[0], out[1]

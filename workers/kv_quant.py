@@ -6,11 +6,21 @@ import torch
 
 # Largest magnitude each storage type holds; the scale maps a head's absmax onto it.
 _QMAX = {"int8": 127.0, "fp8": 448.0}  # fp8 = float8_e4m3fn
-_STORAGE = {"int8": torch.int8, "fp8": torch.float8_e4m3fn}
+_VALUES = {"int8": torch.int8, "fp8": torch.float8_e4m3fn}
+# fp8 is kept as its raw bytes: index_copy_ has no float8 kernel, and a view costs nothing.
+_STORAGE = {"int8": torch.int8, "fp8": torch.uint8}
 
 
 def storage_dtype(kind: str) -> torch.dtype:
     return _STORAGE[kind]
+
+
+def to_storage(values: torch.Tensor, kind: str) -> torch.Tensor:
+    return values.view(_STORAGE[kind])
+
+
+def from_storage(raw: torch.Tensor, kind: str) -> torch.Tensor:
+    return raw.view(_VALUES[kind])
 
 
 def quantize(x: torch.Tensor, kind: str) -> tuple[torch.Tensor, torch.Tensor]:

@@ -61,3 +61,20 @@ def test_int8_logit_error_and_greedy_agreement_on_a_reference_model(hf_model_dir
     print(f"int8 KV: max logit error {rel_err:.4f} of the logit std, greedy (top-1) agreement {agree:.3f}")
     assert 0 < rel_err < 0.08  # measured 0.069
     assert agree >= 0.93  # measured 45 of 48
+
+
+@pytest.mark.parametrize("kind", ["int8", "fp8"])
+def test_paged_cache_round_trip_through_slots_and_blocks(kind):
+    """Write tokens to scattered slots, gather their blocks back: exactly quantize + dequantize.
+    (The engine allows fp8 on CUDA only; the storage path is the same on every device.)"""
+    cache = PagedKVCache(num_layers=2, num_blocks=6, block_size=4, num_kv_heads=2, head_dim=8,
+                         dtype=torch.float32, device=torch.device("cpu"), kv_cache_dtype=kind)
+    gen = torch.Generator().manual_seed(5)
+    k, v = torch.randn(5, 2, 8, generator=gen), torch.randn(5, 2, 8, generator=gen)
+    slots = torch.tensor([8, 9, 10, 11, 20])  # block 2 whole, then block 5's first slot
+    cache.write(1, k, v, slots)
+    got_k, got_v = cache.gather(1, cache.gather_index(torch.tensor([[2, 5]])), 1)  # [KVH, 1, 8, D]
+    for got, x in ((got_k, k), (got_v, v)):
+        expected = dequantize(*quantize(x, kind), torch.float32)  # [5, KVH, D]
+        assert torch.equal(got[:, 0, [0, 1, 2, 3, 4]].transpose(0, 1), expected)
+        assert torch.equal(got[:, 0, 5:], torch.zeros(2, 3, 8))  # untouched slots stay zero
