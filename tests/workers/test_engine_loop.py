@@ -1,0 +1,73 @@
+"""Concurrent callers share one engine: same outputs as the engine alone, batched together."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from workers import EngineConfig, LLMEngine, SamplingParams
+from workers.engine_loop import EngineLoop
+
+PARAMS = SamplingParams(max_tokens=12, ignore_eos=True)
+
+
+@pytest.fixture()
+def loop():
+    loop = EngineLoop(LLMEngine(EngineConfig(num_kv_blocks=128)))
+    yield loop
+    loop.close()
+
+
+def test_threads_share_steps_and_get_the_engine_alone_outputs(loop):
+    prompts = [[i, i + 1, i + 2] * (i + 1) for i in range(8)]
+    reference = [o.token_ids for o in LLMEngine(EngineConfig(num_kv_blocks=128)).generate(prompts, PARAMS)]
+    results: dict[int, list[int]] = {}
+    start = threading.Barrier(4)
+
+    def caller(part: int) -> None:
+        mine = list(range(part, 8, 4))
+        start.wait()
+        outs = loop.generate([prompts[i] for i in mine], [PARAMS] * len(mine))
+        results.update({i: o.token_ids for i, o in zip(mine, outs)})
+
+    threads = [threading.Thread(target=caller, args=(p,)) for p in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert [results[i] for i in range(8)] == reference
+    # 8 requests of 12 tokens each, run one by one, would need 96 steps; batched, far fewer.
+    assert loop.engine.stats()["num_steps"] < 40
+
+
+def test_a_refused_prompt_fails_alone(loop):
+    outs = loop.generate([[1, 2, 3], [7] * 5000], [PARAMS, PARAMS])
+    assert len(outs[0].token_ids) == 12
+    assert isinstance(outs[1], ValueError)
+    assert "prompt has 5000 tokens, the model accepts 4095" in str(outs[1])
+
+
+def test_a_failing_step_fails_the_requests_in_flight_and_the_loop_goes_on(loop, monkeypatch):
+    real_step = loop.engine.step
+    calls = {"n": 0}
+
+    def broken_once():
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise RuntimeError("device lost")
+        return real_step()
+
+    monkeypatch.setattr(loop.engine, "step", broken_once)
+    future = loop.submit([5, 6, 7], PARAMS)
+    with pytest.raises(RuntimeError, match="device lost"):
+        future.result(timeout=30)
+    assert not loop.engine.has_unfinished_requests()
+    assert len(loop.submit([5, 6, 7], PARAMS).result(timeout=30).token_ids) == 12
+
+
+def test_closed_loop_refuses_work():
+    loop = EngineLoop(LLMEngine(EngineConfig(num_kv_blocks=16)))
+    loop.close()
+    with pytest.raises(RuntimeError, match="closed"):
+        loop.submit([1], PARAMS)
