@@ -1,0 +1,127 @@
+"""The Celery app factory: JSON messages only, late acks, strict queue priority, the beat schedule.
+
+`make_celery(settings)` builds an app and has no other effect. `celery -A pipeline.celery_app ...`
+finds the module attribute `app`, created on first access from `load_settings()`.
+
+Strict priority: kombu's Redis channel polls with one `BRPOP critical high normal low` (the keys in
+the order the worker consumes its queues) and Redis pops from the first non-empty key. The default
+`queue_order_strategy="round_robin"` then moves the queue it just took from to the end of that list;
+`"priority"` leaves the order alone, so a worker takes from `high` only when `critical` is empty.
+With `acks_late` and a prefetch of 1 a busy worker holds one unacknowledged task and polls again
+only when it is done, so a critical task published meanwhile is the next one it takes.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Any
+
+from celery import Celery
+from celery.schedules import crontab
+from kombu import Exchange
+from kombu import Queue as KombuQueue
+
+from pipeline.queues import Queue
+from pipeline.settings import Settings, cron_fields, load_settings
+
+# Task modules a worker imports. The jobs/ modules join here as they land (inference, dispatch,
+# finalize, maintenance); a name in the beat schedule whose module is missing is only an
+# "unregistered task" error on the worker that receives it.
+TASK_MODULES: tuple[str, ...] = ("jobs.health",)
+
+# Routes by task name. Chunk tasks are sent with an explicit queue (the job's priority) and fall back
+# to the default `normal` queue otherwise.
+TASK_ROUTES: dict[str, dict[str, str]] = {
+    "jobs.health.*": {"queue": Queue.CRITICAL.value},
+    "jobs.dispatch.*": {"queue": Queue.HIGH.value},
+    "jobs.finalize.*": {"queue": Queue.HIGH.value},
+    "jobs.maintenance.*": {"queue": Queue.HIGH.value},
+}
+
+# Beat: entry name -> (task name, interval). Nightly runs from the settings are added as crontabs.
+PERIODIC_TASKS: dict[str, tuple[str, timedelta | crontab]] = {
+    "session-cleanup": ("jobs.maintenance.cleanup_sessions", timedelta(hours=1)),
+    "job-expiry": ("jobs.maintenance.expire_jobs", timedelta(minutes=5)),
+    "lost-chunk-sweep": ("jobs.maintenance.sweep_lost_chunks", timedelta(minutes=10)),
+    "kv-cache-checkpoint": ("jobs.maintenance.checkpoint_kv_cache", timedelta(minutes=30)),
+    "database-backup": ("jobs.maintenance.backup_database", crontab(minute="0", hour="3")),
+}
+NIGHTLY_RUN_TASK = "jobs.maintenance.start_nightly_run"
+
+
+def task_queues() -> tuple[KombuQueue, ...]:
+    """The four queues, highest priority first: a worker started without -Q consumes them in this order."""
+    return tuple(KombuQueue(q.value, Exchange(q.value, type="direct"), routing_key=q.value) for q in Queue)
+
+
+def beat_schedule(settings: Settings) -> dict[str, dict[str, Any]]:
+    schedule: dict[str, dict[str, Any]] = {
+        name: {"task": task, "schedule": every} for name, (task, every) in PERIODIC_TASKS.items()
+    }
+    for run in settings.nightly_runs:
+        schedule[f"nightly-run-{run.name}"] = {
+            "task": NIGHTLY_RUN_TASK,
+            "schedule": crontab(**cron_fields(run.cron)),
+            "kwargs": {"name": run.name, "input_path": str(run.input_path), "priority": run.priority},
+        }
+    return schedule
+
+
+def make_celery(settings: Settings) -> Celery:
+    """A Celery app configured from `settings`."""
+    app = Celery("pipeline", include=list(TASK_MODULES))
+    app.conf.update(
+        broker_url=settings.broker_url,
+        broker_connection_retry_on_startup=True,
+        broker_transport_options={
+            "visibility_timeout": settings.visibility_timeout_s,
+            "global_keyprefix": settings.redis_key_prefix,
+            "queue_order_strategy": "priority",
+        },
+        # No pickle anywhere: JSON in and out, and nothing else is accepted.
+        task_serializer="json",
+        result_serializer="json",
+        event_serializer="json",
+        accept_content=["json"],
+        result_accept_content=["json"],
+        # The database holds results. The Redis backend exists only so that `jobs.health.ping`, the one
+        # task with ignore_result=False, can answer the process that sent it.
+        task_ignore_result=True,
+        result_backend=settings.broker_url,
+        result_backend_transport_options={"global_keyprefix": settings.redis_key_prefix},
+        result_expires=timedelta(hours=1),
+        # A task is acknowledged when it ends; one killed mid-chunk is redelivered (writes are idempotent).
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        # On a lost broker connection a running chunk finishes and writes its results; a redelivered copy
+        # then finds them written. Cancelling it (Celery 6's default) would kill the warm process and
+        # still compute the chunk twice.
+        worker_cancel_long_running_tasks_on_connection_loss=False,
+        # worker_max_tasks_per_child stays unset: a worker keeps its model and KV cache warm.
+        task_queues=task_queues(),
+        task_default_queue=Queue.NORMAL.value,
+        task_default_exchange=Queue.NORMAL.value,
+        task_default_routing_key=Queue.NORMAL.value,
+        task_create_missing_queues=False,  # a misspelt queue is an error, not a queue nobody consumes
+        task_routes=TASK_ROUTES,
+        worker_send_task_events=True,  # for Flower
+        task_send_sent_event=True,
+        timezone=settings.timezone,
+        enable_utc=True,
+        beat_schedule=beat_schedule(settings),
+    )
+    return app
+
+
+_default_app: Celery | None = None
+
+
+def __getattr__(name: str) -> Any:
+    """`app`: the app of `celery -A pipeline.celery_app`, built from `load_settings()` on first use."""
+    global _default_app
+    if name == "app":
+        if _default_app is None:
+            _default_app = make_celery(load_settings())
+        return _default_app
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,368 @@
+"""Typed settings shared by the CLI, the workers and beat, named after Celery's settings where they map.
+
+`load_settings()` reads them once per process: defaults < preset < `pipeline.toml` < environment
+variables `PIPELINE_<FIELD>`. A bad value raises `ValueError` naming where it came from (the
+environment variable, or the file and key) and what is expected. The result is frozen and passed
+down; nothing writes discovered values back into it.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import typing
+import zoneinfo
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from pipeline.presets import PRESETS
+from pipeline.queues import QUEUE_NAMES
+
+ENV_PREFIX = "PIPELINE_"
+CONFIG_ENV_VAR = "PIPELINE_CONFIG"  # the one PIPELINE_ variable that is not a field
+CONFIG_FILE_NAME = "pipeline.toml"
+
+# The engine's choices, repeated because importing workers/ loads torch; a test keeps them equal.
+DTYPES = ("float32", "bfloat16", "float16")
+KV_CACHE_DTYPES = ("auto", "int8", "fp8")
+EVICTION_POLICIES = ("lru", "lfu", "fifo", "adaptive")
+BROKER_SCHEMES = ("redis", "rediss", "redis+socket", "sentinel")  # Redis transports: priority order needs one
+SIZE_UNITS = {"kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def _doc(text: str, example: str | None = None) -> dict[str, str]:
+    """Field metadata: the comment `to_toml` writes above the key, and an example for unset keys."""
+    return {"doc": text} if example is None else {"doc": text, "example": example}
+
+
+@dataclass(frozen=True, slots=True)
+class NightlyRun:
+    """A bulk run that beat submits on a schedule: `cron` is "minute hour day-of-month month
+    day-of-week" in `Settings.timezone`; `input_path` is read when the run starts."""
+
+    name: str
+    cron: str
+    input_path: Path
+    priority: str = "low"
+
+    def __post_init__(self) -> None:
+        if not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", self.name):
+            raise ValueError(f"name {self.name!r}: expected 1-64 letters, digits, '_' or '-'")
+        cron_fields(self.cron)
+        if self.priority not in QUEUE_NAMES:
+            raise ValueError(f"priority {self.priority!r}: expected one of {', '.join(QUEUE_NAMES)}")
+
+
+def cron_fields(cron: str) -> dict[str, str]:
+    """`crontab(**cron_fields(cron))` keyword arguments for a five-field cron string."""
+    parts = cron.split()
+    if len(parts) != 5:
+        raise ValueError(f"cron {cron!r}: expected 5 fields, 'minute hour day-of-month month day-of-week'")
+    names = ("minute", "hour", "day_of_month", "month_of_year", "day_of_week")
+    kwargs = dict(zip(names, parts))
+    from celery.schedules import crontab  # lazily: only configs with nightly runs pay for the import
+
+    try:
+        crontab(**kwargs)
+    except Exception as e:  # celery raises its own ParseException or ValueError
+        raise ValueError(f"cron {cron!r}: {e}") from None
+    return kwargs
+
+
+@dataclass(frozen=True, slots=True, repr=False)
+class Settings:
+    """Everything a pipeline process is configured with. Build it with `load_settings()`."""
+
+    preset: str | None = field(
+        default=None, metadata=_doc(f"A preset applied under this file: {', '.join(PRESETS)}.", '"development"')
+    )
+    # Services
+    database_url: str = field(
+        default_factory=lambda: f"sqlite:///{Path.cwd() / 'pipeline.sqlite3'}",
+        metadata=_doc("SQLAlchemy URL of the results database: SQLite (embedded) or postgresql+psycopg://..."),
+    )
+    broker_url: str = field(default="redis://127.0.0.1:6379/0", metadata=_doc("Redis URL of the Celery broker."))
+    redis_key_prefix: str = field(
+        default="pipeline:",
+        metadata=_doc("Prefix of every Redis key the pipeline writes (kombu's global_keyprefix), so that "
+                      "deployments and test runs can share one Redis."),
+    )
+    visibility_timeout_s: int = field(
+        default=3 * 3600,
+        metadata=_doc("Seconds before Redis redelivers an unacknowledged task: longer than any chunk takes."),
+    )
+    task_max_redeliveries: int = field(
+        default=3, metadata=_doc("Deliveries of a chunk after the first before its requests are failed.")
+    )
+    chunk_size: int = field(default=64, metadata=_doc("Requests per Celery task (chunk)."))
+    completion_window: str = field(
+        default="24h", metadata=_doc("Default time a job may take before it expires: '24h', '90m', '7d'.")
+    )
+    timezone: str = field(default="UTC", metadata=_doc("IANA time zone of the nightly run crons."))
+    # Engine
+    model: str = field(default="tiny", metadata=_doc("'tiny' (built in, gibberish) or a local Hugging Face folder."))
+    device: str = field(default="cpu", metadata=_doc("'cpu', 'cuda' or 'cuda:N'."))
+    dtype: str = field(default="float32", metadata=_doc(f"Model dtype: {', '.join(DTYPES)}."))
+    block_size: int = field(default=16, metadata=_doc("Tokens per KV cache block."))
+    kv_cache_memory_bytes: int | None = field(
+        default=None,
+        metadata=_doc("Memory for the KV cache, in bytes or with a unit ('4GiB'); unset: sized from the "
+                      "device's free memory.", '"4GiB"'),
+    )
+    kv_cache_dtype: str = field(
+        default="auto", metadata=_doc("KV storage: 'auto' (the model dtype), 'int8' anywhere, 'fp8' on GPUs.")
+    )
+    eviction_policy: str = field(
+        default="lru", metadata=_doc(f"Which cached prefix blocks go first: {', '.join(EVICTION_POLICIES)}.")
+    )
+    enable_prefix_caching: bool = field(default=True, metadata=_doc("Reuse the KV blocks of shared prefixes."))
+    max_num_seqs: int = field(default=256, metadata=_doc("Sequences the scheduler runs at once."))
+    max_num_batched_tokens: int = field(default=2048, metadata=_doc("Token budget of one engine step."))
+    # Cost table
+    price_per_1k_prompt_tokens: float = field(default=0.0, metadata=_doc("Price of 1,000 uncached prompt tokens."))
+    price_per_1k_cached_tokens: float = field(
+        default=0.0, metadata=_doc("Price of 1,000 prompt tokens served from the prefix cache.")
+    )
+    price_per_1k_completion_tokens: float = field(
+        default=0.0, metadata=_doc("Price of 1,000 generated tokens.")
+    )
+    # Files
+    results_dir: Path = field(
+        default_factory=lambda: Path.cwd() / "results", metadata=_doc("Where exported result files go.")
+    )
+    backups_dir: Path = field(
+        default_factory=lambda: Path.cwd() / "backups", metadata=_doc("Where database backups go.")
+    )
+    cache_dir: Path = field(
+        default_factory=lambda: Path.cwd() / "kv_cache", metadata=_doc("Where KV cache snapshots go.")
+    )
+    nightly_runs: tuple[NightlyRun, ...] = field(
+        default=(), metadata=_doc("Bulk runs beat submits on a schedule: [[nightly_runs]] tables.")
+    )
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            problem = field_problem(f.name, value)
+            if problem is not None:
+                raise ValueError(f"{f.name}={_shown(f.name, value)}: {problem}")
+        _check_combinations(self)
+
+    def engine_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for `workers.EngineConfig` (which validates them again)."""
+        names = ("model", "device", "dtype", "block_size", "kv_cache_memory_bytes", "kv_cache_dtype",
+                 "eviction_policy", "enable_prefix_caching", "max_num_seqs", "max_num_batched_tokens")
+        return {name: getattr(self, name) for name in names}
+
+    @property
+    def completion_window_s(self) -> int:
+        return duration_s(self.completion_window)
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-ready values for `config show`; passwords in URLs are masked as ***."""
+        return {f.name: _jsonable(f.name, getattr(self, f.name)) for f in fields(self)}
+
+    def to_toml(self) -> str:
+        """A commented pipeline.toml holding these settings (for `config generate`). A URL with a
+        password is written commented out: secrets belong in the environment, not in files."""
+        from pipeline.settings_toml import render_toml
+
+        return render_toml(self)
+
+    def __repr__(self) -> str:  # masked: settings end up in logs
+        return f"Settings({', '.join(f'{k}={v!r}' for k, v in self.as_dict().items())})"
+
+
+FIELD_NAMES: tuple[str, ...] = tuple(f.name for f in fields(Settings))
+URL_FIELDS = ("database_url", "broker_url")
+FIELD_TYPES = typing.get_type_hints(Settings)
+
+
+def env_var(name: str) -> str:
+    """The environment variable that sets field `name`."""
+    return ENV_PREFIX + name.upper()
+
+
+def duration_s(text: str) -> int:
+    """Seconds in a duration such as '24h', '90m' or '7d'."""
+    match = re.fullmatch(r"([1-9][0-9]*)([mhd])", text)
+    if match is None:
+        raise ValueError(f"{text!r}: expected a duration such as '24h', '90m' or '7d'")
+    return int(match[1]) * {"m": 60, "h": 3600, "d": 86400}[match[2]]
+
+
+def mask_url(url: str) -> str:
+    """`url` with the password of its user info and any password= query parameter replaced by ***."""
+    scheme, sep, rest = url.partition("://")
+    if sep:
+        userinfo, at, host = rest.rpartition("@")  # the last '@': an unescaped one in a password stays hidden
+        if at and ":" in userinfo:
+            rest = f"{userinfo.split(':', 1)[0]}:***@{host}"
+        url = f"{scheme}://{rest}"
+    return re.sub(r"(?i)\b(password|passwd|pwd)=[^&;]*", r"\1=***", url)
+
+
+# -- validation ---------------------------------------------------------------------------------
+
+
+def _no_check(value: Any) -> str | None:
+    return None
+
+
+def _int_range(low: int, high: int | None, what: str) -> typing.Callable[[int], str | None]:
+    def check(value: int) -> str | None:
+        if value < low or (high is not None and value > high):
+            bound = f"between {low} and {high}" if high is not None else f"at least {low}"
+            return f"expected an integer {bound} ({what})"
+        return None
+
+    return check
+
+
+def _choice(choices: tuple[str, ...]) -> typing.Callable[[str], str | None]:
+    return lambda value: None if value in choices else f"expected one of {', '.join(choices)}"
+
+
+def _check_device(value: str) -> str | None:
+    if value in ("cpu", "cuda") or re.fullmatch(r"cuda:[0-9]+", value):
+        return None
+    return "expected 'cpu', 'cuda' or 'cuda:N'"
+
+
+def _check_timezone(value: str) -> str | None:
+    try:
+        zoneinfo.ZoneInfo(value)
+    except (ValueError, zoneinfo.ZoneInfoNotFoundError):
+        return "expected an IANA time zone name such as 'UTC' or 'Europe/Paris'"
+    return None
+
+
+def _check_price(value: float) -> str | None:
+    return None if math.isfinite(value) and value >= 0 else "expected a price of 0 or more"
+
+
+def _check_nightly_runs(runs: tuple[NightlyRun, ...]) -> str | None:
+    names = [run.name for run in runs]
+    duplicates = sorted({name for name in names if names.count(name) > 1})
+    return f"expected unique names; repeated: {', '.join(duplicates)}" if duplicates else None
+
+
+_CHECKS: dict[str, typing.Callable[[Any], str | None]] = {
+    "preset": lambda v: None if v is None or v in PRESETS else f"expected one of {', '.join(PRESETS)}",
+    "database_url": lambda v: None if re.match(r"[A-Za-z][A-Za-z0-9+.-]*://", v) else (
+        "expected an SQLAlchemy URL such as sqlite:////srv/pipeline.sqlite3 or "
+        "postgresql+psycopg://user:password@host:5432/pipeline"),
+    "broker_url": lambda v: None if v.partition("://")[0] in BROKER_SCHEMES and "://" in v else (
+        "expected a Redis URL such as redis://host:6379/0 (rediss:// for TLS)"),
+    "redis_key_prefix": lambda v: None if re.fullmatch(r"[A-Za-z0-9_.:-]{1,64}", v) else (
+        "expected 1-64 letters, digits or '_.:-' (no glob characters), e.g. 'pipeline:'"),
+    "visibility_timeout_s": _int_range(60, None, "seconds, longer than any chunk takes"),
+    "task_max_redeliveries": _int_range(0, 100, "redeliveries of a chunk"),
+    "chunk_size": _int_range(1, 100_000, "requests per task"),
+    "completion_window": lambda v: None if re.fullmatch(r"[1-9][0-9]*[mhd]", v) else (
+        "expected a duration such as '24h', '90m' or '7d'"),
+    "timezone": _check_timezone,
+    "model": lambda v: None if v.strip() else "expected 'tiny' or the path of a local Hugging Face model folder",
+    "device": _check_device,
+    "dtype": _choice(DTYPES),
+    "block_size": _int_range(1, 256, "tokens per block; 16 is usual"),
+    "kv_cache_memory_bytes": lambda v: None if v is None or v > 0 else "expected a positive size such as '4GiB'",
+    "kv_cache_dtype": _choice(KV_CACHE_DTYPES),
+    "eviction_policy": _choice(EVICTION_POLICIES),
+    "max_num_seqs": _int_range(1, None, "sequences per step"),
+    "max_num_batched_tokens": _int_range(1, None, "tokens per step"),
+    "price_per_1k_prompt_tokens": _check_price,
+    "price_per_1k_cached_tokens": _check_price,
+    "price_per_1k_completion_tokens": _check_price,
+    "nightly_runs": _check_nightly_runs,
+}
+
+
+class CombinationError(ValueError):
+    """Two fields that are fine alone but not together; `fields` lets the loader name their sources."""
+
+    def __init__(self, message: str, field_names: tuple[str, ...]) -> None:
+        super().__init__(message)
+        self.field_names = field_names
+
+
+def _check_combinations(s: Settings) -> None:
+    if s.kv_cache_dtype == "fp8" and s.device == "cpu":
+        raise CombinationError("kv_cache_dtype='fp8' needs device 'cuda'; on the CPU use 'int8'",
+                               ("kv_cache_dtype", "device"))
+    if s.max_num_batched_tokens < s.block_size:
+        raise CombinationError(
+            f"max_num_batched_tokens={s.max_num_batched_tokens} must be at least block_size={s.block_size}",
+            ("max_num_batched_tokens", "block_size"))
+
+
+def _type_problem(name: str, value: Any) -> str | None:
+    hint = FIELD_TYPES[name]
+    ok = {
+        str: lambda: isinstance(value, str),
+        int: lambda: isinstance(value, int) and not isinstance(value, bool),
+        float: lambda: isinstance(value, (int, float)) and not isinstance(value, bool),
+        bool: lambda: isinstance(value, bool),
+        Path: lambda: isinstance(value, Path),
+        int | None: lambda: value is None or (isinstance(value, int) and not isinstance(value, bool)),
+        str | None: lambda: value is None or isinstance(value, str),
+        tuple[NightlyRun, ...]: lambda: isinstance(value, tuple) and all(isinstance(r, NightlyRun) for r in value),
+    }[hint]()
+    return None if ok else f"expected {_KIND_NAMES[hint]}"
+
+
+_KIND_NAMES = {str: "a string", int: "an integer", float: "a number", bool: "true or false", Path: "a path",
+               int | None: "an integer or nothing", str | None: "a string or nothing",
+               tuple[NightlyRun, ...]: "a list of nightly runs"}
+
+
+def field_problem(name: str, value: Any) -> str | None:
+    """What is wrong with `value` for field `name` on its own ("expected ..."), or None."""
+    return _type_problem(name, value) or _CHECKS.get(name, _no_check)(value)
+
+
+def _shown(name: str, value: Any) -> str:
+    return repr(mask_url(value)) if name in URL_FIELDS and isinstance(value, str) else repr(value)
+
+
+def _jsonable(name: str, value: Any) -> Any:
+    if name in URL_FIELDS:
+        return mask_url(value)
+    if isinstance(value, Path):
+        return str(value)
+    if name == "nightly_runs":
+        return [{"name": r.name, "cron": r.cron, "input_path": str(r.input_path), "priority": r.priority}
+                for r in value]
+    return value
+
+
+# -- loading ------------------------------------------------------------------------------------
+
+
+def load_settings(
+    env: Mapping[str, str] | None = None, config_path: str | Path | None = None, preset: str | None = None
+) -> Settings:
+    """The settings from defaults < `preset` < pipeline.toml < environment variables `PIPELINE_<FIELD>`.
+
+    The file is `config_path`, else `$PIPELINE_CONFIG`, else ./pipeline.toml when it exists. `preset`
+    overrides `PIPELINE_PRESET`, which overrides the file's `preset` key.
+    """
+    return load_settings_with_sources(env, config_path, preset)[0]
+
+
+def load_settings_with_sources(
+    env: Mapping[str, str] | None = None, config_path: str | Path | None = None, preset: str | None = None
+) -> tuple[Settings, dict[str, str]]:
+    """`load_settings()` and, for every field, where its value came from: 'default', "preset 'NAME'",
+    "FILE: key 'KEY'" or 'environment variable PIPELINE_KEY'."""
+    from pipeline.settings_loader import load
+
+    return load(os.environ if env is None else env, config_path, preset)
+
+
+def preset_settings(preset: str | None = None) -> Settings:
+    """The defaults with `preset` applied; no file and no environment (for `config generate`)."""
+    return load_settings(env={}, config_path=None, preset=preset) if preset else Settings()
