@@ -120,3 +120,60 @@ def config_generate(
         typer.echo(f"error: cannot write {output}: {e.strerror}", err=True)
         raise typer.Exit(1) from None
     typer.echo(f"settings written to {output}", err=True)
+
+
+db_app = typer.Typer(help="The results database.", no_args_is_help=True)
+app.add_typer(db_app, name="db")
+
+
+@db_app.callback()
+def db() -> None:
+    """The results database (PIPELINE_DATABASE_URL; SQLite by default)."""
+
+
+@db_app.command("upgrade")
+def db_upgrade(
+    revision: Annotated[str, typer.Argument(help="Alembic revision to migrate to.")] = "head",
+) -> None:
+    """Apply the schema migrations to the configured database (SQLite or PostgreSQL)."""
+    from db.migrate import current, upgrade
+    from pipeline.settings import load_settings, mask_url
+
+    try:
+        settings = load_settings()
+        upgrade(settings.database_url, revision)
+        typer.echo(f"{mask_url(settings.database_url)} is at revision {current(settings.database_url)}", err=True)
+    except ValueError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(1) from None
+
+
+@app.command("worker")
+def worker(
+    queues: Annotated[str, typer.Option(help="Queues to consume, highest priority first.")] = "critical,high,normal,low",
+    concurrency: Annotated[int, typer.Option(min=1, help="Tasks run at once; they share one warm engine.")] = 1,
+    device: Annotated[Optional[str], typer.Option(help="Overrides PIPELINE_DEVICE, e.g. cuda:0.")] = None,
+) -> None:
+    """A Celery worker that keeps the model and its KV cache warm across tasks."""
+    import os
+
+    from pipeline.celery_app import make_celery
+    from pipeline.queues import queue_for
+    from pipeline.settings import load_settings
+
+    try:
+        names = [queue_for(q.strip()).value for q in queues.split(",") if q.strip()]
+        if not names:
+            raise ValueError("--queues names no queue; use e.g. critical,high,normal,low")
+        if device is not None:
+            os.environ["PIPELINE_DEVICE"] = device  # the engine, built later in this process, reads it
+        settings = load_settings()
+    except ValueError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(1) from None
+    # Threads, not processes: every task of this worker hands its requests to the one engine, whose
+    # scheduler batches them together; no max-tasks-per-child, so the model stays loaded.
+    make_celery(settings).worker_main([
+        "worker", f"--queues={','.join(names)}", f"--concurrency={concurrency}", "--pool=threads",
+        "--prefetch-multiplier=1", "--loglevel=INFO",
+    ])

@@ -33,7 +33,7 @@ def redis_client():
     try:
         client.ping()
     except redis.ConnectionError as e:
-        pytest.skip(f"no Redis at {BROKER_URL}: {e}")
+        pytest.fail(f"no Redis at {BROKER_URL}: {e}; start it (see .ci/run)")
     yield client
     client.close()
 

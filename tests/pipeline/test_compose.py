@@ -20,9 +20,7 @@ SERVICES = {"redis", "postgres", "migrate", "worker", "worker-gpu", "beat", "flo
 # Commands the compose file runs that the CLI does not have yet: the lead developer adds them.
 # Remove an entry when its command lands; it is then checked against the real CLI instead.
 PLANNED_COMMANDS: dict[tuple[str, ...], set[str]] = {
-    ("worker",): {"--queues", "--concurrency"},
     ("beat",): set(),
-    ("db", "upgrade"): set(),
 }
 
 

@@ -1,0 +1,223 @@
+"""Jobs: creation (idempotent by key), the status lifecycle, cancel, expiry, retry and counts."""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import func, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from db.base import utcnow
+from db.enums import JOB_TRANSITIONS, ChunkStatus, JobStatus, Priority, RequestStatus
+from db.models import Chunk, Job, Request
+from db.repository._locks import write_lock
+
+
+@dataclass(slots=True, frozen=True)
+class JobCounts:
+    """Requests of a job by status, counted from the request rows themselves."""
+
+    total: int
+    pending: int
+    completed: int
+    failed: int
+    cancelled: int
+    expired: int
+
+
+def new_job_id() -> str:
+    return "batch_" + uuid.uuid4().hex
+
+
+def get_job(session: Session, job_id: str) -> Job | None:
+    return session.get(Job, job_id)
+
+
+def create_job(
+    session: Session,
+    *,
+    input_file: str,
+    model: str,
+    priority: Priority = Priority.NORMAL,
+    idempotency_key: str | None = None,
+    strict: bool = False,
+    completion_window: timedelta | None = None,
+    tenant_id: str | None = None,
+    metadata: dict[str, Any] | None = None,
+    now: datetime | None = None,
+) -> Job:
+    """A new job in `validating`, or the existing job if `idempotency_key` was used before.
+
+    Two concurrent submits with one key both get the job that committed first (the loser's insert
+    hits the unique constraint inside a savepoint and reads the winner's row). A key already used
+    by another tenant is refused, so a key never reveals someone else's job.
+    """
+    if completion_window is not None and completion_window <= timedelta(0):
+        raise ValueError(f"completion window must be positive, got {completion_window}")
+    write_lock(session)
+    if idempotency_key is not None:
+        existing = _job_by_key(session, idempotency_key)
+        if existing is not None:
+            return _check_key_owner(existing, tenant_id)
+    now = now or utcnow()
+    job = Job(
+        id=new_job_id(),
+        status=JobStatus.VALIDATING,
+        input_file=input_file,
+        model=model,
+        priority=priority,
+        idempotency_key=idempotency_key,
+        strict=strict,
+        tenant_id=tenant_id,
+        metadata_=dict(metadata or {}),
+        errors=[],
+        created_at=now,
+        expires_at=now + completion_window if completion_window is not None else None,
+        # Given, not left unset: see the note in assign_chunks.
+        **{f"{status.value}_at": None for status in JobStatus if status != JobStatus.VALIDATING},
+    )
+    try:
+        with session.begin_nested():
+            session.add(job)
+    except IntegrityError:
+        existing = _job_by_key(session, idempotency_key) if idempotency_key is not None else None
+        if existing is None:
+            raise
+        return _check_key_owner(existing, tenant_id)
+    return job
+
+
+def set_status(session: Session, job_id: str, status: JobStatus, *, now: datetime | None = None) -> Job:
+    """Move a job to `status` and stamp `<status>_at`. Setting the current status again is a no-op
+    (a redelivered task may repeat it); any move not in `JOB_TRANSITIONS` raises ValueError."""
+    job = _lock_job(session, job_id)
+    if job.status == status:
+        return job
+    if status not in JOB_TRANSITIONS[job.status]:
+        raise ValueError(f"job {job_id}: cannot go from {job.status.value} to {status.value}")
+    job.status = status
+    setattr(job, f"{status.value}_at", now or utcnow())
+    session.flush()
+    return job
+
+
+def cancel_job(session: Session, job_id: str, *, now: datetime | None = None) -> int:
+    """Cancel a job: its pending requests become cancelled, finished results are kept, unfinished
+    chunks are closed (a worker still running one finds nothing pending to write). The job passes
+    through `cancelling` to `cancelled` at once. Returns the number of requests cancelled; a job
+    already cancelled gives 0, a finished one raises ValueError."""
+    now = now or utcnow()
+    job = _lock_job(session, job_id)
+    if job.status == JobStatus.CANCELLED:
+        return 0
+    set_status(session, job_id, JobStatus.CANCELLING, now=now)
+    cancelled = _close_job_work(session, job_id, RequestStatus.CANCELLED, now)
+    set_status(session, job_id, JobStatus.CANCELLED, now=now)
+    return cancelled
+
+
+def expire_jobs(session: Session, *, now: datetime | None = None) -> list[str]:
+    """Expire every validating or in-progress job whose `expires_at` has passed: pending requests
+    become expired, finished results are kept. Returns the expired job ids, oldest first."""
+    now = now or utcnow()
+    write_lock(session)
+    due = select(Job.id).where(Job.status.in_([JobStatus.VALIDATING, JobStatus.IN_PROGRESS]), Job.expires_at <= now)
+    job_ids = list(session.scalars(due.order_by(Job.created_at, Job.id).with_for_update()))
+    for job_id in job_ids:
+        set_status(session, job_id, JobStatus.EXPIRED, now=now)
+        _close_job_work(session, job_id, RequestStatus.EXPIRED, now)
+    return job_ids
+
+
+def retry_failed(session: Session, job_id: str) -> int:
+    """Make a job's failed requests pending again (results cleared, chunk unassigned, attempts
+    kept) and return how many. A completed or finalizing job with failures goes back to
+    `in_progress` (completed_at and finalizing_at cleared). The caller then assigns and dispatches
+    chunks. Jobs that are validating or already closed another way raise ValueError."""
+    job = _lock_job(session, job_id)
+    if job.status not in (JobStatus.IN_PROGRESS, JobStatus.FINALIZING, JobStatus.COMPLETED):
+        raise ValueError(f"job {job_id}: cannot retry a job that is {job.status.value}")
+    reset = (
+        update(Request)
+        .where(Request.job_id == job_id, Request.status == RequestStatus.FAILED)
+        .values(
+            status=RequestStatus.PENDING,
+            chunk_id=None,
+            text=None,
+            finish_reason=None,
+            prompt_tokens=None,
+            cached_tokens=None,
+            completion_tokens=None,
+            error_code=None,
+            error_message=None,
+            completed_at=None,
+        )
+        .execution_options(synchronize_session="evaluate")
+    )
+    retried = session.execute(reset).rowcount
+    if retried == 0:
+        return 0
+    job.request_failed = Job.request_failed - retried
+    if job.status != JobStatus.IN_PROGRESS:
+        # Reopening is deliberately not a JOB_TRANSITIONS move: only a retry may do it.
+        job.status = JobStatus.IN_PROGRESS
+        job.finalizing_at = None
+        job.completed_at = None
+    session.flush()
+    session.refresh(job)
+    return retried
+
+
+def job_counts(session: Session, job_id: str) -> JobCounts:
+    rows = session.execute(
+        select(Request.status, func.count()).where(Request.job_id == job_id).group_by(Request.status)
+    ).all()
+    by_status = {status: count for status, count in rows}
+    return JobCounts(
+        total=sum(by_status.values()),
+        pending=by_status.get(RequestStatus.PENDING, 0),
+        completed=by_status.get(RequestStatus.COMPLETED, 0),
+        failed=by_status.get(RequestStatus.FAILED, 0),
+        cancelled=by_status.get(RequestStatus.CANCELLED, 0),
+        expired=by_status.get(RequestStatus.EXPIRED, 0),
+    )
+
+
+def _job_by_key(session: Session, idempotency_key: str) -> Job | None:
+    return session.scalar(select(Job).where(Job.idempotency_key == idempotency_key))
+
+
+def _check_key_owner(job: Job, tenant_id: str | None) -> Job:
+    if job.tenant_id != tenant_id:
+        raise ValueError("idempotency key already used by another tenant; choose another key")
+    return job
+
+
+def _lock_job(session: Session, job_id: str) -> Job:
+    """The job row, re-read and locked (FOR UPDATE on PostgreSQL) until the transaction ends."""
+    write_lock(session)
+    job = session.get(Job, job_id, with_for_update=True, populate_existing=True)
+    if job is None:
+        raise ValueError(f"no job {job_id!r}")
+    return job
+
+
+def _close_job_work(session: Session, job_id: str, request_status: RequestStatus, now: datetime) -> int:
+    """Unfinished chunks of the job -> done; pending requests -> `request_status`. Returns the count.
+    Chunks before requests: the lock order of every writer (job -> chunk -> requests)."""
+    session.execute(
+        update(Chunk)
+        .where(Chunk.job_id == job_id, Chunk.status != ChunkStatus.DONE)
+        .values(status=ChunkStatus.DONE, finished_at=now, lease_expires_at=None)
+        .execution_options(synchronize_session="evaluate")
+    )
+    return session.execute(
+        update(Request)
+        .where(Request.job_id == job_id, Request.status == RequestStatus.PENDING)
+        .values(status=request_status)
+        .execution_options(synchronize_session="evaluate")
+    ).rowcount

@@ -1,0 +1,42 @@
+"""The contract between a worker's output and the results table."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(slots=True, frozen=True)
+class RequestResult:
+    """What running one request produced: text and usage, or an error (`error_code` set).
+    Token counts are None when unknown (a request that failed before the engine saw it)."""
+
+    request_id: int
+    text: str | None = None
+    finish_reason: str | None = None  # "stop", "length", ...
+    prompt_tokens: int | None = None
+    cached_tokens: int | None = None
+    completion_tokens: int | None = None
+    error_code: str | None = None
+    error_message: str | None = None
+
+    @property
+    def failed(self) -> bool:
+        return self.error_code is not None
+
+
+@dataclass(slots=True, frozen=True)
+class RecordOutcome:
+    """What `record_results` actually changed: only rows that were still pending count, so a
+    redelivered chunk yields zeros. Usage sums cover the written rows only (bill these, once)."""
+
+    completed: int
+    failed: int
+    prompt_tokens: int
+    cached_tokens: int
+    completion_tokens: int
+    written_ids: tuple[int, ...]  # in the order of the results given
+    chunk_done: bool  # the chunk has no pending request left
+
+    @property
+    def written(self) -> int:
+        return self.completed + self.failed

@@ -1,0 +1,157 @@
+"""The Alembic migrations build exactly the schema the models describe, on SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from alembic.autogenerate import compare_metadata
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlalchemy import CheckConstraint, Column, Integer, MetaData, inspect, text
+from sqlalchemy.exc import IntegrityError
+
+from db import Base, make_engine
+from db.migrate import alembic_config, current, downgrade, upgrade
+
+ROOT = Path(__file__).resolve().parents[2]
+TABLES = {"api_keys", "chunks", "error_history", "job_usage", "jobs", "requests", "sessions", "tenants"}
+
+
+def head() -> str:
+    return ScriptDirectory.from_config(alembic_config("sqlite://")).get_current_head()
+
+
+def differences(url: str, metadata: MetaData = Base.metadata) -> list:
+    engine = make_engine(url)
+    try:
+        with engine.connect() as connection:
+            return compare_metadata(MigrationContext.configure(connection), metadata)
+    finally:
+        engine.dispose()
+
+
+def table_names(url: str) -> set[str]:
+    engine = make_engine(url)
+    try:
+        return set(inspect(engine).get_table_names()) - {"alembic_version"}
+    finally:
+        engine.dispose()
+
+
+def test_upgrade_to_head_matches_the_models(db_url):
+    assert current(db_url) is None
+    upgrade(db_url)
+    assert current(db_url) == head() == "0001"
+    assert table_names(db_url) == TABLES
+    assert differences(db_url) == []
+
+
+def test_comparison_reports_drift(db_url):
+    """The no-difference check above can fail: a column the database lacks is reported."""
+    upgrade(db_url)
+    drifted = MetaData(naming_convention=Base.metadata.naming_convention)
+    for table in Base.metadata.sorted_tables:
+        table.to_metadata(drifted)
+    drifted.tables["jobs"].append_column(Column("surprise", Integer))
+    diffs = differences(db_url, drifted)
+    assert [(d[0], d[2], d[3].name) for d in diffs] == [("add_column", "jobs", "surprise")]
+
+
+def test_check_constraints_match_the_models(db_url):
+    """Alembic's comparison ignores CHECK constraints; compare names and enum values here."""
+    upgrade(db_url)
+    engine = make_engine(db_url)
+    try:
+        inspector = inspect(engine)
+        for table in Base.metadata.sorted_tables:
+            expected = {c.name: str(c.sqltext) for c in table.constraints if isinstance(c, CheckConstraint)}
+            reflected = {c["name"]: c["sqltext"] for c in inspector.get_check_constraints(table.name)}
+            assert set(reflected) == set(expected), table.name
+            for name, sqltext in expected.items():
+                for value in sqltext.split("'")[1::2]:  # the quoted enum values
+                    assert f"'{value}'" in reflected[name], (table.name, name, value)
+    finally:
+        engine.dispose()
+
+
+def test_downgrade_to_base_and_upgrade_again(db_url):
+    upgrade(db_url)
+    engine = make_engine(db_url)
+    with engine.begin() as connection:
+        connection.execute(
+            text(
+                "INSERT INTO jobs (id, status, input_file, model, priority, strict, request_total, "
+                "request_completed, request_failed, errors, metadata, created_at) VALUES "
+                "('batch_1', 'validating', 'in.jsonl', 'tiny', 'normal', false, 0, 0, 0, '[]', '{}', "
+                "'2025-01-01 00:00:00')"
+            )
+        )
+    engine.dispose()
+
+    downgrade(db_url, "base")
+    assert current(db_url) is None
+    assert table_names(db_url) == set()
+
+    upgrade(db_url)
+    assert current(db_url) == "0001"
+    assert table_names(db_url) == TABLES
+    assert differences(db_url) == []
+
+
+def test_status_check_constraint_rejects_unknown_values(db_url):
+    upgrade(db_url)
+    engine = make_engine(db_url)
+    try:
+        with engine.connect() as connection, pytest.raises(IntegrityError, match="ck_jobs_status"):
+            connection.execute(
+                text(
+                    "INSERT INTO jobs (id, status, input_file, model, priority, strict, request_total, "
+                    "request_completed, request_failed, errors, metadata, created_at) VALUES "
+                    "('batch_1', 'sleeping', 'in.jsonl', 'tiny', 'normal', false, 0, 0, 0, '[]', '{}', "
+                    "'2025-01-01 00:00:00')"
+                )
+            )
+    finally:
+        engine.dispose()
+
+
+def test_alembic_command_line_takes_the_url_from_x_or_the_environment(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "PIPELINE_DATABASE_URL"}
+    x_url = f"sqlite:///{tmp_path / 'x.db'}"
+    run = subprocess.run(
+        [sys.executable, "-m", "alembic", "-x", f"url={x_url}", "upgrade", "head"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert run.returncode == 0, run.stderr
+    assert current(x_url) == "0001"
+
+    env_url = f"sqlite:///{tmp_path / 'env.db'}"
+    run = subprocess.run(
+        [sys.executable, "-m", "alembic", "upgrade", "head"],
+        cwd=ROOT,
+        env=env | {"PIPELINE_DATABASE_URL": env_url},
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert run.returncode == 0, run.stderr
+    assert current(env_url) == "0001"
+
+    run = subprocess.run(
+        [sys.executable, "-m", "alembic", "upgrade", "head"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert run.returncode != 0
+    assert "no database URL" in run.stderr
