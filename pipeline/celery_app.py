@@ -27,7 +27,11 @@ from pipeline.settings import Settings, cron_fields, load_settings
 # Task modules a worker imports. The jobs/ modules join here as they land (inference, dispatch,
 # finalize, maintenance); a name in the beat schedule whose module is missing is only an
 # "unregistered task" error on the worker that receives it.
-TASK_MODULES: tuple[str, ...] = ("jobs.health",)
+TASK_MODULES: tuple[str, ...] = ("jobs.health", "jobs.inference")
+
+# The task that runs one chunk (`jobs.inference.run_chunk`); named here so that senders need not
+# import the task module (which loads the engine and torch).
+RUN_CHUNK_TASK = "jobs.inference.run_chunk"
 
 # Routes by task name. Chunk tasks are sent with an explicit queue (the job's priority) and fall back
 # to the default `normal` queue otherwise.

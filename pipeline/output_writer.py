@@ -35,7 +35,7 @@ class ResultRecord:
     exporting twice gives the same file. `created` is in unix seconds.
     """
 
-    custom_id: str
+    custom_id: str | None  # None only for an input line whose id could not be read (an error)
     line: int
     request_id: str
     endpoint: Endpoint
@@ -149,11 +149,19 @@ class _AtomicWriter:
 
 
 class JsonlResultWriter(_AtomicWriter):
-    """Writes OpenAI batch output lines (`openai_output_line`), one JSON object per line."""
+    """Writes OpenAI batch output lines (`openai_output_line`), one JSON object per line.
+    `include_line` adds the input line number as `"line"` (error files: it names the bad line)."""
+
+    def __init__(self, path: str | os.PathLike[str], include_line: bool = False) -> None:
+        super().__init__(path)
+        self.include_line = include_line
 
     def write(self, rec: ResultRecord) -> None:
         """Append one result line."""
-        line = json.dumps(openai_output_line(rec), ensure_ascii=False, separators=(",", ":"))
+        obj = openai_output_line(rec)
+        if self.include_line:
+            obj["line"] = rec.line
+        line = json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
         # A lone surrogate in model text cannot be UTF-8; "backslashreplace" turns it into "\ud800",
         # which is that same character as a JSON escape, so the line stays valid JSON and exact.
         self._file.write(line.encode("utf-8", "backslashreplace") + b"\n")

@@ -1,11 +1,21 @@
-"""Shared fixtures: engines on the built-in tiny model and random-weight Hugging Face models."""
+"""Shared fixtures: random-weight Hugging Face models, and a fresh PostgreSQL database per test.
+
+PostgreSQL comes from PIPELINE_TEST_POSTGRES_URL (default: the local server, trust auth). Each
+test gets its own database, created through an AUTOCOMMIT connection to the `postgres` database
+and dropped afterwards; tests that need it are skipped, with the reason, if the server is down.
+"""
 
 from __future__ import annotations
 
+import os
+import secrets
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from sqlalchemy import Engine, create_engine, make_url, text
+from sqlalchemy.exc import OperationalError
 
 sys.path.insert(0, str(Path(__file__).parent))  # `import hf_models` from any test folder
 
@@ -25,3 +35,36 @@ def hf_model_dirs(tmp_path_factory):
         return built[arch]
 
     return get
+
+
+POSTGRES_URL = os.environ.get("PIPELINE_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
+
+
+@pytest.fixture(scope="session")
+def pg_admin() -> Iterator[Engine]:
+    engine = create_engine(POSTGRES_URL, isolation_level="AUTOCOMMIT")
+    try:
+        with engine.connect():
+            pass
+    except OperationalError as e:
+        engine.dispose()
+        pytest.skip(f"PostgreSQL not reachable at {make_url(POSTGRES_URL).render_as_string()}: {e.orig}")
+    yield engine
+    engine.dispose()
+
+
+@pytest.fixture
+def pg_url(pg_admin: Engine) -> Iterator[str]:
+    name = f"pipeline_test_{os.getpid()}_{secrets.token_hex(4)}"
+    with pg_admin.connect() as connection:
+        connection.execute(text(f'CREATE DATABASE "{name}"'))
+    yield make_url(POSTGRES_URL).set(database=name).render_as_string(hide_password=False)
+    with pg_admin.connect() as connection:
+        connection.execute(
+            text(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                "WHERE datname = :name AND pid <> pg_backend_pid()"
+            ),
+            {"name": name},
+        )
+        connection.execute(text(f'DROP DATABASE IF EXISTS "{name}"'))

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import redis
+from celery.exceptions import TimeoutError as CeleryTimeoutError
 
 from jobs.health import diagnostics_key, gate_key
 from pipeline.celery_app import make_celery
@@ -90,7 +91,7 @@ def _ping(app, process: subprocess.Popen, log: Path) -> dict:
             pytest.fail(f"the worker exited with {process.returncode} before answering ping:\n{log.read_text()}")
         try:
             return result.get(timeout=1)
-        except TimeoutError:
+        except CeleryTimeoutError:  # not the builtin TimeoutError: Celery has its own
             continue
     pytest.fail(f"the worker did not answer ping within 60 s:\n{log.read_text()}")
 

@@ -112,10 +112,11 @@ def test_nightly_runs_become_crontab_entries(settings: Settings) -> None:
     app.close()
 
 
-def test_health_tasks_are_registered_and_only_ping_keeps_a_result(settings: Settings) -> None:
+def test_tasks_are_registered_and_only_ping_keeps_a_result(settings: Settings) -> None:
     app = make_celery(settings)
-    assert TASK_MODULES == ("jobs.health",)
+    assert TASK_MODULES == ("jobs.health", "jobs.inference")
     app.loader.import_default_modules()
+    assert app.tasks["jobs.inference.run_chunk"].ignore_result is True
     assert app.tasks["jobs.health.ping"].ignore_result is False
     assert app.tasks["jobs.health.record_order"].ignore_result is True
     app.close()

@@ -1,0 +1,47 @@
+"""`jobs.inference.run_chunk`: the Celery task that runs one chunk on this process's warm engine.
+
+Thin on purpose: it takes a chunk id, finds the process's settings, database sessions and engine
+(each built once per process and kept), and calls `execute_chunk`. Late acknowledgement is set
+app-wide, so a worker killed mid-chunk gets the chunk redelivered; `execute_chunk` is idempotent.
+"""
+
+from __future__ import annotations
+
+import functools
+from datetime import timedelta
+from typing import Any
+
+from celery import shared_task
+from sqlalchemy.orm import Session, sessionmaker
+
+from db.session import make_engine, session_factory
+from jobs.engine_host import get_engine_loop
+from jobs.execution import Prices, execute_chunk
+from pipeline.celery_app import RUN_CHUNK_TASK
+from pipeline.settings import Settings, load_settings
+
+
+@functools.cache
+def worker_settings() -> Settings:
+    """The settings of this worker process (pipeline.toml and PIPELINE_* as it started)."""
+    return load_settings()
+
+
+@functools.cache
+def worker_sessions(database_url: str) -> sessionmaker[Session]:
+    """One connection pool per process and database, shared by the task threads."""
+    return session_factory(make_engine(database_url))
+
+
+@shared_task(name=RUN_CHUNK_TASK, bind=True)
+def run_chunk(self: Any, chunk_id: int) -> None:
+    """Run chunk `chunk_id` and record its results in the database."""
+    settings = worker_settings()
+    execute_chunk(
+        worker_sessions(settings.database_url), get_engine_loop(settings), chunk_id,
+        self.request.hostname or "worker",
+        prices=Prices.from_settings(settings),
+        # As long as the broker waits before redelivering: a shorter lease would let a redelivered
+        # copy take over a chunk that is still running.
+        lease=timedelta(seconds=settings.visibility_timeout_s),
+    )

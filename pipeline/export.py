@@ -1,0 +1,121 @@
+"""Export a finished job: results to JSONL (OpenAI batch output lines) or Parquet, chosen by the
+output file's extension, and failures to a separate JSONL error file.
+
+Every input line ends up in exactly one of the two files: a completed request in the results, a
+failed, cancelled or expired request and every line rejected at submit (error_history, kind
+"validation") in the errors, each error line carrying its input `"line"`. Both files are written
+in input order (the request rows are read by line, which their unique index serves).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from sqlalchemy.orm import Session, sessionmaker
+
+from db.enums import RequestStatus
+from db.models import Request
+from db.records import ErrorEvent
+from db.repository import get_job, iter_requests, job_errors
+from pipeline.errors import PipelineError
+from pipeline.output_writer import JsonlResultWriter, ParquetResultWriter, ResultRecord
+from pipeline.submit import VALIDATION_KIND, split_validation_message
+
+ENDPOINT_NAMES = {"/v1/completions": "completions", "/v1/chat/completions": "chat.completions"}
+# OpenAI's codes for lines a batch never ran.
+CLOSED_CODES = {RequestStatus.CANCELLED: "batch_cancelled", RequestStatus.EXPIRED: "batch_expired"}
+
+
+@dataclass(frozen=True, slots=True)
+class ExportCounts:
+    """How many lines went to each file (errors are counted even when no error file was asked for)."""
+
+    results: int
+    errors: int
+
+
+class JobNotFinished(PipelineError):
+    """Export asked for a job that is still running: its files would miss lines."""
+
+
+def export_results(
+    session_factory: sessionmaker[Session],
+    job_id: str,
+    out_path: str | Path,
+    errors_path: str | Path | None = None,
+    ordered: bool = True,
+) -> ExportCounts:
+    """Write job `job_id`'s results to `out_path` (.parquet: flat columns; anything else: JSONL)
+    and its failures to `errors_path` (JSONL) when given. Output is always in input order, so
+    `ordered` costs nothing and is accepted for the CLI's sake.
+
+    Raises ValueError for an unknown job, JobNotFinished for one that is not finished, OutputError
+    when a file cannot be created. Files are written atomically (never half a file).
+    """
+    del ordered  # always in order: see the docstring
+    with session_factory() as session:
+        job = get_job(session, job_id)
+        if job is None:
+            raise ValueError(f"no job {job_id!r}; `pipeline submit` prints the ids of new jobs")
+        if not job.status.is_terminal:
+            raise JobNotFinished(f"job {job_id} is {job.status.value} ({job.request_completed + job.request_failed}"
+                                 f"/{job.request_total} lines done); wait for it with `pipeline status {job_id}`")
+        # Bad lines are few next to the file; held in memory to merge them into input order.
+        rejected = job_errors(session, job_id, kind=VALIDATION_KIND)
+        rejected.sort(key=lambda e: e.line or 0)
+        out_cls = ParquetResultWriter if Path(out_path).suffix.lower() == ".parquet" else JsonlResultWriter
+        results, errors = 0, 0
+        with out_cls(out_path) as out:
+            err = JsonlResultWriter(errors_path, include_line=True) if errors_path is not None else None
+            try:
+                pos = 0
+                for request in iter_requests(session, job_id):
+                    while pos < len(rejected) and (rejected[pos].line or 0) < request.line:
+                        errors += _write_error(err, _rejected_record(job_id, job.model, rejected[pos]))
+                        pos += 1
+                    record = _request_record(request, job.model)
+                    if record.ok:
+                        out.write(record)
+                        results += 1
+                    else:
+                        errors += _write_error(err, record)
+                for event in rejected[pos:]:
+                    errors += _write_error(err, _rejected_record(job_id, job.model, event))
+            except BaseException:
+                if err is not None:
+                    err.abort()
+                raise
+            if err is not None:
+                err.close()
+    return ExportCounts(results=results, errors=errors)
+
+
+def _write_error(writer: JsonlResultWriter | None, record: ResultRecord) -> int:
+    if writer is not None:
+        writer.write(record)
+    return 1
+
+
+def _request_record(request: Request, model: str) -> ResultRecord:
+    created = int(request.completed_at.timestamp()) if request.completed_at is not None else 0
+    common = dict(custom_id=request.custom_id, line=request.line, request_id=str(request.id),
+                  endpoint=ENDPOINT_NAMES[request.endpoint], model=model, created=created)
+    if request.status == RequestStatus.COMPLETED:
+        return ResultRecord(**common, text=request.text or "", finish_reason=request.finish_reason,
+                            prompt_tokens=request.prompt_tokens or 0, cached_tokens=request.cached_tokens or 0,
+                            completion_tokens=request.completion_tokens or 0)
+    if request.status == RequestStatus.FAILED:
+        return ResultRecord(**common, error_code=request.error_code or "failed",
+                            error_message=request.error_message or "the request failed")
+    # A job can only be finished with pending rows through cancel or expiry, which close them; a
+    # pending row left here would be a bug, reported rather than dropped.
+    code = CLOSED_CODES.get(request.status, "not_run")
+    return ResultRecord(**common, error_code=code, error_message=f"the request was not run ({request.status.value})")
+
+
+def _rejected_record(job_id: str, model: str, event: ErrorEvent) -> ResultRecord:
+    code, message = split_validation_message(event.message)
+    return ResultRecord(custom_id=event.custom_id, line=event.line or 0, request_id=f"{job_id}_line_{event.line}",
+                        endpoint="completions", model=model, created=int(event.created_at.timestamp()),
+                        error_code=code, error_message=message)

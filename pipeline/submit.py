@@ -1,0 +1,201 @@
+"""Submit an input file as a job: validate it line by line, store its requests, cut them into
+chunks and hand each chunk to `send_chunk` (a Celery task in production, a list in `pipeline run`).
+
+The schema must already exist (`pipeline db upgrade`); this module never migrates.
+
+Bad lines: each becomes an `error_history` row (kind "validation", with its line number and
+custom_id) and counts in the job's `request_total` and `request_failed`, so `status` adds up and
+`results --errors` lists it. They are not request rows: nothing bad can reach a worker, and
+`retry_failed` (which re-runs failed request rows) can never resend them. The error code is kept
+at the start of the message, `[code] field: message`, since error_history has no code column.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import delete, update
+from sqlalchemy.orm import Session, sessionmaker
+
+from db.enums import JobStatus, Priority
+from db.models import Job, Request
+from db.repository import (
+    add_requests,
+    assign_chunks,
+    create_job,
+    get_job,
+    mark_chunks_queued,
+    record_errors,
+    set_status,
+)
+from pipeline.input_reader import read_requests
+from pipeline.request_spec import LineError, RequestSpec
+from pipeline.settings import Settings
+
+SendChunk = Callable[[int, str], None]  # (chunk id, queue name)
+
+ENDPOINT_URLS = {"completions": "/v1/completions", "chat.completions": "/v1/chat/completions"}
+VALIDATION_KIND = "validation"
+BATCH_SIZE = 5_000
+MAX_JOB_ERRORS = 100  # line errors copied onto a strict job's `errors` (all are in error_history)
+PREFIX_CHARS = 256  # requests whose prompts agree on this many leading characters share a chunk
+_CODED = re.compile(r"\[([a-z_]+)\] (.*)", re.DOTALL)
+
+
+def submit_file(
+    settings: Settings,
+    session_factory: sessionmaker[Session],
+    path: str | Path,
+    *,
+    priority: str = "normal",
+    model: str | None = None,
+    idempotency_key: str | None = None,
+    strict: bool = False,
+    send_chunk: SendChunk,
+) -> dict[str, Any]:
+    """Submit `path` and return the job summary (`job_summary`).
+
+    One transaction stores the job, its requests, its errors and its chunks, so a crash midway
+    leaves no half job behind (and a retried submit with the same idempotency key starts afresh).
+    Tasks are sent only after that commit, so no worker can look for rows that are not there yet.
+    A key used before returns that job as it is now, sending nothing.
+    Raises InputError when the file cannot be read at all, ValueError for a bad priority.
+    """
+    job_priority = Priority(priority) if priority in Priority._value2member_map_ else None
+    if job_priority is None:
+        raise ValueError(f"unknown priority {priority!r}; use one of {', '.join(p.value for p in Priority)}")
+    path = Path(path)
+    specs = read_requests(path)  # raises InputError now for an unreadable file
+    with session_factory.begin() as session:
+        job = create_job(session, input_file=str(path.resolve()), model=model or settings.model,
+                         priority=job_priority, idempotency_key=idempotency_key, strict=strict)
+        if job.status != JobStatus.VALIDATING or job.request_total > 0:  # an earlier submit with this key
+            return job_summary(session, job.id)
+        job_id = job.id
+        num_bad, first_errors = _ingest(session, job_id, specs, strict)
+        if strict and num_bad:
+            session.get(Job, job_id).errors = first_errors
+            set_status(session, job_id, JobStatus.FAILED)
+            return job_summary(session, job_id)
+        chunks = assign_chunks(session, job_id, settings.chunk_size)
+        set_status(session, job_id, JobStatus.IN_PROGRESS)
+        if not chunks:  # every line was bad: nothing will run, so the job is finished now
+            set_status(session, job_id, JobStatus.FINALIZING)
+            set_status(session, job_id, JobStatus.COMPLETED)
+        sends = [(chunk.id, chunk.priority.value) for chunk in chunks]
+    for chunk_id, queue in sends:
+        send_chunk(chunk_id, queue)
+    with session_factory.begin() as session:
+        mark_chunks_queued(session, [chunk_id for chunk_id, _ in sends])
+        return job_summary(session, job_id)
+
+
+def job_summary(session: Session, job_id: str) -> dict[str, Any]:
+    """The job as `pipeline status --json` shows it (OpenAI's batch object, timestamps in unix
+    seconds). Raises ValueError for an unknown id."""
+    job = get_job(session, job_id)
+    if job is None:
+        raise ValueError(f"no job {job_id!r}; `pipeline submit` prints the ids of new jobs")
+    session.refresh(job)
+    summary: dict[str, Any] = {
+        "id": job.id,
+        "object": "batch",
+        "status": job.status.value,
+        "input_file": job.input_file,
+        "model": job.model,
+        "priority": job.priority.value,
+        "request_counts": {"total": job.request_total, "completed": job.request_completed,
+                           "failed": job.request_failed},
+        "errors": list(job.errors),
+    }
+    for status in ("created", "in_progress", "finalizing", "completed", "failed", "expired", "cancelling",
+                   "cancelled"):
+        stamp = getattr(job, f"{status}_at")
+        summary[f"{status}_at"] = None if stamp is None else int(stamp.timestamp())
+    return summary
+
+
+def split_validation_message(message: str) -> tuple[str, str]:
+    """(code, message) of a validation error stored by submit; ("invalid_request", message) otherwise."""
+    match = _CODED.fullmatch(message)
+    return (match[1], match[2]) if match else ("invalid_request", message)
+
+
+def _ingest(session: Session, job_id: str, specs: Any, strict: bool) -> tuple[int, list[dict[str, Any]]]:
+    """Store every good line as a request and every bad one as an error; returns (bad lines, the
+    first `MAX_JOB_ERRORS` of them as job errors). Strict mode stops storing requests at the first
+    bad line but reads on, so the user learns of every bad line at once."""
+    rows: list[dict[str, Any]] = []
+    errors: list[dict[str, Any]] = []
+    first_errors: list[dict[str, Any]] = []
+    num_bad = 0
+    turns: dict[str, int] = {}  # session_id -> turns seen: a session's lines run in file order
+    for item in specs:
+        if isinstance(item, LineError):
+            num_bad += 1
+            if len(first_errors) < MAX_JOB_ERRORS:
+                first_errors.append({"code": item.code, "message": str(item), "line": item.line})
+            errors.append(_error_row(job_id, item))
+        elif not (strict and num_bad):
+            rows.append(_request_row(item, turns))
+        if len(rows) >= BATCH_SIZE:
+            add_requests(session, job_id, rows)
+            rows = []
+        if len(errors) >= BATCH_SIZE:
+            record_errors(session, errors)
+            errors = []
+    if rows and not (strict and num_bad):
+        add_requests(session, job_id, rows)
+    if errors:
+        record_errors(session, errors)
+    if strict and num_bad:
+        # A strict job with a bad line runs nothing: the requests stored before that line go again,
+        # and the counts stay at zero (the job's `errors` and error_history say why).
+        session.execute(delete(Request).where(Request.job_id == job_id))
+        session.execute(update(Job).where(Job.id == job_id).values(request_total=0)
+                        .execution_options(synchronize_session="fetch"))
+    elif num_bad:
+        session.execute(
+            update(Job).where(Job.id == job_id)
+            .values(request_total=Job.request_total + num_bad, request_failed=Job.request_failed + num_bad)
+            .execution_options(synchronize_session="fetch")
+        )
+    return num_bad, first_errors
+
+
+def _request_row(spec: RequestSpec, turns: dict[str, int]) -> dict[str, Any]:
+    body: dict[str, Any] = {"prompt": spec.prompt} if spec.prompt is not None else {
+        "messages": [dict(m) for m in spec.messages or ()]}
+    body.update(spec.params_dict())
+    body["model"] = spec.model
+    turn = None
+    if spec.session_id is not None:
+        turn = turns.get(spec.session_id, 0)
+        turns[spec.session_id] = turn + 1
+    return {
+        "line": spec.line,
+        "custom_id": spec.custom_id,
+        "endpoint": ENDPOINT_URLS[spec.endpoint],
+        "body": body,
+        "prefix_key": _prefix_key(spec),
+        "session_id": spec.session_id,
+        "turn": turn,
+    }
+
+
+def _prefix_key(spec: RequestSpec) -> str:
+    # Characters, not tokens: submit has no tokenizer (and must not load torch). Chat requests are
+    # keyed on their rendered-order messages so a shared system prompt groups them.
+    text = spec.prompt if spec.prompt is not None else json.dumps(list(spec.messages or ()), ensure_ascii=False)
+    return hashlib.sha256(f"{spec.endpoint}\0{text[:PREFIX_CHARS]}".encode("utf-8", "surrogatepass")).hexdigest()
+
+
+def _error_row(job_id: str, error: LineError) -> dict[str, Any]:
+    detail = error.message if error.field is None else f"{error.field}: {error.message}"
+    return {"job_id": job_id, "line": error.line, "custom_id": error.custom_id, "kind": VALIDATION_KIND,
+            "message": f"[{error.code}] {detail}"}
