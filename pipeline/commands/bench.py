@@ -1,0 +1,57 @@
+"""`pipeline bench`: benchmarks that measure against a peer in the same run."""
+
+from __future__ import annotations
+
+import enum
+import json
+from dataclasses import asdict
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+
+bench_app = typer.Typer(help="Benchmarks that measure against a peer in the same run.", no_args_is_help=True)
+
+
+class WorkloadChoice(str, enum.Enum):
+    shared_prefix = "shared-prefix"
+    distinct = "distinct"
+    skewed = "skewed"
+    all = "all"
+
+
+class ScaleChoice(str, enum.Enum):
+    full = "full"
+    small = "small"
+
+
+
+@bench_app.callback()
+def bench() -> None:
+    """Benchmarks that measure against a peer in the same run."""
+
+
+@bench_app.command("engine")
+def bench_engine(
+    workload: Annotated[WorkloadChoice, typer.Option(help="Which workload to run.")] = WorkloadChoice.all,
+    json_path: Annotated[Optional[Path], typer.Option("--json", help="Also write the results to this file.")] = None,
+    repeat: Annotated[int, typer.Option(min=1, help="Timed runs of each system; the best counts.")] = 1,
+    scale: Annotated[ScaleChoice, typer.Option(help="'small': a tiny model, few prompts.")] = ScaleChoice.full,
+) -> None:
+    """Our engine against transformers generate (static batches of 32) on the same weights and prompts."""
+    from workers.bench.engine_bench import run_bench
+    from workers.bench.report import format_report
+    from workers.bench.workloads import WORKLOADS
+
+    names = list(WORKLOADS) if workload is WorkloadChoice.all else [workload.value]
+    try:
+        result = run_bench(names, scale.value, repeat)
+    except ValueError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(1) from None
+    typer.echo(format_report(result))
+    if json_path is not None:
+        json_path.write_text(json.dumps(asdict(result), indent=2) + "\n")
+        typer.echo(f"results written to {json_path}", err=True)
+

@@ -1,0 +1,45 @@
+"""`pipeline worker`: a Celery worker holding the warm engine."""
+
+from __future__ import annotations
+
+from typing import Annotated, Optional
+
+import typer
+
+
+
+def register(app: typer.Typer) -> None:
+    app.command("worker")(worker)
+
+
+def worker(
+    queues: Annotated[str, typer.Option(help="Queues to consume, highest priority first.")] = "critical,high,normal,low",
+    concurrency: Annotated[int, typer.Option(min=1, help="Tasks run at once; they share one warm engine.")] = 1,
+    device: Annotated[Optional[str], typer.Option(help="Overrides PIPELINE_DEVICE, e.g. cuda:0.")] = None,
+) -> None:
+    """A Celery worker that keeps the model and its KV cache warm across tasks."""
+    import os
+
+    from pipeline.celery_app import make_celery
+    from pipeline.queues import queue_for
+    from pipeline.settings import load_settings
+
+    try:
+        names = [queue_for(q.strip()).value for q in queues.split(",") if q.strip()]
+        if not names:
+            raise ValueError("--queues names no queue; use e.g. critical,high,normal,low")
+        if device is not None:
+            os.environ["PIPELINE_DEVICE"] = device  # the engine, built later in this process, reads it
+        settings = load_settings()
+    except ValueError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(1) from None
+    # Threads, not processes: every task of this worker hands its requests to the one engine, whose
+    # scheduler batches them together; no max-tasks-per-child, so the model stays loaded.
+    make_celery(settings).worker_main([
+        "worker", f"--queues={','.join(names)}", f"--concurrency={concurrency}", "--pool=threads",
+        "--prefetch-multiplier=1", "--loglevel=INFO",
+    ])
+
+
+# -- jobs -----------------------------------------------------------------------------------------
