@@ -2,7 +2,8 @@
 
 from workers.config import EngineConfig
 from workers.engine import LLMEngine
+from workers.errors import PromptTooLongError
 from workers.outputs import CompletionOutput, RequestMetrics
 from workers.sampling import SamplingParams
 
-__all__ = ["CompletionOutput", "EngineConfig", "LLMEngine", "RequestMetrics", "SamplingParams"]
+__all__ = ["CompletionOutput", "EngineConfig", "LLMEngine", "PromptTooLongError", "RequestMetrics", "SamplingParams"]

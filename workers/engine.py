@@ -9,6 +9,7 @@ from collections.abc import Sequence as Seq
 import torch
 
 from workers.config import EngineConfig
+from workers.errors import PromptTooLongError
 from workers.hashing import root_hash
 from workers.kv_cache import PagedKVCache
 from workers.kv_cache_manager import KVCacheManager
@@ -111,7 +112,7 @@ class LLMEngine:
                 token_lists.append(self._tokens(prompt))
                 self._check_fits(token_lists[-1], p)
             except ValueError as e:
-                raise ValueError(f"prompt {i}: {e}") from None
+                raise type(e)(f"prompt {i}: {e}") from None  # keeps PromptTooLongError recognisable
         ids = [self.add_request(tokens, p, cache_salt=cache_salt) for tokens, p in zip(token_lists, params_list)]
         done: dict[str, CompletionOutput] = {}
         while len(done) < len(ids):
@@ -178,10 +179,10 @@ class LLMEngine:
         if n == 0:
             raise ValueError("the prompt is empty; send at least one token")
         if n >= self.max_model_len:
-            raise ValueError(f"prompt has {n} tokens, the model accepts {self.max_model_len - 1} (max_model_len {self.max_model_len})")
+            raise PromptTooLongError(f"prompt has {n} tokens, the model accepts {self.max_model_len - 1} (max_model_len {self.max_model_len})")
         longest = min(n + params.max_tokens, self.max_model_len)
         if self.kv_manager.blocks_needed(longest) > self.kv_manager.pool.num_blocks:
-            raise ValueError(
+            raise PromptTooLongError(
                 f"prompt of {n} tokens plus max_tokens={params.max_tokens} needs "
                 f"{self.kv_manager.blocks_needed(longest)} KV blocks, the pool has {self.kv_manager.pool.num_blocks}; "
                 "lower max_tokens or give the engine more KV memory"

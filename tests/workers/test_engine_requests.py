@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from workers import EngineConfig, LLMEngine, SamplingParams
+from workers import EngineConfig, LLMEngine, PromptTooLongError, SamplingParams
 from workers.tokenizer import ByteTokenizer
 
 
@@ -61,7 +61,7 @@ def test_generation_stops_at_the_context_length(engine):
 
 
 def test_prompt_longer_than_the_context_is_refused_before_anything_runs(engine):
-    with pytest.raises(ValueError, match=r"prompt 1: prompt has 250 tokens, the model accepts 199"):
+    with pytest.raises(PromptTooLongError, match=r"prompt 1: prompt has 250 tokens, the model accepts 199"):
         engine.generate(["ok", list(range(250))], SamplingParams(max_tokens=4))
     assert not engine.has_unfinished_requests()
 
@@ -87,7 +87,7 @@ def test_params_must_match_the_prompts(engine):
 
 def test_request_too_large_for_the_pool_is_refused():
     small = LLMEngine(EngineConfig(num_kv_blocks=4, block_size=16))
-    with pytest.raises(ValueError, match=r"needs 5 KV blocks, the pool has 4; lower max_tokens"):
+    with pytest.raises(PromptTooLongError, match=r"needs 5 KV blocks, the pool has 4; lower max_tokens"):
         small.add_request(list(range(60)), SamplingParams(max_tokens=10))
 
 
