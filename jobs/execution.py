@@ -1,9 +1,23 @@
-"""Run one chunk: lease it, generate its pending requests in one engine call, write the results.
+"""Run one chunk: lease it, generate its pending requests, write the results.
 
 A plain function with explicit arguments, so the Celery task (`jobs.inference`) and the embedded
 `pipeline run` share it, and tests call it directly. Safe to run twice for the same chunk (a
 redelivered task): the lease keeps a second worker off a chunk being run, and results are only
 written onto requests still pending, so a repeat writes and bills nothing.
+
+Requests without a session run together in one engine call. A session's requests (all in one
+chunk: `assign_chunks` keeps them together) run turn by turn, each turn's prompt built from the
+session's history (`jobs.sessions`); the k-th pending turn of every session of the chunk runs in
+one engine call, the first turns together with the session-less requests. The history is read
+from the sessions table when the chunk is claimed and written back, one turn at a time for the
+turns `record_results` actually wrote, in the results' transaction: a redelivered chunk appends
+nothing twice. A failed turn (a prompt too long, say) is left out of the history.
+
+Duplicates (requests of the chunk with the same `dedupe_key`, which submit sets only for
+deterministic, session-less requests) are computed once; each duplicate gets the same text and
+is billed as fully cached (`cached_tokens == prompt_tokens`), which is what a prefix-cache hit
+on the whole prompt would have cost. Duplicates that landed in different chunks (a prefix group
+larger than a chunk) are computed once per chunk.
 """
 
 from __future__ import annotations
@@ -11,7 +25,7 @@ from __future__ import annotations
 import logging
 import time
 import traceback
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import timedelta
 from decimal import Decimal
 from typing import Any
@@ -24,14 +38,17 @@ from db.repository import (
     add_usage,
     chunk_requests,
     claim_chunk,
+    get_session,
     job_counts,
     record_error,
     record_results,
     set_status,
+    upsert_session,
 )
 from db.repository._locks import lock_rows
 from db.results import RecordOutcome, RequestResult
 from jobs.engine_host import to_engine_request
+from jobs.sessions import Message, turn_messages, with_history
 from workers.engine_loop import EngineLoop
 from workers.outputs import CompletionOutput
 
@@ -69,6 +86,17 @@ class _Work:
     custom_id: str
     endpoint: str
     body: dict[str, Any]
+    session_id: str | None
+    dedupe_key: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class _Turn:
+    """A session turn that ran: what it appends to its session's history once its result is written."""
+
+    request_id: int
+    session_id: str
+    messages: list[Message]
 
 
 def execute_chunk(
@@ -93,12 +121,18 @@ def execute_chunk(
             log.info("chunk %s is done or leased by another worker; skipping", chunk_id)
             return
         job_id = chunk.job_id
-        job_model = session.get(Job, job_id).model
-        work = [_Work(r.id, r.line, r.custom_id, r.endpoint, dict(r.body)) for r in chunk_requests(session, chunk_id)]
+        job = session.get(Job, job_id)
+        job_model, tenant_id = job.model, job.tenant_id
+        work = [_Work(r.id, r.line, r.custom_id, r.endpoint, dict(r.body), r.session_id, r.dedupe_key)
+                for r in chunk_requests(session, chunk_id)]
+        histories: dict[str, list[Message]] = {}
+        for session_id in dict.fromkeys(w.session_id for w in work if w.session_id is not None):
+            record = get_session(session, session_id, tenant_id=tenant_id)
+            histories[session_id] = [] if record is None else list(record.history)
 
     started = time.perf_counter()
     try:
-        results = _run(loop, work, job_model)
+        results, turns = _run(loop, work, job_model, histories)
     except Exception:
         with session_factory.begin() as session:
             record_error(session, "engine", f"chunk {chunk_id} failed in the engine; it will be retried",
@@ -113,6 +147,9 @@ def execute_chunk(
                       completion_tokens=outcome.completion_tokens, compute_seconds=compute_seconds,
                       cost=prices.cost(outcome))
         written = set(outcome.written_ids)
+        for turn in turns:  # in turn order, so each session's history grows in order
+            if turn.request_id in written:
+                upsert_session(session, turn.session_id, turn.messages, tenant_id=tenant_id, job_id=job_id)
         by_id = {w.request_id: w for w in work}
         for result in results:
             if result.failed and result.request_id in written:
@@ -138,25 +175,65 @@ def finish_job_if_done(session: Session, job_id: str) -> bool:
     return True
 
 
-def _run(loop: EngineLoop, work: list[_Work], job_model: str) -> list[RequestResult]:
-    """Every request of `work` through the engine in one call (so they are batched together)."""
+def _run(
+    loop: EngineLoop, work: list[_Work], job_model: str, histories: dict[str, list[Message]]
+) -> tuple[list[RequestResult], list[_Turn]]:
+    """Every request of `work` through the engine: (results in `work` order, session turns that
+    succeeded in the order they ran). `histories` (session id -> messages) grows as turns finish."""
     served = loop.engine.config.model
     if job_model != served:
         message = f"this worker serves model {served!r}, the job asks for {job_model!r}; run a worker for it"
-        return [RequestResult(w.request_id, error_code="model_not_available", error_message=message) for w in work]
+        return [RequestResult(w.request_id, error_code="model_not_available", error_message=message)
+                for w in work], []
+    singles = [w for w in work if w.session_id is None]
+    sessions: dict[str, list[_Work]] = {}
+    for w in work:  # `work` is in line order within a session: the order its turns run in
+        if w.session_id is not None:
+            sessions.setdefault(w.session_id, []).append(w)
     results: dict[int, RequestResult] = {}
+    turns: list[_Turn] = []
+    k = 0
+    while True:
+        batch = [*(singles if k == 0 else ()), *(ws[k] for ws in sessions.values() if k < len(ws))]
+        if not batch:
+            break
+        results.update(_generate(loop, batch, histories))
+        for w in batch:
+            result = results[w.request_id]
+            if w.session_id is not None and not result.failed:
+                messages = turn_messages(w.endpoint, w.body, result.text or "")
+                histories[w.session_id] = [*histories[w.session_id], *messages]
+                turns.append(_Turn(w.request_id, w.session_id, messages))
+        k += 1
+    return [results[w.request_id] for w in work], turns
+
+
+def _generate(loop: EngineLoop, batch: list[_Work], histories: dict[str, list[Message]]) -> dict[int, RequestResult]:
+    """One engine call for `batch` (so its requests are batched together); each dedupe key once."""
+    results: dict[int, RequestResult] = {}
+    leaders: dict[str, int] = {}  # dedupe key -> request id of the one that runs
+    followers: list[tuple[int, int]] = []  # (duplicate's request id, its leader's)
     runnable: list[tuple[_Work, list[int], Any]] = []
-    for w in work:
+    for w in batch:
+        if w.dedupe_key is not None and w.session_id is None:
+            if w.dedupe_key in leaders:
+                followers.append((w.request_id, leaders[w.dedupe_key]))
+                continue
+            leaders[w.dedupe_key] = w.request_id
+        body = w.body if w.session_id is None else with_history(w.endpoint, w.body, histories[w.session_id])
         try:
-            token_ids, params = to_engine_request(w.endpoint, w.body, loop.engine.tokenizer)
+            token_ids, params = to_engine_request(w.endpoint, body, loop.engine.tokenizer)
         except ValueError as e:  # submit validated the line, so this is rare: a template that fails, say
             results[w.request_id] = RequestResult(w.request_id, error_code="invalid_request", error_message=str(e))
             continue
         runnable.append((w, token_ids, params))
-    outputs = loop.generate([t for _, t, _ in runnable], [p for _, _, p in runnable])
+    outputs = loop.generate([t for _, t, _ in runnable], [p for _, _, p in runnable]) if runnable else []
     for (w, _, _), out in zip(runnable, outputs, strict=True):
         results[w.request_id] = _result(w.request_id, out)
-    return [results[w.request_id] for w in work]
+    for request_id, leader_id in followers:
+        leader = results[leader_id]
+        results[request_id] = replace(leader, request_id=request_id, cached_tokens=leader.prompt_tokens)
+    return results
 
 
 def _result(request_id: int, out: CompletionOutput | ValueError) -> RequestResult:

@@ -7,30 +7,15 @@ app-wide, so a worker killed mid-chunk gets the chunk redelivered; `execute_chun
 
 from __future__ import annotations
 
-import functools
 from datetime import timedelta
 from typing import Any
 
 from celery import shared_task
-from sqlalchemy.orm import Session, sessionmaker
 
-from db.session import make_engine, session_factory
 from jobs.engine_host import get_engine_loop
 from jobs.execution import Prices, execute_chunk
+from jobs.process_state import worker_sessions, worker_settings
 from pipeline.celery_app import RUN_CHUNK_TASK
-from pipeline.settings import Settings, load_settings
-
-
-@functools.cache
-def worker_settings() -> Settings:
-    """The settings of this worker process (pipeline.toml and PIPELINE_* as it started)."""
-    return load_settings()
-
-
-@functools.cache
-def worker_sessions(database_url: str) -> sessionmaker[Session]:
-    """One connection pool per process and database, shared by the task threads."""
-    return session_factory(make_engine(database_url))
 
 
 @shared_task(name=RUN_CHUNK_TASK, bind=True)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import typer
 
-from pipeline.commands import jobs, worker
+from pipeline.commands import control, jobs, worker
 from pipeline.commands.bench import bench_app
 from pipeline.commands.config import config_app
 from pipeline.commands.database import db_app
@@ -17,6 +17,7 @@ app.add_typer(config_app, name="config")
 app.add_typer(db_app, name="db")
 worker.register(app)
 jobs.register(app)
+control.register(app)
 
 
 @app.callback()

@@ -101,6 +101,9 @@ class Settings:
     completion_window: str = field(
         default="24h", metadata=_doc("Default time a job may take before it expires: '24h', '90m', '7d'.")
     )
+    session_idle_timeout: str = field(
+        default="7d", metadata=_doc("Sessions unused this long are deleted by beat: '7d', '12h', '90m'.")
+    )
     timezone: str = field(default="UTC", metadata=_doc("IANA time zone of the nightly run crons."))
     # Engine
     model: str = field(default="tiny", metadata=_doc("'tiny' (built in, gibberish) or a local Hugging Face folder."))
@@ -161,6 +164,10 @@ class Settings:
     def completion_window_s(self) -> int:
         return duration_s(self.completion_window)
 
+    @property
+    def session_idle_timeout_s(self) -> int:
+        return duration_s(self.session_idle_timeout)
+
     def as_dict(self) -> dict[str, Any]:
         """JSON-ready values for `config show`; passwords in URLs are masked as ***."""
         return {f.name: _jsonable(f.name, getattr(self, f.name)) for f in fields(self)}
@@ -187,11 +194,11 @@ def env_var(name: str) -> str:
 
 
 def duration_s(text: str) -> int:
-    """Seconds in a duration such as '24h', '90m' or '7d'."""
-    match = re.fullmatch(r"([1-9][0-9]*)([mhd])", text)
+    """Seconds in a duration such as '24h', '90m', '7d' or '30s'."""
+    match = re.fullmatch(r"([1-9][0-9]*)([smhd])", text)
     if match is None:
-        raise ValueError(f"{text!r}: expected a duration such as '24h', '90m' or '7d'")
-    return int(match[1]) * {"m": 60, "h": 3600, "d": 86400}[match[2]]
+        raise ValueError(f"{text!r}: expected a duration such as '24h', '90m', '7d' or '30s'")
+    return int(match[1]) * {"s": 1, "m": 60, "h": 3600, "d": 86400}[match[2]]
 
 
 def mask_url(url: str) -> str:
@@ -264,6 +271,8 @@ _CHECKS: dict[str, typing.Callable[[Any], str | None]] = {
     "chunk_size": _int_range(1, 100_000, "requests per task"),
     "completion_window": lambda v: None if re.fullmatch(r"[1-9][0-9]*[mhd]", v) else (
         "expected a duration such as '24h', '90m' or '7d'"),
+    "session_idle_timeout": lambda v: None if re.fullmatch(r"[1-9][0-9]*[mhd]", v) else (
+        "expected a duration such as '7d', '12h' or '90m'"),
     "timezone": _check_timezone,
     "model": lambda v: None if v.strip() else "expected 'tiny' or the path of a local Hugging Face model folder",
     "device": _check_device,

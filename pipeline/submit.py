@@ -16,6 +16,7 @@ import hashlib
 import json
 import re
 from collections.abc import Callable
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +57,7 @@ def submit_file(
     model: str | None = None,
     idempotency_key: str | None = None,
     strict: bool = False,
+    completion_window: timedelta | None = None,
     send_chunk: SendChunk,
 ) -> dict[str, Any]:
     """Submit `path` and return the job summary (`job_summary`).
@@ -73,7 +75,8 @@ def submit_file(
     specs = read_requests(path)  # raises InputError now for an unreadable file
     with session_factory.begin() as session:
         job = create_job(session, input_file=str(path.resolve()), model=model or settings.model,
-                         priority=job_priority, idempotency_key=idempotency_key, strict=strict)
+                         priority=job_priority, idempotency_key=idempotency_key, strict=strict,
+                         completion_window=completion_window)
         if job.status != JobStatus.VALIDATING or job.request_total > 0:  # an earlier submit with this key
             return job_summary(session, job.id)
         job_id = job.id
@@ -88,11 +91,20 @@ def submit_file(
             set_status(session, job_id, JobStatus.FINALIZING)
             set_status(session, job_id, JobStatus.COMPLETED)
         sends = [(chunk.id, chunk.priority.value) for chunk in chunks]
+    send_chunks(session_factory, sends, send_chunk)
+    with session_factory.begin() as session:
+        return job_summary(session, job_id)
+
+
+def send_chunks(session_factory: sessionmaker[Session], sends: list[tuple[int, str]], send_chunk: SendChunk,
+                *, now: datetime | None = None) -> int:
+    """Send a task for each (chunk id, queue), then mark the chunks queued; returns how many were
+    marked. Used by submit and by the lost-chunk sweep. Sent before marked: a crash in between
+    leaves chunks that the sweep finds and sends again (a duplicate delivery is harmless)."""
     for chunk_id, queue in sends:
         send_chunk(chunk_id, queue)
     with session_factory.begin() as session:
-        mark_chunks_queued(session, [chunk_id for chunk_id, _ in sends])
-        return job_summary(session, job_id)
+        return mark_chunks_queued(session, [chunk_id for chunk_id, _ in sends], now=now)
 
 
 def job_summary(session: Session, job_id: str) -> dict[str, Any]:
@@ -183,9 +195,20 @@ def _request_row(spec: RequestSpec, turns: dict[str, int]) -> dict[str, Any]:
         "endpoint": ENDPOINT_URLS[spec.endpoint],
         "body": body,
         "prefix_key": _prefix_key(spec),
+        "dedupe_key": _dedupe_key(ENDPOINT_URLS[spec.endpoint], body) if spec.session_id is None else None,
         "session_id": spec.session_id,
         "turn": turn,
     }
+
+
+def _dedupe_key(endpoint: str, body: dict[str, Any]) -> str | None:
+    """Equal for requests whose answers are equal (same endpoint, prompt or messages, sampling
+    parameters and model), which only holds when sampling is deterministic: greedy, or seeded.
+    None otherwise. A session turn has none: its prompt includes the session's history."""
+    if body["temperature"] != 0 and body["seed"] is None:
+        return None
+    canonical = json.dumps([endpoint, body], sort_keys=True, ensure_ascii=False)
+    return hashlib.sha256(canonical.encode("utf-8", "surrogatepass")).hexdigest()
 
 
 def _prefix_key(spec: RequestSpec) -> str:

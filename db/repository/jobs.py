@@ -37,6 +37,14 @@ def get_job(session: Session, job_id: str) -> Job | None:
     return session.get(Job, job_id)
 
 
+def list_jobs(session: Session, *, status: JobStatus | None = None, limit: int | None = None) -> list[Job]:
+    """Jobs newest first, only those in `status` when given, at most `limit`."""
+    query = select(Job).order_by(Job.created_at.desc(), Job.id.desc()).limit(limit)
+    if status is not None:
+        query = query.where(Job.status == status)
+    return list(session.scalars(query))
+
+
 def create_job(
     session: Session,
     *,

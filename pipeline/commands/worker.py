@@ -1,7 +1,9 @@
-"""`pipeline worker`: a Celery worker holding the warm engine."""
+"""`pipeline worker`: a Celery worker holding the warm engine. `pipeline beat`: the periodic tasks."""
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
@@ -10,6 +12,7 @@ import typer
 
 def register(app: typer.Typer) -> None:
     app.command("worker")(worker)
+    app.command("beat")(beat)
 
 
 def worker(
@@ -18,8 +21,6 @@ def worker(
     device: Annotated[Optional[str], typer.Option(help="Overrides PIPELINE_DEVICE, e.g. cuda:0.")] = None,
 ) -> None:
     """A Celery worker that keeps the model and its KV cache warm across tasks."""
-    import os
-
     from pipeline.celery_app import make_celery
     from pipeline.queues import queue_for
     from pipeline.settings import load_settings
@@ -40,6 +41,29 @@ def worker(
         "worker", f"--queues={','.join(names)}", f"--concurrency={concurrency}", "--pool=threads",
         "--prefetch-multiplier=1", "--loglevel=INFO",
     ])
+
+
+
+def beat(
+    schedule: Annotated[Path, typer.Option(help="Beat's state file (last run times); its folder must be writable.")]
+    = Path("celerybeat-schedule"),
+) -> None:
+    """Celery beat: sends the periodic maintenance tasks (lost-chunk sweep, job expiry, session
+    cleanup, database backup) and the nightly runs. Run one per deployment."""
+    from pipeline.celery_app import make_celery
+    from pipeline.settings import load_settings
+
+    try:
+        settings = load_settings()
+    except ValueError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(1) from None
+    schedule = schedule.resolve()
+    if not os.access(schedule.parent, os.W_OK):
+        typer.echo(f"error: cannot write beat's schedule file in {schedule.parent}; "
+                   "pass --schedule in a writable folder", err=True)
+        raise typer.Exit(1)
+    make_celery(settings).start(["beat", f"--schedule={schedule}", "--loglevel=INFO"])
 
 
 # -- jobs -----------------------------------------------------------------------------------------

@@ -91,7 +91,6 @@ def test_beat_schedule_names_and_intervals(settings: Settings) -> None:
         "session-cleanup": "jobs.maintenance.cleanup_sessions",
         "job-expiry": "jobs.maintenance.expire_jobs",
         "lost-chunk-sweep": "jobs.maintenance.sweep_lost_chunks",
-        "kv-cache-checkpoint": "jobs.maintenance.checkpoint_kv_cache",
         "database-backup": "jobs.maintenance.backup_database",
     }
     assert all(isinstance(entry["task"], str) for entry in schedule.values())
@@ -114,8 +113,10 @@ def test_nightly_runs_become_crontab_entries(settings: Settings) -> None:
 
 def test_tasks_are_registered_and_only_ping_keeps_a_result(settings: Settings) -> None:
     app = make_celery(settings)
-    assert TASK_MODULES == ("jobs.health", "jobs.inference")
+    assert TASK_MODULES == ("jobs.health", "jobs.inference", "jobs.maintenance")
     app.loader.import_default_modules()
+    for task, _ in PERIODIC_TASKS.values():  # beat names no task that a worker would call unregistered
+        assert task in app.tasks, task
     assert app.tasks["jobs.inference.run_chunk"].ignore_result is True
     assert app.tasks["jobs.health.ping"].ignore_result is False
     assert app.tasks["jobs.health.record_order"].ignore_result is True

@@ -1,0 +1,122 @@
+"""Beat's periodic tasks: the lost-chunk sweep, job expiry, session cleanup, database backups.
+
+Each task is thin: it takes its slot's beat lock (`jobs.beat_lock`; a second beat's copy returns
+None without work) and calls a plain function with explicit arguments. `resend_lost_chunks` lives
+here because it joins the database and Celery; pure database work is in `db/`.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import traceback
+from collections.abc import Callable
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any, TypeVar
+
+import redis
+from celery import shared_task
+from celery.utils.log import get_task_logger
+from sqlalchemy.orm import Session, sessionmaker
+
+from db.backup import BackupError, backup_database as backup_database_to
+from db.base import utcnow
+from db.repository import delete_idle_sessions, expire_jobs as expire_due_jobs, lost_chunks, record_error
+from jobs.beat_lock import take_slot
+from jobs.process_state import worker_sessions, worker_settings
+from pipeline.celery_app import chunk_sender
+from pipeline.settings import Settings
+from pipeline.submit import SendChunk, send_chunks
+
+logger = get_task_logger(__name__)
+T = TypeVar("T")
+BACKUP_ERROR_KIND = "backup"
+
+
+def resend_lost_chunks(session_factory: sessionmaker[Session], send_chunk: SendChunk, *,
+                       now: datetime | None = None) -> list[int]:
+    """Send again the task of every chunk `lost_chunks` reports (the database, not the broker, says
+    what is unfinished), on its job's priority queue, and mark them queued. Returns their ids."""
+    now = now or utcnow()
+    with session_factory.begin() as session:
+        sends = [(chunk.id, chunk.priority.value) for chunk in lost_chunks(session, now)]
+    if sends:
+        send_chunks(session_factory, sends, send_chunk, now=now)
+    return [chunk_id for chunk_id, _ in sends]
+
+
+def cleanup_idle_sessions(session_factory: sessionmaker[Session], idle: timedelta, *,
+                          now: datetime | None = None) -> int:
+    """Delete sessions unused for longer than `idle`; returns how many."""
+    with session_factory.begin() as session:
+        return delete_idle_sessions(session, (now or utcnow()) - idle)
+
+
+def run_once(settings: Settings, task_name: str, work: Callable[[], T], *, now: datetime | None = None) -> T | None:
+    """`work()` if this is the first run of `task_name` in its beat slot, else None (another beat's
+    copy already ran it)."""
+    client = redis.Redis.from_url(settings.broker_url)
+    try:
+        if not take_slot(client, settings.redis_key_prefix, task_name, now=now):
+            logger.info("%s: already run in this slot (a second beat?); skipped", task_name)
+            return None
+    finally:
+        client.close()
+    return work()
+
+
+@shared_task(name="jobs.maintenance.sweep_lost_chunks", bind=True)
+def sweep_lost_chunks(self: Any) -> list[int] | None:
+    """Re-enqueue chunks whose task messages were lost."""
+    settings = worker_settings()
+    sessions = worker_sessions(settings.database_url)
+    resent = run_once(settings, self.name, lambda: resend_lost_chunks(sessions, chunk_sender(self.app)))
+    if resent:
+        logger.warning("re-enqueued %d lost chunks: %s", len(resent), resent)
+    return resent
+
+
+@shared_task(name="jobs.maintenance.expire_jobs", bind=True)
+def expire_jobs(self: Any) -> list[str] | None:
+    """Expire jobs past their completion window."""
+    settings = worker_settings()
+    sessions = worker_sessions(settings.database_url)
+
+    def work() -> list[str]:
+        with sessions.begin() as session:
+            return expire_due_jobs(session)
+
+    expired = run_once(settings, self.name, work)
+    if expired:
+        logger.info("expired %d jobs: %s", len(expired), expired)
+    return expired
+
+
+@shared_task(name="jobs.maintenance.cleanup_sessions", bind=True)
+def cleanup_sessions(self: Any) -> int | None:
+    """Delete sessions unused for longer than `settings.session_idle_timeout`."""
+    settings = worker_settings()
+    idle = timedelta(seconds=settings.session_idle_timeout_s)
+    return run_once(settings, self.name, lambda: cleanup_idle_sessions(worker_sessions(settings.database_url), idle))
+
+
+@shared_task(name="jobs.maintenance.backup_database", bind=True)
+def backup_database(self: Any) -> str | None:
+    """Back up the database into `settings.backups_dir`; a failure is logged and kept in the error
+    history (kind "backup"), not raised."""
+    settings = worker_settings()
+    path = run_once(settings, self.name, lambda: _backup(settings))
+    return None if path is None else str(path)
+
+
+def _backup(settings: Settings) -> Path | None:
+    try:
+        path = backup_database_to(settings.database_url, settings.backups_dir)
+    except (BackupError, OSError, sqlite3.Error) as e:
+        message = f"database backup failed: {e}"
+        logger.error(message)
+        with worker_sessions(settings.database_url).begin() as session:
+            record_error(session, BACKUP_ERROR_KIND, message, traceback=traceback.format_exc())
+        return None
+    logger.info("database backed up to %s", path)
+    return path

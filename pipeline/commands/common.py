@@ -1,0 +1,83 @@
+"""Helpers shared by the command modules: the `error:` line for domain errors, database sessions,
+and waiting on a job with a progress line on stderr."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from typing import Annotated, Any, TypeVar
+
+import typer
+
+T = TypeVar("T")
+POLL_S = 0.5
+BAR_WIDTH = 30
+JsonOption = Annotated[bool, typer.Option("--json", help="JSON instead of text.")]
+QuietOption = Annotated[bool, typer.Option("--quiet", "-q", help="No progress on stderr.")]
+
+
+def fail(message: str) -> typer.Exit:
+    typer.echo(f"error: {message}", err=True)
+    return typer.Exit(1)
+
+
+def guarded(action: Callable[[], T]) -> T:
+    """Run `action()`; the user's and the environment's errors become one `error:` line, exit 1."""
+    from kombu.exceptions import OperationalError as BrokerError
+    from sqlalchemy.exc import OperationalError, ProgrammingError
+
+    from pipeline.errors import PipelineError
+
+    try:
+        return action()
+    except (PipelineError, ValueError) as e:
+        raise fail(str(e)) from None
+    except ProgrammingError as e:  # e.g. a missing table: the schema was never created
+        raise fail(f"the database is not set up ({e.orig}); run `pipeline db upgrade`") from None
+    except OperationalError as e:
+        message = str(e.orig).strip().splitlines()[0] if e.orig else str(e)
+        if "no such table" in message:
+            raise fail("the database is not set up; run `pipeline db upgrade`") from None
+        raise fail(f"cannot use the database ({message}); check PIPELINE_DATABASE_URL") from None
+    except BrokerError as e:
+        raise fail(f"cannot reach the broker ({e}); check PIPELINE_BROKER_URL and that Redis runs") from None
+
+
+def sessions(database_url: str):
+    from db.session import make_engine, session_factory
+
+    return session_factory(make_engine(database_url))
+
+
+def print_job(summary: dict[str, Any], as_json: bool) -> None:
+    """A job on stdout: its JSON object, or one line (id, status, counts)."""
+    if as_json:
+        typer.echo(json.dumps(summary, indent=2))
+        return
+    counts = summary["request_counts"]
+    typer.echo(f"{summary['id']}  {summary['status']}  {counts['completed']} completed, {counts['failed']} failed, "
+               f"{counts['total']} lines")
+
+
+def progress_line(summary: dict[str, Any]) -> str:
+    """`[#####.....] 12/40 lines  in_progress`: lines done (completed or failed) of the total."""
+    counts = summary["request_counts"]
+    done, total = counts["completed"] + counts["failed"], counts["total"]
+    filled = BAR_WIDTH * done // total if total else BAR_WIDTH
+    return f"[{'#' * filled}{'.' * (BAR_WIDTH - filled)}] {done}/{total} lines  {summary['status']}"
+
+
+def wait_for_job(factory, job_id: str, *, quiet: bool = False) -> dict[str, Any]:
+    """Poll the job until it ends; unless `quiet`, one progress line on stderr rewritten in place."""
+    from pipeline.submit import job_summary
+
+    while True:
+        with factory() as session:
+            summary = job_summary(session, job_id)
+        ended = summary["status"] in ("completed", "failed", "expired", "cancelled")
+        if not quiet:
+            typer.echo(f"\r{progress_line(summary)}", err=True, nl=ended)
+        if ended:
+            return summary
+        time.sleep(POLL_S)
