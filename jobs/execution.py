@@ -50,6 +50,7 @@ from db.results import RecordOutcome, RequestResult
 from jobs.engine_host import to_engine_request
 from jobs.sessions import Message, turn_messages, with_history
 from workers.engine_loop import EngineLoop
+from workers.errors import PromptTooLongError
 from workers.outputs import CompletionOutput
 
 log = logging.getLogger(__name__)
@@ -239,7 +240,7 @@ def _generate(loop: EngineLoop, batch: list[_Work], histories: dict[str, list[Me
 def _result(request_id: int, out: CompletionOutput | ValueError) -> RequestResult:
     if isinstance(out, ValueError):
         message = str(out)
-        code = "prompt_too_long" if "tokens" in message else "invalid_prompt"
+        code = "prompt_too_long" if isinstance(out, PromptTooLongError) else "invalid_prompt"
         return RequestResult(request_id, error_code=code, error_message=message)
     return RequestResult(request_id, text=out.text, finish_reason=out.finish_reason,
                          prompt_tokens=out.num_prompt_tokens, cached_tokens=out.num_cached_tokens,
