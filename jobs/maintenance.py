@@ -10,9 +10,10 @@ from __future__ import annotations
 import sqlite3
 import traceback
 from collections.abc import Callable
-from datetime import datetime, timedelta
+from datetime import date, datetime, timedelta
 from pathlib import Path
 from typing import Any, TypeVar
+from zoneinfo import ZoneInfo
 
 import redis
 from celery import shared_task
@@ -26,7 +27,8 @@ from jobs.beat_lock import take_slot
 from jobs.process_state import worker_sessions, worker_settings
 from pipeline.celery_app import chunk_sender
 from pipeline.settings import Settings
-from pipeline.submit import SendChunk, send_chunks
+from pipeline.errors import PipelineError
+from pipeline.submit import SendChunk, send_chunks, submit_file
 
 logger = get_task_logger(__name__)
 T = TypeVar("T")
@@ -120,3 +122,34 @@ def _backup(settings: Settings) -> Path | None:
         return None
     logger.info("database backed up to %s", path)
     return path
+
+
+NIGHTLY_ERROR_KIND = "nightly_run"
+
+
+def submit_nightly_run(settings: Settings, session_factory: sessionmaker[Session], send_chunk: SendChunk, *,
+                       name: str, input_path: str, priority: str, day: date) -> dict[str, Any]:
+    """Submit a nightly run's input file as a job. The idempotency key names the run and the day,
+    so a second beat (or a redelivered task) returns the job already submitted instead of another."""
+    return submit_file(settings, session_factory, input_path, priority=priority,
+                       idempotency_key=f"nightly:{name}:{day.isoformat()}", send_chunk=send_chunk)
+
+
+@shared_task(name="jobs.maintenance.start_nightly_run", bind=True)
+def start_nightly_run(self: Any, name: str, input_path: str, priority: str) -> str | None:
+    """Submit a nightly run (see `Settings.nightly_runs`); returns the job id. A run that cannot be
+    submitted (its file is missing, say) is logged and kept in the error history, not raised."""
+    settings = worker_settings()
+    sessions = worker_sessions(settings.database_url)
+    day = datetime.now(ZoneInfo(settings.timezone)).date()
+    try:
+        summary = submit_nightly_run(settings, sessions, chunk_sender(self.app), name=name, input_path=input_path,
+                                     priority=priority, day=day)
+    except (PipelineError, ValueError) as e:
+        message = f"nightly run {name!r} was not submitted: {e}"
+        logger.error(message)
+        with sessions.begin() as session:
+            record_error(session, NIGHTLY_ERROR_KIND, message, traceback=traceback.format_exc())
+        return None
+    logger.info("nightly run %r submitted as %s", name, summary["id"])
+    return summary["id"]

@@ -271,3 +271,41 @@ def test_two_beats_sending_the_same_task_run_it_once(task_settings: Settings) ->
                        now=datetime.now(timezone.utc) - timedelta(days=30))
     results = _concurrently(2, maintenance.cleanup_sessions)
     assert sorted(results, key=lambda r: r is None) == [1, None]  # one copy deleted the session, the other did nothing
+
+
+# -- nightly runs -----------------------------------------------------------------------------------
+
+
+def test_a_nightly_run_is_submitted_once_per_day(task_settings: Settings, tmp_path: Path) -> None:
+    ids = _write_lines(tmp_path / "nightly.jsonl", 3)
+    factory = session_factory(make_engine(task_settings.database_url))
+    sent: list[tuple[int, str]] = []
+    day = datetime(2026, 3, 1).date()
+
+    def submit(on: object) -> dict:
+        return maintenance.submit_nightly_run(task_settings, factory, lambda chunk, queue: sent.append((chunk, queue)),
+                                              name="evals", input_path=str(tmp_path / "nightly.jsonl"),
+                                              priority="low", day=on)
+
+    first = submit(day)
+    again = submit(day)  # a second beat, or the task redelivered
+    next_day = submit(day + timedelta(days=1))
+    assert again["id"] == first["id"] != next_day["id"]
+    assert first["request_counts"]["total"] == len(ids)
+    assert {queue for _, queue in sent} == {"low"}
+    assert len(sent) == len({chunk for chunk, _ in sent}) >= 2  # two jobs' chunks, each sent exactly once
+    with factory() as session:
+        assert session.scalar(select(Job.idempotency_key).where(Job.id == first["id"])) == "nightly:evals:2026-03-01"
+
+
+def test_a_nightly_run_whose_file_is_missing_is_recorded_not_raised(task_settings: Settings, tmp_path: Path,
+                                                                   monkeypatch) -> None:
+    app = make_celery(task_settings)
+    monkeypatch.setattr(maintenance, "worker_sessions", lambda url: session_factory(make_engine(url)))
+    result = maintenance.start_nightly_run.run("evals", str(tmp_path / "gone.jsonl"), "low")
+    assert result is None
+    with session_factory(make_engine(task_settings.database_url))() as session:
+        event = session.scalars(select(ErrorEvent)).one()
+    assert event.kind == "nightly_run"
+    assert event.message.startswith("nightly run 'evals' was not submitted: ") and "gone.jsonl" in event.message
+    app.close()

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from celery.schedules import crontab
 
-from pipeline.celery_app import PERIODIC_TASKS, TASK_MODULES, beat_schedule, make_celery
+from pipeline.celery_app import NIGHTLY_RUN_TASK, PERIODIC_TASKS, TASK_MODULES, beat_schedule, make_celery
 from pipeline.queues import QUEUE_NAMES
 from pipeline.settings import NightlyRun, Settings
 
@@ -117,6 +117,7 @@ def test_tasks_are_registered_and_only_ping_keeps_a_result(settings: Settings) -
     app.loader.import_default_modules()
     for task, _ in PERIODIC_TASKS.values():  # beat names no task that a worker would call unregistered
         assert task in app.tasks, task
+    assert NIGHTLY_RUN_TASK in app.tasks
     assert app.tasks["jobs.inference.run_chunk"].ignore_result is True
     assert app.tasks["jobs.health.ping"].ignore_result is False
     assert app.tasks["jobs.health.record_order"].ignore_result is True
