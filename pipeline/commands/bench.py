@@ -55,3 +55,41 @@ def bench_engine(
         json_path.write_text(json.dumps(asdict(result), indent=2) + "\n")
         typer.echo(f"results written to {json_path}", err=True)
 
+
+
+@bench_app.command("submit")
+def bench_submit(
+    lines: Annotated[int, typer.Option(min=10, help="Lines in the submitted file (a tenth is submitted first).")] = 100_000,
+    database_url: Annotated[Optional[str], typer.Option(
+        help="A migrated-or-empty database to submit into; default: a fresh local PostgreSQL database, dropped after.",
+    )] = None,
+) -> None:
+    """How fast `submit` ingests a JSONL file into the database, and whether its memory stays flat."""
+    from pipeline.bench_submit import format_submit_report, run_submit_bench
+
+    try:
+        result = run_submit_bench(lines, database_url)
+    except ValueError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(1) from None
+    typer.echo(format_submit_report(result))
+
+
+@bench_app.command("pipeline")
+def bench_pipeline(
+    requests: Annotated[int, typer.Option(min=1, help="Prompts of the shared-prefix workload.")] = 512,
+    scale: Annotated[ScaleChoice, typer.Option(help="'small': a tiny model, short prompts.")] = ScaleChoice.full,
+    database_url: Annotated[Optional[str], typer.Option(
+        help="An empty or migrated database; default: a fresh local PostgreSQL database, dropped after.",
+    )] = None,
+    broker_url: Annotated[Optional[str], typer.Option(help="Redis URL; default: the local server.")] = None,
+) -> None:
+    """The whole pipeline (submit, Redis, one worker, PostgreSQL) against the raw engine, same prompts."""
+    from jobs.bench.pipeline_bench import format_pipeline_report, run_pipeline_bench
+
+    try:
+        result = run_pipeline_bench(requests, scale.value, broker_url, database_url)
+    except (ValueError, RuntimeError) as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(1) from None
+    typer.echo(format_pipeline_report(result))

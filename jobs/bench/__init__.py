@@ -1,0 +1,1 @@
+"""Benchmarks of the job side that need the engine (`pipeline bench pipeline`)."""
