@@ -68,3 +68,20 @@ def pg_url(pg_admin: Engine) -> Iterator[str]:
             {"name": name},
         )
         connection.execute(text(f'DROP DATABASE IF EXISTS "{name}"'))
+
+
+@pytest.fixture
+def redis_client():
+    """The real Redis the tests use; a missing one fails the test (it is part of the test setup)."""
+    import os
+
+    import redis
+
+    url = os.environ.get("PIPELINE_BROKER_URL", "redis://127.0.0.1:6379/0")
+    client = redis.Redis.from_url(url)
+    try:
+        client.ping()
+    except redis.ConnectionError as e:
+        pytest.fail(f"no Redis at {url}: {e}; start it (see .ci/run)")
+    yield client
+    client.close()

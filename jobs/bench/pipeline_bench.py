@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING
 from workers.bench.engine_bench import WARMUP_PROMPTS
 from workers.bench.model_setup import SHAPES, ModelShape, build_model
 from workers.bench.workloads import Workload, shared_prefix
+from jobs.worker_process import delete_prefixed_keys, stop_process
 
 if TYPE_CHECKING:
     from sqlalchemy.orm import Session, sessionmaker
@@ -164,17 +165,10 @@ def run_pipeline(settings: Settings, workload: Workload, warmup: Workload, tmp: 
             seconds = time.perf_counter() - started
             return _job_usage(factory, job_id, seconds)
         finally:
-            worker.terminate()
-            try:
-                worker.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                worker.kill()
-                worker.wait()
+            stop_process(worker)
             celery.close()
             db_engine.dispose()
-            keys = list(client.scan_iter(match=f"{settings.redis_key_prefix}*", count=1000))
-            if keys:
-                client.delete(*keys)
+            delete_prefixed_keys(client, settings.redis_key_prefix)
             client.close()
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-import redis
+from jobs.worker_process import delete_prefixed_keys, stop_process
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 BROKER_URL = os.environ.get("PIPELINE_BROKER_URL", "redis://127.0.0.1:6379/0")
@@ -66,13 +66,8 @@ def _completions(lines: list[dict]) -> dict[str, tuple]:
 
 
 @pytest.fixture
-def services(pg_url: str, tmp_path: Path):
+def services(pg_url: str, tmp_path: Path, redis_client):
     """(env for CLI processes, the worker process): Redis keys under the prefix deleted after."""
-    client = redis.Redis.from_url(BROKER_URL)
-    try:
-        client.ping()
-    except redis.ConnectionError as e:
-        pytest.fail(f"no Redis at {BROKER_URL}: {e}; start it (see .ci/run)")
     prefix = f"pipeline-test-{uuid.uuid4().hex[:12]}:"
     env = _env(PIPELINE_DATABASE_URL=pg_url, PIPELINE_BROKER_URL=BROKER_URL, PIPELINE_REDIS_KEY_PREFIX=prefix)
     _pipeline(env, tmp_path, "db", "upgrade")
@@ -83,18 +78,10 @@ def services(pg_url: str, tmp_path: Path):
     try:
         yield env, worker, log_path
     finally:
-        worker.terminate()
-        try:
-            worker.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            worker.kill()
-            worker.wait()
+        stop_process(worker)
         log.close()
-        keys = list(client.scan_iter(match=f"{prefix}*", count=1000))
-        if keys:
-            client.delete(*keys)
-        assert list(client.scan_iter(match=f"{prefix}*")) == []
-        client.close()
+        delete_prefixed_keys(redis_client, prefix)
+        assert list(redis_client.scan_iter(match=f"{prefix}*")) == []
 
 
 def _wait_completed(env: dict[str, str], cwd: Path, job_id: str, worker: subprocess.Popen, log: Path) -> dict:

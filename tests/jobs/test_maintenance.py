@@ -16,7 +16,6 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
-import redis
 from sqlalchemy import inspect, select, text
 
 from db import make_engine, session_factory
@@ -33,6 +32,7 @@ from pipeline.celery_app import chunk_sender, make_celery
 from pipeline.queues import QUEUE_NAMES
 from pipeline.settings import Settings, load_settings
 from pipeline.submit import job_summary, submit_file
+from jobs.worker_process import delete_prefixed_keys, stop_process
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 BROKER_URL = os.environ.get("PIPELINE_BROKER_URL", "redis://127.0.0.1:6379/0")
@@ -40,25 +40,13 @@ JOB_TIMEOUT_S = 120
 T0 = datetime(2026, 1, 5, 12, 0, 0, tzinfo=timezone.utc)
 
 
-@pytest.fixture
-def redis_client():
-    client = redis.Redis.from_url(BROKER_URL)
-    try:
-        client.ping()
-    except redis.ConnectionError as e:
-        pytest.fail(f"no Redis at {BROKER_URL}: {e}; start it (see .ci/run)")
-    yield client
-    client.close()
-
 
 @pytest.fixture
 def prefix(redis_client) -> str:
     """A Redis key prefix of this test's own; its keys are deleted after."""
     prefix = f"pipeline-test-{uuid.uuid4().hex[:12]}:"
     yield prefix
-    keys = list(redis_client.scan_iter(match=f"{prefix}*", count=1000))
-    if keys:
-        redis_client.delete(*keys)
+    delete_prefixed_keys(redis_client, prefix)
 
 
 @pytest.fixture
@@ -129,8 +117,7 @@ def test_sweep_resends_lost_chunks_and_the_job_completes_once(pg_url: str, prefi
                     assert time.monotonic() < deadline, f"not completed:\n{log_path.read_text()}"
                     time.sleep(0.3)
             finally:
-                worker.terminate()
-                worker.wait(timeout=30)
+                stop_process(worker)
         assert summary["request_counts"] == {"total": 5, "completed": 5, "failed": 0}
         with factory() as session:
             rows = session.execute(select(Request.custom_id, Request.status, Request.text)

@@ -16,27 +16,17 @@ import uuid
 from pathlib import Path
 
 import pytest
-import redis
 from celery.exceptions import TimeoutError as CeleryTimeoutError
 
 from jobs.health import diagnostics_key, gate_key
 from pipeline.celery_app import make_celery
 from pipeline.queues import QUEUE_NAMES
 from pipeline.settings import load_settings
+from jobs.worker_process import delete_prefixed_keys, stop_process
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 BROKER_URL = os.environ.get("PIPELINE_BROKER_URL", "redis://127.0.0.1:6379/0")
 
-
-@pytest.fixture
-def redis_client():
-    client = redis.Redis.from_url(BROKER_URL)
-    try:
-        client.ping()
-    except redis.ConnectionError as e:
-        pytest.fail(f"no Redis at {BROKER_URL}: {e}; start it (see .ci/run)")
-    yield client
-    client.close()
 
 
 @pytest.fixture
@@ -57,17 +47,10 @@ def worker(redis_client, tmp_path, monkeypatch):
     try:
         yield app, process, prefix
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop_process(process)
         log.close()
         app.close()
-        keys = list(redis_client.scan_iter(match=f"{prefix}*", count=1000))
-        if keys:
-            redis_client.delete(*keys)
+        delete_prefixed_keys(redis_client, prefix)
         assert list(redis_client.scan_iter(match=f"{prefix}*")) == []
 
 

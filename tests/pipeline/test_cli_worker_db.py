@@ -13,6 +13,7 @@ import sqlalchemy as sa
 
 from pipeline.celery_app import make_celery
 from pipeline.settings import load_settings
+from jobs.worker_process import delete_prefixed_keys, stop_process
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 BROKER_URL = os.environ.get("PIPELINE_BROKER_URL", "redis://127.0.0.1:6379/0")
@@ -39,13 +40,10 @@ def test_worker_command_serves_its_queues(tmp_path):
         assert answer["pid"] == process.pid
         assert answer["queue"] == "critical"
     finally:
-        process.terminate()
-        process.wait(timeout=60)
+        stop_process(process)
         log.close()
         app.close()
-        keys = list(client.scan_iter(match=f"{prefix}*", count=1000))
-        if keys:
-            client.delete(*keys)
+        delete_prefixed_keys(client, prefix)
     assert "concurrency: 2 (thread)" in (tmp_path / "worker.log").read_text()
 
 

@@ -14,7 +14,6 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
-import redis
 from sqlalchemy import select
 
 from db.enums import RequestStatus
@@ -24,6 +23,7 @@ from db.repository import expire_jobs, get_job, job_errors
 from db.session import make_engine, session_factory
 from pipeline.settings import duration_s, load_settings
 from pipeline.submit import submit_file
+from jobs.worker_process import delete_prefixed_keys, stop_process
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 BROKER_URL = os.environ.get("PIPELINE_BROKER_URL", "redis://127.0.0.1:6379/0")
@@ -60,21 +60,14 @@ def _status(env: dict[str, str], cwd: Path, job_id: str) -> dict:
 
 
 @pytest.fixture
-def env(pg_url: str, tmp_path: Path):
+def env(pg_url: str, tmp_path: Path, redis_client):
     """Env for CLI processes on a fresh, migrated database and a Redis key prefix (deleted after)."""
-    client = redis.Redis.from_url(BROKER_URL)
-    try:
-        client.ping()
-    except redis.ConnectionError as e:
-        pytest.fail(f"no Redis at {BROKER_URL}: {e}; start it (see .ci/run)")
+    client = redis_client
     prefix = f"pipeline-test-{uuid.uuid4().hex[:12]}:"
     upgrade(pg_url)
     yield _env(PIPELINE_DATABASE_URL=pg_url, PIPELINE_BROKER_URL=BROKER_URL, PIPELINE_REDIS_KEY_PREFIX=prefix,
                PIPELINE_CHUNK_SIZE="4")
-    keys = list(client.scan_iter(match=f"{prefix}*", count=1000))
-    if keys:
-        client.delete(*keys)
-    client.close()
+    delete_prefixed_keys(client, prefix)
 
 
 @pytest.fixture
@@ -86,12 +79,7 @@ def worker(env: dict[str, str], tmp_path: Path):
         try:
             yield process, log_path
         finally:
-            process.terminate()
-            try:
-                process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+            stop_process(process)
 
 
 def _wait_until(env: dict[str, str], cwd: Path, job_id: str, worker, done) -> dict:
