@@ -13,9 +13,12 @@ from alembic.runtime.migration import MigrationContext
 
 from db.session import make_engine
 
-ROOT = Path(__file__).resolve().parent.parent
-ALEMBIC_INI = ROOT / "alembic.ini"
-SCRIPT_LOCATION = ROOT / "migrations"
+import migrations
+
+# The scripts are found through their package, not the repository layout, so an installed wheel
+# (the Docker image) migrates too; alembic.ini exists only in a checkout and is optional.
+SCRIPT_LOCATION = Path(migrations.__file__).resolve().parent
+ALEMBIC_INI = SCRIPT_LOCATION.parent / "alembic.ini"
 
 
 def alembic_config(url: str) -> Config:

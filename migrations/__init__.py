@@ -1,0 +1,1 @@
+"""Alembic migration scripts (an installed package, so a wheel install can migrate)."""
