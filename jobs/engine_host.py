@@ -10,6 +10,7 @@ from __future__ import annotations
 import threading
 from typing import TYPE_CHECKING, Any
 
+from pipeline.request_spec import CHAT_URL, COMPLETIONS_URL
 from workers.engine import LLMEngine
 from workers.engine_loop import EngineLoop
 from workers.sampling import SamplingParams
@@ -18,8 +19,6 @@ from workers.tokenizer import Tokenizer
 if TYPE_CHECKING:
     from pipeline.settings import Settings
 
-CHAT_ENDPOINT = "/v1/chat/completions"
-COMPLETIONS_ENDPOINT = "/v1/completions"
 
 _lock = threading.Lock()
 _loop: EngineLoop | None = None
@@ -55,12 +54,12 @@ def to_engine_request(endpoint: str, body: dict[str, Any], tokenizer: Tokenizer)
     fields of `RequestSpec.params_dict()`. Chat messages go through the model's chat template.
     Raises ValueError for an unknown endpoint or parameters the sampler refuses.
     """
-    if endpoint == CHAT_ENDPOINT:
+    if endpoint == CHAT_URL:
         token_ids = tokenizer.encode_chat([{"role": m["role"], "content": m["content"]} for m in body["messages"]])
-    elif endpoint == COMPLETIONS_ENDPOINT:
+    elif endpoint == COMPLETIONS_URL:
         token_ids = tokenizer.encode(body["prompt"])
     else:
-        raise ValueError(f"unknown endpoint {endpoint!r}; expected {COMPLETIONS_ENDPOINT} or {CHAT_ENDPOINT}")
+        raise ValueError(f"unknown endpoint {endpoint!r}; expected {COMPLETIONS_URL} or {CHAT_URL}")
     params = SamplingParams(
         max_tokens=body["max_tokens"],
         temperature=body.get("temperature", 1.0),  # OpenAI's default when a line sets none

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from jobs.engine_host import CHAT_ENDPOINT
+from pipeline.request_spec import CHAT_URL
 
 Message = dict[str, str]
 
@@ -20,7 +20,7 @@ def with_history(endpoint: str, body: dict[str, Any], history: Sequence[Message]
     """`body` (a stored request) with the session's `history` in front of its prompt or messages."""
     if not history:
         return body
-    if endpoint == CHAT_ENDPOINT:
+    if endpoint == CHAT_URL:
         return {**body, "messages": [*history, *body["messages"]]}
     # Plain concatenation, no separators: turn k's prompt then starts with exactly the text the
     # engine saw (and generated) in turn k-1, which is what keeps its KV blocks reusable.
@@ -29,7 +29,7 @@ def with_history(endpoint: str, body: dict[str, Any], history: Sequence[Message]
 
 def turn_messages(endpoint: str, body: dict[str, Any], answer: str) -> list[Message]:
     """What one turn adds to its session's history: its own input, then the model's answer."""
-    if endpoint == CHAT_ENDPOINT:
+    if endpoint == CHAT_URL:
         own = [{"role": m["role"], "content": m["content"]} for m in body["messages"]]
     else:
         own = [{"role": "user", "content": body["prompt"]}]

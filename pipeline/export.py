@@ -20,9 +20,9 @@ from db.records import ErrorEvent
 from db.repository import get_job, iter_requests, job_errors
 from pipeline.errors import PipelineError
 from pipeline.output_writer import JsonlResultWriter, ParquetResultWriter, ResultRecord
+from pipeline.request_spec import URL_ENDPOINTS
 from pipeline.submit import VALIDATION_KIND, split_validation_message
 
-ENDPOINT_NAMES = {"/v1/completions": "completions", "/v1/chat/completions": "chat.completions"}
 # OpenAI's codes for lines a batch never ran.
 CLOSED_CODES = {RequestStatus.CANCELLED: "batch_cancelled", RequestStatus.EXPIRED: "batch_expired"}
 
@@ -100,7 +100,7 @@ def _write_error(writer: JsonlResultWriter | None, record: ResultRecord) -> int:
 def _request_record(request: Request, model: str) -> ResultRecord:
     created = int(request.completed_at.timestamp()) if request.completed_at is not None else 0
     common = dict(custom_id=request.custom_id, line=request.line, request_id=str(request.id),
-                  endpoint=ENDPOINT_NAMES[request.endpoint], model=model, created=created)
+                  endpoint=URL_ENDPOINTS[request.endpoint], model=model, created=created)
     if request.status == RequestStatus.COMPLETED:
         return ResultRecord(**common, text=request.text or "", finish_reason=request.finish_reason,
                             prompt_tokens=request.prompt_tokens or 0, cached_tokens=request.cached_tokens or 0,

@@ -25,9 +25,8 @@ from pipeline.request_fields import (
     InvalidField, check_id, check_int, check_messages, check_priority, check_prompt, check_real, check_stop,
     check_string, close_match, got, short, show,
 )
-from pipeline.request_spec import DEFAULT_TEMPERATURE, DEFAULT_TOP_P, LineError, RequestSpec
+from pipeline.request_spec import DEFAULT_TEMPERATURE, DEFAULT_TOP_P, URL_ENDPOINTS, LineError, RequestSpec
 
-URL_ENDPOINTS = {"/v1/completions": "completions", "/v1/chat/completions": "chat.completions"}
 OPENAI_KEYS = ("custom_id", "method", "url", "body")
 BODY_KEYS = ("model", "prompt", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "seed",
              "stop")

@@ -11,6 +11,11 @@ from typing import Any, Literal
 
 Endpoint = Literal["completions", "chat.completions"]
 ENDPOINTS: tuple[str, ...] = ("completions", "chat.completions")
+# The URL of each endpoint in OpenAI batch lines; stored requests keep the URL, specs the name.
+COMPLETIONS_URL = "/v1/completions"
+CHAT_URL = "/v1/chat/completions"
+ENDPOINT_URLS: dict[str, str] = {"completions": COMPLETIONS_URL, "chat.completions": CHAT_URL}
+URL_ENDPOINTS: dict[str, str] = {url: name for name, url in ENDPOINT_URLS.items()}
 PRIORITIES: tuple[str, ...] = ("critical", "high", "normal", "low")
 ROLES: tuple[str, ...] = ("system", "user", "assistant")
 

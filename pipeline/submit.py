@@ -35,12 +35,11 @@ from db.repository import (
     set_status,
 )
 from pipeline.input_reader import read_requests
-from pipeline.request_spec import LineError, RequestSpec
+from pipeline.request_spec import ENDPOINT_URLS, LineError, RequestSpec
 from pipeline.settings import Settings
 
 SendChunk = Callable[[int, str], None]  # (chunk id, queue name)
 
-ENDPOINT_URLS = {"completions": "/v1/completions", "chat.completions": "/v1/chat/completions"}
 VALIDATION_KIND = "validation"
 BATCH_SIZE = 5_000
 MAX_JOB_ERRORS = 100  # line errors copied onto a strict job's `errors` (all are in error_history)
