@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from pipeline.queues import QUEUE_NAMES
+
 Endpoint = Literal["completions", "chat.completions"]
 ENDPOINTS: tuple[str, ...] = ("completions", "chat.completions")
 # The URL of each endpoint in OpenAI batch lines; stored requests keep the URL, specs the name.
@@ -16,7 +18,7 @@ COMPLETIONS_URL = "/v1/completions"
 CHAT_URL = "/v1/chat/completions"
 ENDPOINT_URLS: dict[str, str] = {"completions": COMPLETIONS_URL, "chat.completions": CHAT_URL}
 URL_ENDPOINTS: dict[str, str] = {url: name for name, url in ENDPOINT_URLS.items()}
-PRIORITIES: tuple[str, ...] = ("critical", "high", "normal", "low")
+PRIORITIES: tuple[str, ...] = QUEUE_NAMES  # a line's priority names the queue its chunk goes to
 ROLES: tuple[str, ...] = ("system", "user", "assistant")
 
 # OpenAI's defaults for a request that does not set them.

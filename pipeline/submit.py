@@ -35,6 +35,7 @@ from db.repository import (
     set_status,
 )
 from pipeline.input_reader import read_requests
+from pipeline.queues import queue_for
 from pipeline.request_spec import ENDPOINT_URLS, LineError, RequestSpec
 from pipeline.settings import Settings
 
@@ -67,9 +68,7 @@ def submit_file(
     A key used before returns that job as it is now, sending nothing.
     Raises InputError when the file cannot be read at all, ValueError for a bad priority.
     """
-    job_priority = Priority(priority) if priority in Priority._value2member_map_ else None
-    if job_priority is None:
-        raise ValueError(f"unknown priority {priority!r}; use one of {', '.join(p.value for p in Priority)}")
+    job_priority = Priority(queue_for(priority).value)  # queue_for raises ValueError naming the choices
     path = Path(path)
     specs = read_requests(path)  # raises InputError now for an unreadable file
     with session_factory.begin() as session:
@@ -184,6 +183,7 @@ def _request_row(spec: RequestSpec, turns: dict[str, int]) -> dict[str, Any]:
         "messages": [dict(m) for m in spec.messages or ()]}
     body.update(spec.params_dict())
     body["model"] = spec.model
+    endpoint = ENDPOINT_URLS[spec.endpoint]
     turn = None
     if spec.session_id is not None:
         turn = turns.get(spec.session_id, 0)
@@ -191,10 +191,10 @@ def _request_row(spec: RequestSpec, turns: dict[str, int]) -> dict[str, Any]:
     return {
         "line": spec.line,
         "custom_id": spec.custom_id,
-        "endpoint": ENDPOINT_URLS[spec.endpoint],
+        "endpoint": endpoint,
         "body": body,
         "prefix_key": _prefix_key(spec),
-        "dedupe_key": _dedupe_key(ENDPOINT_URLS[spec.endpoint], body) if spec.session_id is None else None,
+        "dedupe_key": _dedupe_key(endpoint, body) if spec.session_id is None else None,
         "session_id": spec.session_id,
         "turn": turn,
     }

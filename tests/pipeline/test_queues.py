@@ -30,3 +30,9 @@ def test_queue_for_an_unknown_priority_names_it_and_the_choices(name: str) -> No
     with pytest.raises(ValueError) as e:
         queue_for(name)
     assert str(e.value) == f"unknown priority {name!r}; use one of critical, high, normal, low"
+
+
+def test_the_database_stores_the_same_priorities_in_the_same_order() -> None:
+    from db.enums import Priority
+
+    assert [p.value for p in Priority] == list(QUEUE_NAMES)
