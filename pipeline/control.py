@@ -49,8 +49,10 @@ def retry(settings: Settings, session_factory: sessionmaker[Session], job_id: st
 def jobs(session_factory: sessionmaker[Session], *, status: str | None = None,
          limit: int | None = None) -> list[dict[str, Any]]:
     """Summaries (`job_summary`) of jobs newest first, only those in `status` when given."""
-    if status is not None and status not in JobStatus._value2member_map_:
-        raise ValueError(f"unknown status {status!r}; use one of {', '.join(s.value for s in JobStatus)}")
+    try:
+        wanted = JobStatus(status) if status is not None else None
+    except ValueError:
+        raise ValueError(f"unknown status {status!r}; use one of {', '.join(s.value for s in JobStatus)}") from None
     with session_factory() as session:
-        found = list_jobs(session, status=JobStatus(status) if status else None, limit=limit)
+        found = list_jobs(session, status=wanted, limit=limit)
         return [job_summary(session, job.id) for job in found]

@@ -17,11 +17,11 @@ from sqlalchemy.orm import Session, sessionmaker
 from db.enums import RequestStatus
 from db.models import Request
 from db.records import ErrorEvent
-from db.repository import get_job, iter_requests, job_errors
+from db.repository import iter_requests, job_errors
 from pipeline.errors import PipelineError
 from pipeline.output_writer import JsonlResultWriter, ParquetResultWriter, ResultRecord
 from pipeline.request_spec import URL_ENDPOINTS
-from pipeline.submit import VALIDATION_KIND, split_validation_message
+from pipeline.submit import VALIDATION_KIND, require_job, split_validation_message
 
 # OpenAI's codes for lines a batch never ran.
 CLOSED_CODES = {RequestStatus.CANCELLED: "batch_cancelled", RequestStatus.EXPIRED: "batch_expired"}
@@ -55,9 +55,7 @@ def export_results(
     """
     del ordered  # always in order: see the docstring
     with session_factory() as session:
-        job = get_job(session, job_id)
-        if job is None:
-            raise ValueError(f"no job {job_id!r}; `pipeline submit` prints the ids of new jobs")
+        job = require_job(session, job_id)
         if not job.status.is_terminal:
             raise JobNotFinished(f"job {job_id} is {job.status.value} ({job.request_completed + job.request_failed}"
                                  f"/{job.request_total} lines done); wait for it with `pipeline status {job_id}`")

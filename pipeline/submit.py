@@ -105,12 +105,18 @@ def send_chunks(session_factory: sessionmaker[Session], sends: list[tuple[int, s
         return mark_chunks_queued(session, [chunk_id for chunk_id, _ in sends], now=now)
 
 
-def job_summary(session: Session, job_id: str) -> dict[str, Any]:
-    """The job as `pipeline status --json` shows it (OpenAI's batch object, timestamps in unix
-    seconds). Raises ValueError for an unknown id."""
+def require_job(session: Session, job_id: str) -> Job:
+    """The job `job_id`; ValueError, saying where ids come from, for an unknown one."""
     job = get_job(session, job_id)
     if job is None:
         raise ValueError(f"no job {job_id!r}; `pipeline submit` prints the ids of new jobs")
+    return job
+
+
+def job_summary(session: Session, job_id: str) -> dict[str, Any]:
+    """The job as `pipeline status --json` shows it (OpenAI's batch object, timestamps in unix
+    seconds). Raises ValueError for an unknown id."""
+    job = require_job(session, job_id)
     session.refresh(job)
     summary: dict[str, Any] = {
         "id": job.id,
