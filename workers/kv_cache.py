@@ -53,6 +53,11 @@ class PagedKVCache:
     def nbytes(self) -> int:
         return self.kv.nbytes + (self.scales.nbytes if self.scales is not None else 0)
 
+    @property
+    def block_nbytes(self) -> int:
+        """Bytes one block holds across all layers, K and V, scales included."""
+        return self.nbytes // self.num_blocks
+
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> None:
         """k, v [T, KVH, D] go to token slots [T]."""
         kvh, d = self.num_kv_heads, self.head_dim

@@ -78,3 +78,10 @@ def test_paged_cache_round_trip_through_slots_and_blocks(kind):
         expected = dequantize(*quantize(x, kind), torch.float32)  # [5, KVH, D]
         assert torch.equal(got[:, 0, [0, 1, 2, 3, 4]].transpose(0, 1), expected)
         assert torch.equal(got[:, 0, 5:], torch.zeros(2, 3, 8))  # untouched slots stay zero
+
+
+@pytest.mark.parametrize("kind", ["auto", "int8"])
+def test_an_allocated_block_is_the_size_the_pool_was_planned_with(kind):
+    args = (8, 16, 2, 64, torch.float32)
+    cache = PagedKVCache(8, 3, 16, 2, 64, torch.float32, torch.device("cpu"), kind)
+    assert cache.block_nbytes == PagedKVCache.bytes_per_block(*args, kind)

@@ -15,7 +15,7 @@ import torch
 
 from workers import EngineConfig, LLMEngine, SamplingParams
 from workers.bench.hf_peer import HF_BATCH_SIZE, run_hf
-from workers.bench.kv_quant_bench import KVQuantResult, bench_kv_quant, bytes_per_block
+from workers.bench.kv_quant_bench import KVQuantResult, bench_kv_quant
 from workers.bench.model_setup import BENCH_INIT_RANGE, DEFAULT_INIT_RANGE, SHAPES, ModelShape, build_model
 from workers.bench.roofline import measure_matmul_flops, workload_flops
 from workers.bench.workloads import WORKLOADS, Workload, make_workload
@@ -129,7 +129,7 @@ def run_ours(engine: LLMEngine, workload: Workload) -> OurRun:
 
 
 def peak_kv_bytes(engine: LLMEngine) -> int:
-    return engine.kv_manager.peak_used_blocks * bytes_per_block(engine)
+    return engine.kv_manager.peak_used_blocks * engine.kv_cache.block_nbytes
 
 
 def bench_workload(workload: Workload, folder: Path, hf_model: Any, repeat: int, hf_batch_size: int) -> WorkloadResult:

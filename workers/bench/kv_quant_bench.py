@@ -8,7 +8,6 @@ import torch
 
 from workers import LLMEngine, SamplingParams
 from workers.bench.workloads import Workload
-from workers.kv_cache import PagedKVCache
 
 CUT_FRACTIONS = (0.5, 0.75, 1.0)  # each context is a prompt cut at these fractions of its length
 
@@ -50,10 +49,10 @@ def bench_kv_quant(workload: Workload, full: LLMEngine, int8: LLMEngine, init_ra
     return KVQuantResult(
         workload=workload.name,
         init_range=init_range,
-        bytes_per_block_full=bytes_per_block(full),
-        bytes_per_block_int8=bytes_per_block(int8),
-        peak_kv_bytes_full=full.kv_manager.peak_used_blocks * bytes_per_block(full),
-        peak_kv_bytes_int8=int8.kv_manager.peak_used_blocks * bytes_per_block(int8),
+        bytes_per_block_full=full.kv_cache.block_nbytes,
+        bytes_per_block_int8=int8.kv_cache.block_nbytes,
+        peak_kv_bytes_full=full.kv_manager.peak_used_blocks * full.kv_cache.block_nbytes,
+        peak_kv_bytes_int8=int8.kv_manager.peak_used_blocks * int8.kv_cache.block_nbytes,
         num_contexts=len(contexts),
         max_logit_error=err.max().item(),
         mean_logit_error=err.mean().item(),
@@ -65,10 +64,3 @@ def bench_kv_quant(workload: Workload, full: LLMEngine, int8: LLMEngine, init_ra
         num_outputs_identical=sum(a == b for a, b in zip(outputs["full"], outputs["int8"])),
     )
 
-
-def bytes_per_block(engine: LLMEngine) -> int:
-    cfg = engine.loaded.config
-    return PagedKVCache.bytes_per_block(
-        cfg.num_layers, engine.config.block_size, cfg.num_kv_heads, cfg.head_dim,
-        engine.kv_cache.dtype, engine.config.kv_cache_dtype,
-    )
