@@ -39,7 +39,7 @@ def get_engine_loop(settings: Settings) -> EngineLoop:
     key = tuple(sorted(kwargs.items()))
     with _lock:
         if _loop is None:
-            _loop = EngineLoop(LLMEngine(EngineConfig(**kwargs)))
+            _loop = EngineLoop(lambda: LLMEngine(EngineConfig(**kwargs)))
             _loop_key = key
         elif key != _loop_key:
             raise ValueError("this process already holds an engine built from other settings; "

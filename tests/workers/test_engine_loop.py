@@ -14,7 +14,7 @@ PARAMS = SamplingParams(max_tokens=12, ignore_eos=True)
 
 @pytest.fixture()
 def loop():
-    loop = EngineLoop(LLMEngine(EngineConfig(num_kv_blocks=128)))
+    loop = EngineLoop(lambda: LLMEngine(EngineConfig(num_kv_blocks=128)))
     yield loop
     loop.close()
 
@@ -67,7 +67,27 @@ def test_a_failing_step_fails_the_requests_in_flight_and_the_loop_goes_on(loop, 
 
 
 def test_closed_loop_refuses_work():
-    loop = EngineLoop(LLMEngine(EngineConfig(num_kv_blocks=16)))
+    loop = EngineLoop(lambda: LLMEngine(EngineConfig(num_kv_blocks=16)))
     loop.close()
     with pytest.raises(RuntimeError, match="closed"):
         loop.submit([1], PARAMS)
+
+
+def test_the_loop_thread_builds_the_engine():
+    builders: list[str] = []
+
+    def build() -> LLMEngine:
+        builders.append(threading.current_thread().name)
+        return LLMEngine(EngineConfig(num_kv_blocks=16))
+
+    loop = EngineLoop(build, name="the-loop")
+    loop.close()
+    assert builders == ["the-loop"]
+
+
+def test_a_failed_build_is_raised_by_the_constructor():
+    def build() -> LLMEngine:
+        raise ValueError("model folder /nowhere has no config.json")
+
+    with pytest.raises(ValueError, match="no config.json"):
+        EngineLoop(build)
