@@ -4,9 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from datetime import datetime, timedelta
-from typing import NamedTuple
 
-from sqlalchemy import and_, func, or_, select, update
+from sqlalchemy import Select, and_, case, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from db.base import utcnow
@@ -17,12 +16,7 @@ from db.repository._locks import batches, write_lock
 LOST_AFTER = timedelta(minutes=10)
 
 
-class _Pending(NamedTuple):
-    id: int
-    line: int
-    prefix_key: str | None
-    session_id: str | None
-    turn: int | None
+ASSIGN_FETCH_SIZE = 2_000  # rows per fetch while packing: memory stays flat however large the job
 
 
 def assign_chunks(session: Session, job_id: str, max_requests: int, *, now: datetime | None = None) -> list[Chunk]:
@@ -35,6 +29,10 @@ def assign_chunks(session: Session, job_id: str, max_requests: int, *, now: date
       chunk is never split; a larger one fills consecutive chunks. Small groups share chunks.
     - Groups are placed in order of their first input line; requests without a prefix key are
       groups of their own.
+
+    The grouping is done by the database (window functions, `_packing_order`), which streams the
+    requests in packing order; Python only holds the chunk being filled, so a job of millions of
+    requests is cut in constant memory.
     """
     if max_requests < 1:
         raise ValueError(f"max_requests must be >= 1, got {max_requests}")
@@ -43,44 +41,82 @@ def assign_chunks(session: Session, job_id: str, max_requests: int, *, now: date
     job = session.get(Job, job_id, with_for_update=True, populate_existing=True)  # one assigner at a time
     if job is None:
         raise ValueError(f"no job {job_id!r}")
-    rows = session.execute(
-        select(Request.id, Request.line, Request.prefix_key, Request.session_id, Request.turn)
-        .where(Request.job_id == job_id, Request.status == RequestStatus.PENDING, Request.chunk_id.is_(None))
-        .order_by(Request.line)
-    ).all()
-    packed = _pack(_prefix_groups([_Pending(*row) for row in rows]), max_requests)
-    if not packed:
-        return []
-    first_seq = session.scalar(select(func.coalesce(func.max(Chunk.seq) + 1, 0)).where(Chunk.job_id == job_id))
+    next_seq = session.scalar(select(func.coalesce(func.max(Chunk.seq) + 1, 0)).where(Chunk.job_id == job_id))
+    chunks: list[Chunk] = []
+
+    def close(ids: list[int]) -> None:
+        chunks.append(_new_chunk(session, job, next_seq + len(chunks), ids, now))
+
+    current: list[int] = []
+    group: object = None
+    unit: object = None
+    rows = session.execute(_packing_order(job_id).execution_options(yield_per=ASSIGN_FETCH_SIZE))
+    for request_id, group_key, group_size, unit_key, unit_size in rows:
+        if group_key != group:  # a new group goes whole into the current chunk if it fits
+            group = group_key
+            if current and len(current) + group_size > max_requests:
+                close(current)
+                current = []
+        if unit_key != unit:  # a group larger than a chunk is split between units, never inside one
+            unit = unit_key
+            if current and len(current) + unit_size > max_requests:
+                close(current)
+                current = []
+        current.append(request_id)
+    if current:
+        close(current)
+    return chunks
+
+
+def _packing_order(job_id: str) -> Select:
+    """The job's pending, unassigned requests in packing order, each with (id, group key, group
+    size, unit key, unit size): groups by their first line, units within a group by their first
+    line, a session's turns in turn order."""
+    pending = and_(Request.job_id == job_id, Request.status == RequestStatus.PENDING, Request.chunk_id.is_(None))
+    # A unit is a session, or a request on its own: (session_id, NULL) or (NULL, id).
+    unit = (Request.session_id, case((Request.session_id.is_(None), Request.id)))
+    turn_order = (Request.turn.asc().nulls_first(), Request.line)
+    units = (
+        select(
+            Request.id,
+            Request.line,
+            Request.turn,
+            func.min(Request.line).over(partition_by=unit).label("unit_line"),
+            func.count().over(partition_by=unit).label("unit_size"),
+            # A session is placed by its first turn's prefix key.
+            func.first_value(Request.prefix_key).over(partition_by=unit, order_by=turn_order).label("unit_prefix"),
+        )
+        .where(pending)
+        .subquery()
+    )
+    # A group is the units of one prefix key, or a keyless unit on its own.
+    group = (units.c.unit_prefix, case((units.c.unit_prefix.is_(None), units.c.unit_line)))
+    grouped = select(
+        units.c.id,
+        units.c.line,
+        units.c.turn,
+        units.c.unit_line,
+        units.c.unit_size,
+        func.min(units.c.unit_line).over(partition_by=group).label("group_line"),
+        func.count().over(partition_by=group).label("group_size"),
+    ).subquery()
+    return select(grouped.c.id, grouped.c.group_line, grouped.c.group_size, grouped.c.unit_line,
+                  grouped.c.unit_size).order_by(grouped.c.group_line, grouped.c.unit_line,
+                                                grouped.c.turn.asc().nulls_first(), grouped.c.line)
+
+
+def _new_chunk(session: Session, job: Job, seq: int, request_ids: list[int], now: datetime) -> Chunk:
     # Every column is given, None included: the ORM treats a column never set on a new object as
     # NULL for good, and a later bulk UPDATE of the row would not refresh it on this object.
-    chunks = [
-        Chunk(
-            job_id=job_id,
-            seq=first_seq + i,
-            priority=job.priority,
-            status=ChunkStatus.PENDING,
-            num_requests=len(ids),
-            attempts=0,
-            created_at=now,
-            enqueued_at=None,
-            lease_expires_at=None,
-            worker=None,
-            finished_at=None,
-        )
-        for i, ids in enumerate(packed)
-    ]
-    session.add_all(chunks)
+    chunk = Chunk(job_id=job.id, seq=seq, priority=job.priority, status=ChunkStatus.PENDING,
+                  num_requests=len(request_ids), attempts=0, created_at=now, enqueued_at=None,
+                  lease_expires_at=None, worker=None, finished_at=None)
+    session.add(chunk)
     session.flush()
-    for chunk, ids in zip(chunks, packed):
-        for batch in batches(ids):
-            session.execute(
-                update(Request)
-                .where(Request.id.in_(batch))
-                .values(chunk_id=chunk.id)
-                .execution_options(synchronize_session="evaluate")
-            )
-    return chunks
+    for batch in batches(request_ids):
+        session.execute(update(Request).where(Request.id.in_(batch)).values(chunk_id=chunk.id)
+                        .execution_options(synchronize_session=False))
+    return chunk
 
 
 def get_chunk(session: Session, chunk_id: int) -> Chunk | None:
@@ -158,17 +194,23 @@ def renew_lease(session: Session, chunk_id: int, *, worker: str, lease: timedelt
     )
 
 
-def lost_chunks(session: Session, now: datetime | None = None, *, stale_after: timedelta = LOST_AFTER) -> list[Chunk]:
+def lost_chunks(session: Session, now: datetime | None = None, *, stale_after: timedelta = LOST_AFTER,
+                broker_started_at: datetime | None = None) -> list[Chunk]:
     """Unfinished chunks whose task message was probably lost, oldest first:
 
     - running, and the lease has expired (the worker died or hung);
     - queued more than `stale_after` ago and never leased (the broker lost the message);
-    - pending (created, never sent) more than `stale_after` ago (the dispatcher died).
+    - pending (created, never sent) more than `stale_after` ago (the dispatcher died);
+    - queued or pending since before `broker_started_at`, however recently: a broker that keeps
+      nothing on disk lost every message it held when it restarted (one that keeps them only
+      costs a duplicate delivery, which is harmless).
 
     The sweep re-sends their tasks and calls `mark_chunks_queued`.
     """
     now = now or utcnow()
     cutoff = now - stale_after
+    if broker_started_at is not None:
+        cutoff = max(cutoff, broker_started_at)
     query = select(Chunk).where(
         or_(
             and_(Chunk.status == ChunkStatus.RUNNING, Chunk.lease_expires_at <= now),
@@ -177,44 +219,3 @@ def lost_chunks(session: Session, now: datetime | None = None, *, stale_after: t
         )
     )
     return list(session.scalars(query.order_by(Chunk.created_at, Chunk.id)))
-
-
-def _prefix_groups(rows: list[_Pending]) -> list[list[list[int]]]:
-    """Rows (in line order) -> groups of units of request ids; a unit is one request or one session."""
-    sessions: dict[str, list[_Pending]] = {}
-    units: list[list[_Pending]] = []  # in order of first line
-    for row in rows:
-        if row.session_id is None:
-            units.append([row])
-        elif row.session_id in sessions:
-            sessions[row.session_id].append(row)
-        else:
-            sessions[row.session_id] = [row]
-            units.append(sessions[row.session_id])
-    groups: dict[object, list[list[int]]] = {}
-    for position, members in enumerate(units):
-        members.sort(key=lambda r: (r.turn is not None, r.turn or 0, r.line))
-        prefix_key = members[0].prefix_key  # a session is placed by its first turn
-        key = prefix_key if prefix_key is not None else ("no prefix", position)
-        groups.setdefault(key, []).append([r.id for r in members])
-    return list(groups.values())
-
-
-def _pack(groups: list[list[list[int]]], max_requests: int) -> list[list[int]]:
-    """Greedy packing: a group goes into the current chunk if it fits, else starts a new one;
-    a group larger than a chunk is split between units, never inside one."""
-    chunks: list[list[int]] = []
-    current: list[int] = []
-    for group in groups:
-        size = sum(len(unit) for unit in group)
-        if current and len(current) + size > max_requests:
-            chunks.append(current)
-            current = []
-        for unit in group:
-            if current and len(current) + len(unit) > max_requests:
-                chunks.append(current)
-                current = []
-            current.extend(unit)
-    if current:
-        chunks.append(current)
-    return chunks

@@ -12,6 +12,7 @@ from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 
 from db import Chunk, ChunkStatus, ErrorEvent, Job, JobStatus, Priority, Request, RequestStatus
+from db.repository.chunks import ASSIGN_FETCH_SIZE
 from db.repository import (
     JobCounts,
     RequestResult,
@@ -308,6 +309,24 @@ def test_assign_chunks_keeps_prefix_groups_and_session_turns_together(session):
         (2, 3, ChunkStatus.PENDING, Priority.HIGH, 0),
     ]
     assert assign_chunks(session, job.id, 3, now=T0) == []  # nothing left unassigned
+
+
+def test_assign_chunks_streams_more_rows_than_one_fetch(session):
+    """Packing across fetch boundaries (the rows stream in `ASSIGN_FETCH_SIZE` batches while chunks
+    are written): three interleaved prefix groups and keyless lines, every request in exactly one
+    chunk, each group in consecutive full chunks in order of its first line."""
+    n = 2 * ASSIGN_FETCH_SIZE + 7
+    job = new_job(session, status=JobStatus.VALIDATING)
+    add_requests(session, job.id, [line(i, prefix=None if i % 4 == 0 else f"P{i % 4}") for i in range(1, n + 1)])
+    chunks = assign_chunks(session, job.id, 100, now=T0)
+    runs = [[int(r.custom_id[4:]) for r in chunk_requests(session, c.id)] for c in chunks]  # by line
+    members = {key: [i for i in range(1, n + 1) if i % 4 == key] for key in range(4)}
+    # P1 and P2 (about 1,000 each) cannot fit a chunk's room: each starts a chunk of its own. The
+    # keyless lines are groups of one, so they top up P3's last chunk and then fill their own.
+    expected = [sorted(part) for members_ in (members[1], members[2], members[3] + members[0])
+                for part in (members_[k : k + 100] for k in range(0, len(members_), 100))]
+    assert runs == expected
+    assert [c.seq for c in chunks] == list(range(len(chunks)))
 
 
 def test_a_session_longer_than_a_chunk_stays_whole(session):
