@@ -9,6 +9,7 @@ in input order (the request rows are read by line, which their unique index serv
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,13 +19,13 @@ from db.enums import RequestStatus
 from db.models import Request
 from db.records import ErrorEvent
 from db.repository import iter_requests, job_errors
+from db.repository.jobs import CLOSED_ERRORS
 from pipeline.errors import PipelineError
 from pipeline.output_writer import JsonlResultWriter, ParquetResultWriter, ResultRecord
 from pipeline.request_spec import URL_ENDPOINTS
 from pipeline.submit import VALIDATION_KIND, require_job, split_validation_message
 
-# OpenAI's codes for lines a batch never ran.
-CLOSED_CODES = {RequestStatus.CANCELLED: "batch_cancelled", RequestStatus.EXPIRED: "batch_expired"}
+PROGRESS_EVERY = 1_000  # lines between two `on_progress` calls
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,6 +46,7 @@ def export_results(
     out_path: str | Path,
     errors_path: str | Path | None = None,
     ordered: bool = True,
+    on_progress: Callable[[int, int], None] | None = None,
 ) -> ExportCounts:
     """Write job `job_id`'s results to `out_path` (.parquet: flat columns; anything else: JSONL)
     and its failures to `errors_path` (JSONL) when given. Output is always in input order, so
@@ -52,6 +54,7 @@ def export_results(
 
     Raises ValueError for an unknown job, JobNotFinished for one that is not finished, OutputError
     when a file cannot be created. Files are written atomically (never half a file).
+    `on_progress(lines written, lines of the job)` is called as the files are written.
     """
     del ordered  # always in order: see the docstring
     with session_factory() as session:
@@ -68,6 +71,7 @@ def export_results(
             err = JsonlResultWriter(errors_path, include_line=True) if errors_path is not None else None
             try:
                 pos = 0
+                next_report = PROGRESS_EVERY  # rejected lines join in bulk: a threshold, not a modulo
                 for request in iter_requests(session, job_id):
                     while pos < len(rejected) and (rejected[pos].line or 0) < request.line:
                         errors += _write_error(err, _rejected_record(job_id, job.model, rejected[pos]))
@@ -78,6 +82,9 @@ def export_results(
                         results += 1
                     else:
                         errors += _write_error(err, record)
+                    if on_progress is not None and results + errors >= next_report:
+                        on_progress(results + errors, job.request_total)
+                        next_report += PROGRESS_EVERY
                 for event in rejected[pos:]:
                     errors += _write_error(err, _rejected_record(job_id, job.model, event))
             except BaseException:
@@ -103,13 +110,14 @@ def _request_record(request: Request, model: str) -> ResultRecord:
         return ResultRecord(**common, text=request.text or "", finish_reason=request.finish_reason,
                             prompt_tokens=request.prompt_tokens or 0, cached_tokens=request.cached_tokens or 0,
                             completion_tokens=request.completion_tokens or 0)
-    if request.status == RequestStatus.FAILED:
-        return ResultRecord(**common, error_code=request.error_code or "failed",
-                            error_message=request.error_message or "the request failed")
+    if request.status in (RequestStatus.FAILED, *CLOSED_ERRORS):
+        # Cancel and expiry put their own code on the lines they close (`CLOSED_ERRORS`); rows
+        # closed before they did carry none, and get the same code here.
+        code, message = CLOSED_ERRORS.get(request.status, ("failed", "the request failed"))
+        return ResultRecord(**common, error_code=request.error_code or code, error_message=request.error_message or message)
     # A job can only be finished with pending rows through cancel or expiry, which close them; a
     # pending row left here would be a bug, reported rather than dropped.
-    code = CLOSED_CODES.get(request.status, "not_run")
-    return ResultRecord(**common, error_code=code, error_message=f"the request was not run ({request.status.value})")
+    return ResultRecord(**common, error_code="not_run", error_message=f"the request was not run ({request.status.value})")
 
 
 def _rejected_record(job_id: str, model: str, event: ErrorEvent) -> ResultRecord:

@@ -99,7 +99,10 @@ def _check_file(path: Path, limits: InputLimits) -> None:
     if info.st_size == 0:
         raise InputError(path, "is empty; write one JSON request per line")
     if info.st_size > limits.max_file_bytes:
-        raise InputError(path, f"is {format_bytes(info.st_size)}, over the {format_bytes(limits.max_file_bytes)} "
+        size = format_bytes(info.st_size)
+        if not size.endswith(" bytes"):  # "10.0 GiB" alone would hide a file just over a 10 GiB limit
+            size += f" ({info.st_size:,} bytes)"
+        raise InputError(path, f"is {size}, over the {format_bytes(limits.max_file_bytes)} "
                                "limit (max_file_bytes); split it into several jobs")
 
 

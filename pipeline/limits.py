@@ -53,10 +53,12 @@ DEFAULT_LIMITS = InputLimits()
 
 
 def format_bytes(num_bytes: int) -> str:
-    """A byte count for messages: "8 MiB", "10 GiB", "1,234 bytes"."""
-    for unit, size in (("GiB", GiB), ("MiB", MiB), ("KiB", KiB)):
-        if num_bytes >= size and num_bytes % size == 0:
-            return f"{num_bytes // size} {unit}"
-    if num_bytes >= MiB:
-        return f"{num_bytes / MiB:.1f} MiB"
+    """A byte count for messages: "8 MiB", "10 GiB", "10.5 GiB", "1,234 bytes"."""
+    # The largest unit that fits, so that a size compares at a glance with a limit written in it
+    # (not "10240.0 MiB" beside "10 GiB").
+    for unit, size in (("GiB", GiB), ("MiB", MiB)):
+        if num_bytes >= size:
+            return f"{num_bytes // size} {unit}" if num_bytes % size == 0 else f"{num_bytes / size:.1f} {unit}"
+    if num_bytes >= KiB and num_bytes % KiB == 0:
+        return f"{num_bytes // KiB} KiB"
     return f"{num_bytes:,} bytes"

@@ -36,7 +36,9 @@ def decode_json(text: str, field: str | None = None) -> Any:
         if e.msg == "Extra data":
             raise InvalidField(field, "invalid_json",
                                "more than one JSON value; put each request on its own line") from None
-        message = f"invalid JSON: {e.msg} at column {e.colno}; write one complete JSON object per line"
+        # json's "Unterminated string starting at" already ends in "at": no "at at column 10".
+        reason = e.msg.removesuffix(" at")
+        message = f"invalid JSON: {reason} at column {e.colno}; write one complete JSON object per line"
         raise InvalidField(field, "invalid_json", message) from None
     except RecursionError:
         raise InvalidField(field, "invalid_json", "invalid JSON: nested too deeply to read") from None

@@ -40,12 +40,16 @@ from pipeline.request_spec import ENDPOINT_URLS, LineError, RequestSpec
 from pipeline.settings import Settings
 
 SendChunk = Callable[[int, str], None]  # (chunk id, queue name)
+OnProgress = Callable[[int, int], None]  # (lines read, lines rejected so far)
 
 VALIDATION_KIND = "validation"
 BATCH_SIZE = 5_000
+PROGRESS_EVERY = 1_000  # lines between two `on_progress` calls
 MAX_JOB_ERRORS = 100  # line errors copied onto a strict job's `errors` (all are in error_history)
 PREFIX_CHARS = 256  # requests whose prompts agree on this many leading characters share a chunk
-_CODED = re.compile(r"\[([a-z_]+)\] (.*)", re.DOTALL)
+# Codes may hold digits ("not_utf8"): without 0-9 such a line was exported as "invalid_request"
+# with "[not_utf8]" left in its message.
+_CODED = re.compile(r"\[([a-z0-9_]+)\] (.*)", re.DOTALL)
 
 
 def submit_file(
@@ -59,8 +63,10 @@ def submit_file(
     strict: bool = False,
     completion_window: timedelta | None = None,
     send_chunk: SendChunk,
+    on_progress: OnProgress | None = None,
 ) -> dict[str, Any]:
-    """Submit `path` and return the job summary (`job_summary`).
+    """Submit `path` and return the job summary (`job_summary`). `on_progress(read, rejected)` is
+    called as lines are validated and stored.
 
     One transaction stores the job, its requests, its errors and its chunks, so a crash midway
     leaves no half job behind (and a retried submit with the same idempotency key starts afresh).
@@ -78,7 +84,7 @@ def submit_file(
         if job.status != JobStatus.VALIDATING or job.request_total > 0:  # an earlier submit with this key
             return job_summary(session, job.id)
         job_id = job.id
-        num_bad, first_errors = _ingest(session, job_id, specs, strict)
+        num_bad, first_errors = _ingest(session, job_id, specs, strict, on_progress)
         if strict and num_bad:
             session.get(Job, job_id).errors = first_errors
             set_status(session, job_id, JobStatus.FAILED)
@@ -142,7 +148,8 @@ def split_validation_message(message: str) -> tuple[str, str]:
     return (match[1], match[2]) if match else ("invalid_request", message)
 
 
-def _ingest(session: Session, job_id: str, specs: Any, strict: bool) -> tuple[int, list[dict[str, Any]]]:
+def _ingest(session: Session, job_id: str, specs: Any, strict: bool,
+            on_progress: OnProgress | None) -> tuple[int, list[dict[str, Any]]]:
     """Store every good line as a request and every bad one as an error; returns (bad lines, the
     first `MAX_JOB_ERRORS` of them as job errors). Strict mode stops storing requests at the first
     bad line but reads on, so the user learns of every bad line at once."""
@@ -151,7 +158,9 @@ def _ingest(session: Session, job_id: str, specs: Any, strict: bool) -> tuple[in
     first_errors: list[dict[str, Any]] = []
     num_bad = 0
     turns: dict[str, int] = {}  # session_id -> turns seen: a session's lines run in file order
-    for item in specs:
+    for num_read, item in enumerate(specs, 1):
+        if on_progress is not None and num_read % PROGRESS_EVERY == 0:
+            on_progress(num_read, num_bad)
         if isinstance(item, LineError):
             num_bad += 1
             if len(first_errors) < MAX_JOB_ERRORS:

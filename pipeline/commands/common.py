@@ -6,13 +6,15 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
 import typer
 
+from pipeline.progress import Progress, bar
+
 T = TypeVar("T")
 POLL_S = 0.5
-BAR_WIDTH = 30
 JsonOption = Annotated[bool, typer.Option("--json", help="JSON instead of text.")]
 QuietOption = Annotated[bool, typer.Option("--quiet", "-q", help="No progress on stderr.")]
 
@@ -63,21 +65,31 @@ def print_job(summary: dict[str, Any], as_json: bool) -> None:
 def progress_line(summary: dict[str, Any]) -> str:
     """`[#####.....] 12/40 lines  in_progress`: lines done (completed or failed) of the total."""
     counts = summary["request_counts"]
-    done, total = counts["completed"] + counts["failed"], counts["total"]
-    filled = BAR_WIDTH * done // total if total else BAR_WIDTH
-    return f"[{'#' * filled}{'.' * (BAR_WIDTH - filled)}] {done}/{total} lines  {summary['status']}"
+    return f"{bar(counts['completed'] + counts['failed'], counts['total'])} lines  {summary['status']}"
 
 
 def wait_for_job(factory, job_id: str, *, quiet: bool = False) -> dict[str, Any]:
-    """Poll the job until it ends; unless `quiet`, one progress line on stderr rewritten in place."""
+    """Poll the job until it ends; unless `quiet`, its progress on stderr."""
     from pipeline.submit import job_summary
 
+    progress = Progress(job_id, enabled=not quiet)
     while True:
         with factory() as session:
             summary = job_summary(session, job_id)
-        ended = summary["status"] in ("completed", "failed", "expired", "cancelled")
-        if not quiet:
-            typer.echo(f"\r{progress_line(summary)}", err=True, nl=ended)
-        if ended:
+        if summary["status"] in ("completed", "failed", "expired", "cancelled"):
+            progress.finish(progress_line(summary))
             return summary
+        progress.update(progress_line(summary))
         time.sleep(POLL_S)
+
+
+def ingest_progress(file: Path, quiet: bool) -> tuple[Progress, Callable[[int, int], None]]:
+    """(the progress of validating `file`, the `on_progress` callback `submit_file` takes)."""
+    progress = Progress(f"reading {file.name}", enabled=not quiet)
+    return progress, lambda read, rejected: progress.update(f"{read:,} lines, {rejected:,} rejected")
+
+
+def export_progress(output: Path, quiet: bool) -> tuple[Progress, Callable[[int, int], None]]:
+    """(the progress of writing a job's files, the `on_progress` callback `export_results` takes)."""
+    progress = Progress(f"writing {output.name}", enabled=not quiet)
+    return progress, lambda done, total: progress.update(f"{bar(done, total)} lines")

@@ -9,7 +9,17 @@ from typing import Annotated
 
 import typer
 
-from pipeline.commands.common import JsonOption, QuietOption, guarded, print_job, sessions, wait_for_job
+from pipeline.commands.common import (
+    JsonOption,
+    QuietOption,
+    export_progress,
+    guarded,
+    ingest_progress,
+    print_job,
+    sessions,
+    wait_for_job,
+)
+from pipeline.progress import Progress, bar
 
 
 def register(app: typer.Typer) -> None:
@@ -58,6 +68,7 @@ def submit(
     from datetime import timedelta
 
     from pipeline.celery_app import chunk_sender, make_celery
+    from pipeline.commands.rejections import find_rejections, print_rejections
     from pipeline.settings import duration_s, load_settings
     from pipeline.submit import submit_file
 
@@ -67,11 +78,22 @@ def submit(
         factory = sessions(settings.database_url)
         celery = make_celery(settings)
         try:
+            progress, on_progress = ingest_progress(file, quiet)
             summary = submit_file(settings, factory, file, priority=priority.value, model=model,
                                   idempotency_key=idempotency_key, strict=strict, completion_window=window,
-                                  send_chunk=chunk_sender(celery))
+                                  send_chunk=chunk_sender(celery), on_progress=on_progress)
         finally:
             celery.close()
+        progress.finish(f"{summary['request_counts']['total']:,} lines")
+        rejections = find_rejections(factory, summary)
+        print_rejections(rejections, file, f"`pipeline results {summary['id']} -o out.jsonl --errors err.jsonl` "
+                                           "lists them all")
+        failure = rejections.nothing_runs(file)
+        if failure is not None:
+            # The job exists (its errors are kept for `results --errors`), so its id still goes to
+            # stdout; but a job that runs nothing is a failed submit for scripts: exit 1.
+            typer.echo(json.dumps(summary, indent=2) if as_json else summary["id"])
+            raise failure
         return wait_for_job(factory, summary["id"], quiet=quiet) if wait else summary
 
     _print_job(guarded(action), as_json)
@@ -102,13 +124,18 @@ def results(
     output: Annotated[Path, typer.Option("-o", "--output", help="Results file: .jsonl or .parquet.")],
     errors: ErrorsOption = None,
     ordered: Annotated[bool, typer.Option(help="In input order (always the case).")] = False,
+    quiet: QuietOption = False,
 ) -> None:
     """Write a finished job's results (and, with --errors, its failed lines)."""
     from pipeline.export import export_results
     from pipeline.settings import load_settings
 
     def action():
-        return export_results(sessions(load_settings().database_url), job_id, output, errors, ordered)
+        writing, on_written = export_progress(output, quiet)
+        counts = export_results(sessions(load_settings().database_url), job_id, output, errors, ordered,
+                                on_progress=on_written)
+        writing.finish(f"{counts.results + counts.errors:,} lines")
+        return counts
 
     _report_export(guarded(action), output, errors)
 
@@ -125,11 +152,14 @@ def run(
     file: Annotated[Path, typer.Argument(help="Requests: .jsonl (OpenAI batch or simple lines) or .parquet.")],
     output: Annotated[Path, typer.Option("-o", "--output", help="Results file: .jsonl or .parquet.")],
     errors: ErrorsOption = None,
+    strict: Annotated[bool, typer.Option(help="Run nothing if any line is bad.")] = False,
     quiet: QuietOption = False,
 ) -> None:
     """Everything in this process: no broker, no worker. The database (SQLite by default) is
-    migrated, the file submitted, its chunks run on an engine loaded here, the results exported."""
+    migrated, the file submitted, its chunks run on an engine loaded here, the results exported.
+    When nothing can run (every line rejected, or one with --strict) it exits 1 and writes no file."""
     from db.migrate import upgrade
+    from pipeline.commands.rejections import find_rejections, print_rejections
     from pipeline.export import export_results
     from pipeline.settings import load_settings
     from pipeline.submit import submit_file
@@ -139,19 +169,31 @@ def run(
         upgrade(settings.database_url)
         factory = sessions(settings.database_url)
         chunk_ids: list[int] = []
-        summary = submit_file(settings, factory, file, send_chunk=lambda chunk_id, _queue: chunk_ids.append(chunk_id))
-        if summary["status"] == "failed":
-            raise ValueError(f"job {summary['id']} failed: " + "; ".join(e["message"] for e in summary["errors"][:3]))
+        progress, on_progress = ingest_progress(file, quiet)
+        summary = submit_file(settings, factory, file, strict=strict, on_progress=on_progress,
+                              send_chunk=lambda chunk_id, _queue: chunk_ids.append(chunk_id))
+        progress.finish(f"{summary['request_counts']['total']:,} lines")
+        rejections = find_rejections(factory, summary)
+        failure = rejections.nothing_runs(file)
+        full_list = (f"`pipeline results {summary['id']} -o out.jsonl --errors err.jsonl` lists them all"
+                     if failure is not None or errors is None else f"see {errors} for them all")
+        print_rejections(rejections, file, full_list)
+        if failure is not None:
+            raise failure  # before the engine loads and before any file is written
         # The engine (and torch) load only now, after the file has been checked.
         from jobs.engine_host import get_engine_loop
         from jobs.execution import Prices, execute_chunk
 
         loop = get_engine_loop(settings)
+        running = Progress(f"running {summary['id']}", enabled=not quiet)
         for done, chunk_id in enumerate(chunk_ids, 1):
-            execute_chunk(factory, loop, chunk_id, "embedded", prices=Prices.from_settings(settings))
-            if not quiet:
-                typer.echo(f"chunk {done}/{len(chunk_ids)} done", err=True)
-        typer.echo(f"job {summary['id']}", err=True)
-        return export_results(factory, summary["id"], output, errors)
+            execute_chunk(factory, loop, chunk_id, "embedded", prices=Prices.from_settings(settings),
+                          max_redeliveries=settings.task_max_redeliveries)
+            running.update(f"{bar(done, len(chunk_ids))} chunks")
+        running.finish(f"{bar(len(chunk_ids), len(chunk_ids))} chunks")
+        writing, on_written = export_progress(output, quiet)
+        counts = export_results(factory, summary["id"], output, errors, on_progress=on_written)
+        writing.finish(f"{counts.results + counts.errors:,} lines")
+        return counts
 
     _report_export(guarded(action), output, errors)

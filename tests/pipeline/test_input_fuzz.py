@@ -1,5 +1,7 @@
 """Property tests: whatever bytes a file holds, `read_requests` raises nothing but InputError, and
-every non-blank line yields exactly one RequestSpec or LineError, with its own line number."""
+every non-blank line (every Parquet row) yields exactly one RequestSpec or LineError, with its own
+line number. JSONL from random bytes, JSON values and line mixes; Parquet from JSON-text columns,
+typed columns of every kind a writer may give, and damaged or truncated files."""
 
 from __future__ import annotations
 
@@ -67,14 +69,28 @@ def check_file(path: Path, data: bytes) -> None:
         results = read_requests(path, limits=LIMITS)
     except InputError:
         return
-    results = list(results)
-    assert [r.line for r in results] == non_blank_line_numbers(data)
+    check_results(path, list(results), non_blank_line_numbers(data))
+
+
+def check_parquet(path: Path, num_rows: int) -> None:
+    try:
+        results = list(read_requests(path, limits=LIMITS))
+    except InputError:
+        return
+    check_results(path, results, list(range(1, num_rows + 1)))
+
+
+def check_results(path: Path, results: list, lines: list[int]) -> None:
+    """One result per line, in order; unique ids; errors with a known code and one line that names
+    the file and line; specs within the limits and serialisable."""
+    assert [r.line for r in results] == lines
     custom_ids = [r.custom_id for r in results if isinstance(r, RequestSpec)]
     assert len(custom_ids) == len(set(custom_ids))
     for r in results:
         assert isinstance(r, (RequestSpec, LineError))
         if isinstance(r, LineError):
             assert r.code in LINE_ERROR_CODES and r.message and "\n" not in r.message
+            assert str(r).startswith(f"{path}:{r.line}: ")
             str(r).encode("utf-8")  # printable as one line of UTF-8
         else:
             assert 1 <= r.max_tokens <= LIMITS.max_tokens
@@ -110,11 +126,57 @@ def test_random_requests_as_parquet_json_columns(folder, objects):
     columns = {name: pa.array([json.dumps(obj[name]) if name in obj else None for obj in objects], pa.string())
                for name in names}
     pq.write_table(pa.table(columns), path)
-    try:
-        results = list(read_requests(path, limits=LIMITS))
-    except InputError:
-        return
-    assert [r.line for r in results] == list(range(1, len(objects) + 1))
+    check_parquet(path, len(objects))
+
+
+message_struct = pa.struct([("role", pa.string()), ("content", pa.string())])
+# Arrow type -> values of it, as Parquet writers (pandas, Spark, DuckDB) give them: NaN and
+# infinities in floats, huge integers, binary without the UTF-8 annotation, string cells that are
+# not UTF-8 (some writers do not check), lists, and structs for `messages` and `body`.
+PARQUET_TYPES: dict[str, tuple[pa.DataType, st.SearchStrategy]] = {
+    "int64": (pa.int64(), st.integers(-(2**63), 2**63 - 1)),
+    "uint64": (pa.uint64(), st.integers(0, 2**64 - 1)),
+    "float64": (pa.float64(), st.floats()),
+    "bool": (pa.bool_(), st.booleans()),
+    "string": (pa.string(), st.text(max_size=12) | st.sampled_from(["/v1/completions", "POST", "high", "x" * 60])),
+    "binary": (pa.binary(), st.binary(max_size=12)),
+    "raw-string": (pa.string(), st.binary(max_size=12)),  # bytes viewed as a string column, unchecked
+    "strings": (pa.list_(pa.string()), st.lists(st.text(max_size=5), max_size=4)),
+    "messages": (pa.list_(message_struct), st.lists(st.fixed_dictionaries(
+        {"role": st.sampled_from(["user", "system", "assistant", "tool"]) | st.none(),
+         "content": st.text(max_size=8) | st.none()}), max_size=4)),
+    "body": (pa.struct([("prompt", pa.string()), ("max_tokens", pa.int64()), ("messages", pa.list_(message_struct))]),
+             st.fixed_dictionaries({"prompt": st.text(max_size=8) | st.none(),
+                                    "max_tokens": st.integers(-5, 200) | st.none(), "messages": st.none()})),
+}
+COLUMN_NAMES = ["text", "prompt", "messages", "max_tokens", "max_length", "temperature", "top_p", "seed", "stop",
+                "custom_id", "session_id", "priority", "model", "url", "method", "body", "label"]
+
+
+def parquet_column(kind: str, values: list) -> pa.Array:
+    arrow_type, _ = PARQUET_TYPES[kind]
+    if kind == "raw-string":
+        return pa.array(values, pa.binary()).view(pa.string())
+    return pa.array(values, arrow_type)
+
+
+# A prompt column of the right type, so that most files get past the schema check to their rows.
+PROMPT_COLUMNS = [{"text": "string"}, {"prompt": "string"}, {"messages": "messages"},
+                  {"body": "body", "url": "string"}]
+
+
+@FUZZ
+@given(data=st.data(), num_rows=st.integers(1, 6), prompt=st.sampled_from(PROMPT_COLUMNS),
+       others=st.dictionaries(st.sampled_from(COLUMN_NAMES), st.sampled_from(sorted(PARQUET_TYPES)), max_size=5))
+def test_random_typed_parquet_columns(folder, data, num_rows, prompt, others):
+    kinds = {**prompt, **others}
+    columns = {}
+    for name, kind in kinds.items():
+        values = data.draw(st.lists(st.none() | PARQUET_TYPES[kind][1], min_size=num_rows, max_size=num_rows))
+        columns[name] = parquet_column(kind, values)
+    path = folder / "typed.parquet"
+    pq.write_table(pa.table(columns), path)
+    check_parquet(path, num_rows)
 
 
 @FUZZ
@@ -127,6 +189,22 @@ def test_damaged_parquet(folder, start, junk):
     start %= len(data)
     data[start:start + len(junk)] = junk
     path.write_bytes(bytes(data))
+    try:
+        for result in read_requests(path, limits=LIMITS):
+            assert isinstance(result, (RequestSpec, LineError))
+    except InputError:
+        pass
+
+
+@FUZZ
+@given(keep=st.integers(0, 10_000))
+def test_truncated_parquet(folder, keep):
+    # A download or copy cut short: any prefix of a valid file.
+    path = folder / "truncated.parquet"
+    pq.write_table(pa.table({"text": [f"prompt {i}" for i in range(300)], "max_tokens": list(range(1, 301))}), path,
+                   row_group_size=100)
+    data = path.read_bytes()
+    path.write_bytes(data[: keep % len(data)])
     try:
         for result in read_requests(path, limits=LIMITS):
             assert isinstance(result, (RequestSpec, LineError))

@@ -84,6 +84,7 @@ def test_limits_defaults_and_validation():
 
 
 @pytest.mark.parametrize(("n", "text"), [(10 * GiB, "10 GiB"), (8 * 2**20, "8 MiB"), (29, "29 bytes"),
-                                         (100 * 2**20 + 1, "100.0 MiB"), (70_001, "70,001 bytes")])
+                                         (100 * 2**20 + 1, "100.0 MiB"), (70_001, "70,001 bytes"),
+                                         (10 * GiB + 2**29, "10.5 GiB")])
 def test_format_bytes(n, text):
     assert format_bytes(n) == text
