@@ -32,25 +32,27 @@ from typing import Any
 
 from sqlalchemy.orm import Session, sessionmaker
 
-from db.enums import JobStatus
 from db.models import Job
 from db.repository import (
     add_usage,
     chunk_requests,
     claim_chunk,
+    deliveries_used_up,
+    fail_lost_chunk,
+    finish_job_if_done,
     get_session,
-    job_counts,
     record_error,
     record_results,
     set_status,
     upsert_session,
 )
-from db.repository._locks import lock_rows
+from db.retry import db_attempts
 from db.results import RecordOutcome, RequestResult
 from jobs.engine_host import to_engine_request
+from jobs.lease_keeper import keep_lease
 from jobs.sessions import Message, turn_messages, with_history
 from workers.engine_loop import EngineLoop
-from workers.errors import PromptTooLongError
+from workers.errors import PromptTooLongError, RequestEngineError
 from workers.outputs import CompletionOutput
 
 log = logging.getLogger(__name__)
@@ -108,79 +110,88 @@ def execute_chunk(
     *,
     prices: Prices = Prices(),
     lease: timedelta = DEFAULT_LEASE,
+    max_redeliveries: int | None = None,
 ) -> None:
     """Run chunk `chunk_id` and record its results; finalize its job when nothing is left pending.
 
     Does nothing for a chunk that is done or leased by another worker (a duplicate delivery).
     Requests the engine refuses (a prompt longer than the context, say) are failed with their own
-    error; the rest of the chunk is unaffected. An engine crash is recorded in the error history
-    and re-raised: the chunk stays leased until `lease` runs out and the lost-chunk sweep resends it.
-    """
-    with session_factory.begin() as session:
-        chunk = claim_chunk(session, chunk_id, worker=worker_name, lease=lease)
-        if chunk is None:
-            log.info("chunk %s is done or leased by another worker; skipping", chunk_id)
-            return
-        job_id = chunk.job_id
-        job = session.get(Job, job_id)
-        job_model, tenant_id = job.model, job.tenant_id
-        work = [_Work(r.id, r.line, r.custom_id, r.endpoint, dict(r.body), r.session_id, r.dedupe_key)
-                for r in chunk_requests(session, chunk_id)]
-        histories: dict[str, list[Message]] = {}
-        for session_id in dict.fromkeys(w.session_id for w in work if w.session_id is not None):
-            record = get_session(session, session_id, tenant_id=tenant_id)
-            histories[session_id] = [] if record is None else list(record.history)
+    error; the rest of the chunk is unaffected. A request that makes the engine raise is run again
+    alone by the engine loop and, if it raises alone too, failed with code `engine_error` and the
+    traceback in the error history; the requests that shared its steps complete. Any other crash
+    is recorded in the error history and re-raised: the chunk stays leased until `lease` runs out
+    and the lost-chunk sweep resends it. While the chunk runs its lease is renewed (`keep_lease`),
+    so only a dead or hung worker loses it.
 
+    A chunk claimed more than 1 + `max_redeliveries` times (each earlier run died with its worker,
+    or crashed) is not run again: its pending requests fail with `worker_lost` (None: no cap).
+    Each transaction is run again through a brief database outage (`db.retry`).
+    """
+    for attempt in db_attempts(f"claim chunk {chunk_id}"):
+        with attempt, session_factory.begin() as session:
+            chunk = claim_chunk(session, chunk_id, worker=worker_name, lease=lease)
+            if chunk is None:
+                log.info("chunk %s is done or leased by another worker; skipping", chunk_id)
+                return
+            # This claim is one more than allowed: the chunk was started `attempts - 1` times.
+            if deliveries_used_up(chunk.attempts - 1, max_redeliveries):
+                failed = fail_lost_chunk(session, chunk_id, tries=chunk.attempts - 1)
+                log.error("chunk %s was started %d times without finishing; failed its %d pending requests",
+                          chunk_id, chunk.attempts - 1, failed)
+                return
+            job_id = chunk.job_id
+            job = session.get(Job, job_id)
+            job_model, tenant_id = job.model, job.tenant_id
+            work = [_Work(r.id, r.line, r.custom_id, r.endpoint, dict(r.body), r.session_id, r.dedupe_key)
+                    for r in chunk_requests(session, chunk_id)]
+            histories: dict[str, list[Message]] = {}
+            for session_id in dict.fromkeys(w.session_id for w in work if w.session_id is not None):
+                record = get_session(session, session_id, tenant_id=tenant_id)
+                histories[session_id] = [] if record is None else list(record.history)
+
+    engine_tracebacks: dict[int, str] = {}  # request id -> the engine's traceback, for `engine_error`s
     started = time.perf_counter()
     try:
-        results, turns = _run(loop, work, job_model, histories)
+        with keep_lease(session_factory, chunk_id, worker_name, lease):
+            results, turns = _run(loop, work, job_model, histories, engine_tracebacks)
     except Exception:
-        with session_factory.begin() as session:
-            record_error(session, "engine", f"chunk {chunk_id} failed in the engine; it will be retried",
-                         job_id=job_id, chunk_id=chunk_id, traceback=traceback.format_exc())
+        for attempt in db_attempts(f"record the engine failure of chunk {chunk_id}"):
+            with attempt, session_factory.begin() as session:
+                record_error(session, "engine", f"chunk {chunk_id} failed in the engine; it will be retried",
+                             job_id=job_id, chunk_id=chunk_id, traceback=traceback.format_exc())
         raise
     compute_seconds = time.perf_counter() - started
 
-    with session_factory.begin() as session:
-        outcome = record_results(session, chunk_id, results)  # locks the job row first
-        if outcome.written:
-            add_usage(session, job_id, prompt_tokens=outcome.prompt_tokens, cached_tokens=outcome.cached_tokens,
-                      completion_tokens=outcome.completion_tokens, compute_seconds=compute_seconds,
-                      cost=prices.cost(outcome))
-        written = set(outcome.written_ids)
-        for turn in turns:  # in turn order, so each session's history grows in order
-            if turn.request_id in written:
-                upsert_session(session, turn.session_id, turn.messages, tenant_id=tenant_id, job_id=job_id)
-        by_id = {w.request_id: w for w in work}
-        for result in results:
-            if result.failed and result.request_id in written:
-                w = by_id[result.request_id]
-                record_error(session, "engine", f"[{result.error_code}] {result.error_message}", job_id=job_id,
-                             chunk_id=chunk_id, line=w.line, custom_id=w.custom_id)
-        finish_job_if_done(session, job_id)
-
-
-def finish_job_if_done(session: Session, job_id: str) -> bool:
-    """in_progress -> finalizing -> completed once the job has no pending request. Returns True
-    if this call completed it.
-
-    The job row is locked first, so when two chunks of a job finish at once the second waits for
-    the first's commit, then sees the job completed and does nothing.
-    """
-    lock_rows(session, Job, [job_id])
-    job = session.get(Job, job_id, populate_existing=True)
-    if job is None or job.status != JobStatus.IN_PROGRESS or job_counts(session, job_id).pending:
-        return False
-    set_status(session, job_id, JobStatus.FINALIZING)
-    set_status(session, job_id, JobStatus.COMPLETED)
-    return True
+    # Safe to repeat: only requests still pending are written, so a retry after a commit whose reply
+    # was lost writes and bills nothing.
+    for attempt in db_attempts(f"write the results of chunk {chunk_id}"):
+        with attempt, session_factory.begin() as session:
+            outcome = record_results(session, chunk_id, results)  # locks the job row first
+            if outcome.written:
+                add_usage(session, job_id, prompt_tokens=outcome.prompt_tokens, cached_tokens=outcome.cached_tokens,
+                          completion_tokens=outcome.completion_tokens, compute_seconds=compute_seconds,
+                          cost=prices.cost(outcome))
+            written = set(outcome.written_ids)
+            for turn in turns:  # in turn order, so each session's history grows in order
+                if turn.request_id in written:
+                    upsert_session(session, turn.session_id, turn.messages, tenant_id=tenant_id, job_id=job_id)
+            by_id = {w.request_id: w for w in work}
+            for result in results:
+                if result.failed and result.request_id in written:
+                    w = by_id[result.request_id]
+                    record_error(session, "engine", f"[{result.error_code}] {result.error_message}", job_id=job_id,
+                                 chunk_id=chunk_id, line=w.line, custom_id=w.custom_id,
+                                 traceback=engine_tracebacks.get(result.request_id))
+            finish_job_if_done(session, job_id)
 
 
 def _run(
-    loop: EngineLoop, work: list[_Work], job_model: str, histories: dict[str, list[Message]]
+    loop: EngineLoop, work: list[_Work], job_model: str, histories: dict[str, list[Message]],
+    engine_tracebacks: dict[int, str],
 ) -> tuple[list[RequestResult], list[_Turn]]:
     """Every request of `work` through the engine: (results in `work` order, session turns that
-    succeeded in the order they ran). `histories` (session id -> messages) grows as turns finish."""
+    succeeded in the order they ran). `histories` (session id -> messages) grows as turns finish;
+    `engine_tracebacks` gets the engine's traceback of each request that failed with `engine_error`."""
     served = loop.engine.config.model
     if job_model != served:
         message = f"this worker serves model {served!r}, the job asks for {job_model!r}; run a worker for it"
@@ -198,7 +209,7 @@ def _run(
         batch = [*(singles if k == 0 else ()), *(ws[k] for ws in sessions.values() if k < len(ws))]
         if not batch:
             break
-        results.update(_generate(loop, batch, histories))
+        results.update(_generate(loop, batch, histories, engine_tracebacks))
         for w in batch:
             result = results[w.request_id]
             if w.session_id is not None and not result.failed:
@@ -209,7 +220,8 @@ def _run(
     return [results[w.request_id] for w in work], turns
 
 
-def _generate(loop: EngineLoop, batch: list[_Work], histories: dict[str, list[Message]]) -> dict[int, RequestResult]:
+def _generate(loop: EngineLoop, batch: list[_Work], histories: dict[str, list[Message]],
+              engine_tracebacks: dict[int, str]) -> dict[int, RequestResult]:
     """One engine call for `batch` (so its requests are batched together); each dedupe key once."""
     results: dict[int, RequestResult] = {}
     leaders: dict[str, int] = {}  # dedupe key -> request id of the one that runs
@@ -231,13 +243,17 @@ def _generate(loop: EngineLoop, batch: list[_Work], histories: dict[str, list[Me
     outputs = loop.generate([t for _, t, _ in runnable], [p for _, _, p in runnable]) if runnable else []
     for (w, _, _), out in zip(runnable, outputs, strict=True):
         results[w.request_id] = _result(w.request_id, out)
+        if isinstance(out, RequestEngineError):
+            engine_tracebacks[w.request_id] = out.traceback
     for request_id, leader_id in followers:
         leader = results[leader_id]
         results[request_id] = replace(leader, request_id=request_id, cached_tokens=leader.prompt_tokens)
     return results
 
 
-def _result(request_id: int, out: CompletionOutput | ValueError) -> RequestResult:
+def _result(request_id: int, out: CompletionOutput | ValueError | RequestEngineError) -> RequestResult:
+    if isinstance(out, RequestEngineError):
+        return RequestResult(request_id, error_code="engine_error", error_message=str(out))
     if isinstance(out, ValueError):
         message = str(out)
         code = "prompt_too_long" if isinstance(out, PromptTooLongError) else "invalid_prompt"

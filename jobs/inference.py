@@ -26,7 +26,8 @@ def run_chunk(self: Any, chunk_id: int) -> None:
         worker_sessions(settings.database_url), get_engine_loop(settings), chunk_id,
         self.request.hostname or "worker",
         prices=Prices.from_settings(settings),
-        # As long as the broker waits before redelivering: a shorter lease would let a redelivered
-        # copy take over a chunk that is still running.
+        # As long as the broker waits before redelivering a dead worker's message; renewed while the
+        # chunk runs, so a redelivered copy of a chunk still running finds it leased and skips it.
         lease=timedelta(seconds=settings.visibility_timeout_s),
+        max_redeliveries=settings.task_max_redeliveries,
     )

@@ -22,7 +22,14 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from db.backup import BackupError, backup_database as backup_database_to
 from db.base import utcnow
-from db.repository import delete_idle_sessions, expire_jobs as expire_due_jobs, lost_chunks, record_error
+from db.repository import (
+    deliveries_used_up,
+    delete_idle_sessions,
+    expire_jobs as expire_due_jobs,
+    fail_lost_chunk,
+    lost_chunks,
+    record_error,
+)
 from jobs.beat_lock import take_slot
 from jobs.process_state import worker_sessions, worker_settings
 from pipeline.celery_app import chunk_sender
@@ -36,15 +43,40 @@ BACKUP_ERROR_KIND = "backup"
 
 
 def resend_lost_chunks(session_factory: sessionmaker[Session], send_chunk: SendChunk, *,
-                       now: datetime | None = None) -> list[int]:
+                       now: datetime | None = None, broker_started_at: datetime | None = None,
+                       max_redeliveries: int | None = None) -> list[int]:
     """Send again the task of every chunk `lost_chunks` reports (the database, not the broker, says
-    what is unfinished), on its job's priority queue, and mark them queued. Returns their ids."""
+    what is unfinished), on its job's priority queue, and mark them queued. Returns their ids.
+    `broker_started_at` (see `broker_start_time`) has chunks queued before a broker restart resent
+    at once instead of after `LOST_AFTER`.
+
+    A lost chunk already started 1 + `max_redeliveries` times is not sent again (another delivery
+    would only be refused by the worker): its pending requests are failed here (`fail_lost_chunk`).
+    None: no cap."""
     now = now or utcnow()
     with session_factory.begin() as session:
-        sends = [(chunk.id, chunk.priority.value) for chunk in lost_chunks(session, now)]
+        sends = []
+        for chunk in lost_chunks(session, now, broker_started_at=broker_started_at):
+            if deliveries_used_up(chunk.attempts, max_redeliveries):
+                failed = fail_lost_chunk(session, chunk.id, tries=chunk.attempts, now=now)
+                logger.error("chunk %s was started %d times without finishing; failed its %d pending requests",
+                             chunk.id, chunk.attempts, failed)
+            else:
+                sends.append((chunk.id, chunk.priority.value))
     if sends:
         send_chunks(session_factory, sends, send_chunk, now=now)
     return [chunk_id for chunk_id, _ in sends]
+
+
+def broker_start_time(broker_url: str, *, now: datetime | None = None) -> datetime:
+    """When the Redis server behind `broker_url` started: its uptime back from `now`. A restart
+    shows as a recent start; the uptime is a duration, so the two hosts' clocks need not agree."""
+    client = redis.Redis.from_url(broker_url)
+    try:
+        uptime_s = int(client.info("server")["uptime_in_seconds"])
+    finally:
+        client.close()
+    return (now or utcnow()) - timedelta(seconds=uptime_s)
 
 
 def cleanup_idle_sessions(session_factory: sessionmaker[Session], idle: timedelta, *,
@@ -59,20 +91,29 @@ def run_once(settings: Settings, task_name: str, work: Callable[[], T], *, now: 
     copy already ran it)."""
     client = redis.Redis.from_url(settings.broker_url)
     try:
-        if not take_slot(client, settings.redis_key_prefix, task_name, now=now):
-            logger.info("%s: already run in this slot (a second beat?); skipped", task_name)
-            return None
+        slot = take_slot(client, settings, task_name, now=now)
     finally:
         client.close()
+    if slot is None:
+        logger.info("%s: already run in this slot (a second beat?); skipped", task_name)
+        return None
+    logger.info("%s: running for slot %d", task_name, slot)  # one such line per slot, whatever the beats
     return work()
 
 
 @shared_task(name="jobs.maintenance.sweep_lost_chunks", bind=True)
 def sweep_lost_chunks(self: Any) -> list[int] | None:
-    """Re-enqueue chunks whose task messages were lost."""
+    """Re-enqueue chunks whose task messages were lost: their leases expired, they waited too long,
+    or Redis restarted (losing its queues) since they were queued."""
     settings = worker_settings()
     sessions = worker_sessions(settings.database_url)
-    resent = run_once(settings, self.name, lambda: resend_lost_chunks(sessions, chunk_sender(self.app)))
+
+    def sweep() -> list[int]:
+        started = broker_start_time(settings.broker_url)
+        return resend_lost_chunks(sessions, chunk_sender(self.app), broker_started_at=started,
+                                  max_redeliveries=settings.task_max_redeliveries)
+
+    resent = run_once(settings, self.name, sweep)
     if resent:
         logger.warning("re-enqueued %d lost chunks: %s", len(resent), resent)
     return resent

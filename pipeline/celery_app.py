@@ -43,15 +43,18 @@ TASK_ROUTES: dict[str, dict[str, str]] = {
     "jobs.maintenance.*": {"queue": Queue.HIGH.value},
 }
 
-# Beat: entry name -> (task name, interval). Nightly runs from the settings are added as crontabs.
 # No KV cache checkpoint entry: KV persistence is not built yet, and a schedule naming a task that
 # does not exist only fills the logs with "unregistered task" errors. It joins with its task.
-PERIODIC_TASKS: dict[str, tuple[str, timedelta | crontab]] = {
-    "session-cleanup": ("jobs.maintenance.cleanup_sessions", timedelta(hours=1)),
-    "job-expiry": ("jobs.maintenance.expire_jobs", timedelta(minutes=5)),
-    "lost-chunk-sweep": ("jobs.maintenance.sweep_lost_chunks", timedelta(minutes=10)),
-    "database-backup": ("jobs.maintenance.backup_database", crontab(minute="0", hour="3")),
-}
+def periodic_tasks(settings: Settings) -> dict[str, tuple[str, timedelta | crontab]]:
+    """Beat's entries: name -> (task name, interval or crontab). Nightly runs are added by
+    `beat_schedule`. The beat lock (`jobs.beat_lock`) reads its slots from here too."""
+    return {
+        "session-cleanup": ("jobs.maintenance.cleanup_sessions", timedelta(hours=1)),
+        "job-expiry": ("jobs.maintenance.expire_jobs", timedelta(minutes=5)),
+        "lost-chunk-sweep": ("jobs.maintenance.sweep_lost_chunks", timedelta(seconds=settings.sweep_interval_s)),
+        "database-backup": ("jobs.maintenance.backup_database", crontab(minute="0", hour="3")),
+    }
+
 NIGHTLY_RUN_TASK = "jobs.maintenance.start_nightly_run"
 
 
@@ -60,9 +63,18 @@ def chunk_sender(app: Celery) -> Callable[[int, str], None]:
     for that chunk on that queue (the job's priority)."""
 
     def send_chunk(chunk_id: int, queue: str) -> None:
-        app.send_task(RUN_CHUNK_TASK, args=[chunk_id], queue=queue)
+        # ignore_result: without it send_task subscribes the sender to the task's result channel on
+        # the result backend (Redis), for a result nobody reads; with Redis away that subscription
+        # ended `pipeline submit` in a RuntimeError traceback instead of the broker's error.
+        app.send_task(RUN_CHUNK_TASK, args=[chunk_id], queue=queue, ignore_result=True)
 
     return send_chunk
+
+
+def restore_interval_s(visibility_timeout_s: int) -> int:
+    """Seconds between two scans for unacknowledged messages to restore: a tenth of the visibility
+    timeout, at least 1 and at most kombu's default period (100 s)."""
+    return max(1, min(100, visibility_timeout_s // 10))
 
 
 def task_queues() -> tuple[KombuQueue, ...]:
@@ -72,7 +84,7 @@ def task_queues() -> tuple[KombuQueue, ...]:
 
 def beat_schedule(settings: Settings) -> dict[str, dict[str, Any]]:
     schedule: dict[str, dict[str, Any]] = {
-        name: {"task": task, "schedule": every} for name, (task, every) in PERIODIC_TASKS.items()
+        name: {"task": task, "schedule": every} for name, (task, every) in periodic_tasks(settings).items()
     }
     for run in settings.nightly_runs:
         schedule[f"nightly-run-{run.name}"] = {
@@ -89,8 +101,19 @@ def make_celery(settings: Settings) -> Celery:
     app.conf.update(
         broker_url=settings.broker_url,
         broker_connection_retry_on_startup=True,
+        # A worker outlives a Redis outage of any length: it keeps reconnecting (kombu's backoff, at
+        # most 30 s apart) instead of exiting after the default 100 tries. What Redis lost with it,
+        # the lost-chunk sweep sends again from the database.
+        broker_connection_retry=True,
+        broker_connection_max_retries=None,
         broker_transport_options={
             "visibility_timeout": settings.visibility_timeout_s,
+            # How often a worker looks for messages of dead workers (unacked for longer than the
+            # visibility timeout) and puts them back. kombu's default, a scan every 100 s (10 s x
+            # every 10th call), would dwarf a short visibility timeout; a tenth of it, between 1 s
+            # and those 100 s, brings a killed worker's chunk back soon after the timeout.
+            "unacked_restore_interval": restore_interval_s(settings.visibility_timeout_s),
+            "unacked_restore_throttle": 1,
             "global_keyprefix": settings.redis_key_prefix,
             "queue_order_strategy": "priority",
         },

@@ -92,7 +92,8 @@ class Settings:
     )
     visibility_timeout_s: int = field(
         default=3 * 3600,
-        metadata=_doc("Seconds before Redis redelivers an unacknowledged task: longer than any chunk takes."),
+        metadata=_doc("Seconds before a dead worker's chunk is redelivered: Redis's visibility timeout and the "
+                      "chunk lease, which a worker renews while its chunk runs."),
     )
     task_max_redeliveries: int = field(
         default=3, metadata=_doc("Deliveries of a chunk after the first before its requests are failed.")
@@ -103,6 +104,10 @@ class Settings:
     )
     session_idle_timeout: str = field(
         default="7d", metadata=_doc("Sessions unused this long are deleted by beat: '7d', '12h', '90m'.")
+    )
+    sweep_interval: str = field(
+        default="10m", metadata=_doc("How often beat resends lost chunks (dead workers, a Redis restart): "
+                                     "'10m', '1h', '30s'.")
     )
     timezone: str = field(default="UTC", metadata=_doc("IANA time zone of the nightly run crons."))
     # Engine
@@ -167,6 +172,10 @@ class Settings:
     @property
     def session_idle_timeout_s(self) -> int:
         return duration_s(self.session_idle_timeout)
+
+    @property
+    def sweep_interval_s(self) -> int:
+        return duration_s(self.sweep_interval)
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-ready values for `config show`; passwords in URLs are masked as ***."""
@@ -266,13 +275,19 @@ _CHECKS: dict[str, typing.Callable[[Any], str | None]] = {
         "expected a Redis URL such as redis://host:6379/0 (rediss:// for TLS)"),
     "redis_key_prefix": lambda v: None if re.fullmatch(r"[A-Za-z0-9_.:-]{1,64}", v) else (
         "expected 1-64 letters, digits or '_.:-' (no glob characters), e.g. 'pipeline:'"),
-    "visibility_timeout_s": _int_range(60, None, "seconds, longer than any chunk takes"),
+    # Also the chunk lease, which the worker renews while the chunk runs (jobs/lease_keeper.py), so
+    # it bounds how long a dead worker's chunk waits, not how long a chunk may take. A few seconds
+    # is allowed, not only minutes, for deployments (and the fault tests, which kill workers) that
+    # want a killed worker's chunk back soon; the cost is a renewal write every third of it.
+    "visibility_timeout_s": _int_range(5, None, "seconds before a dead worker's chunk is redelivered"),
     "task_max_redeliveries": _int_range(0, 100, "redeliveries of a chunk"),
     "chunk_size": _int_range(1, 100_000, "requests per task"),
     "completion_window": lambda v: None if re.fullmatch(r"[1-9][0-9]*[mhd]", v) else (
         "expected a duration such as '24h', '90m' or '7d'"),
     "session_idle_timeout": lambda v: None if re.fullmatch(r"[1-9][0-9]*[mhd]", v) else (
         "expected a duration such as '7d', '12h' or '90m'"),
+    "sweep_interval": lambda v: None if re.fullmatch(r"[1-9][0-9]*[smhd]", v) else (
+        "expected a duration such as '10m', '1h' or '30s'"),
     "timezone": _check_timezone,
     "model": lambda v: None if v.strip() else "expected 'tiny' or the path of a local Hugging Face model folder",
     "device": _check_device,

@@ -49,3 +49,18 @@ def save_random_model(arch: str, folder: Path, seed: int = 0):
     model.save_pretrained(folder)
     write_tokenizer(folder, VOCAB, CHAT_TEMPLATE)
     return model
+
+
+def save_corrupted_bench_model(folder: Path, token_id: int) -> Path:
+    """The small benchmark Llama (word-level vocabulary `w0`..`w511`, untied embeddings) with
+    embedding row `token_id` set to NaN, as a bad conversion or a flipped bit leaves a checkpoint:
+    a prompt holding that token gets NaN logits, and sampling from them raises in the engine."""
+    from safetensors.torch import load_file, save_file
+
+    from workers.bench.model_setup import SMALL_SHAPE, build_model
+
+    build_model(SMALL_SHAPE, folder)
+    weights = load_file(folder / "model.safetensors")
+    weights["model.embed_tokens.weight"][token_id] = float("nan")
+    save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
+    return folder

@@ -137,6 +137,16 @@ class LLMEngine:
         """Drops every cached prefix block that no running request holds; returns how many."""
         return self.kv_manager.pool.reset_prefix_cache()
 
+    def scrub_kv_cache(self) -> None:
+        """Drops every cached prefix and zeroes the whole KV pool, after a failed step's requests
+        were aborted. A step that raised may have registered blocks it never wrote, or written NaN
+        or inf (a corrupted weight, say) into blocks that later requests reuse; attention reads whole
+        blocks and 0 x NaN is NaN, so a free slot must hold zeros, as the pool did when allocated."""
+        if self.scheduler.has_unfinished():
+            raise RuntimeError("scrub_kv_cache needs every request finished or aborted first")
+        self.kv_manager.pool.reset_prefix_cache()
+        self.kv_cache.clear()
+
     def stats(self) -> dict[str, float | int | str]:
         pool = self.kv_manager.pool
         kv = self.kv_manager

@@ -8,20 +8,39 @@ The loop thread also builds the engine, so every torch operation of the process 
 thread. PyTorch's OpenMP pool is per calling thread: an engine built (or warmed up) on one thread
 and stepped on another leaves two thread teams competing for the cores, and its steps ran 10-12%
 slower here (2 CPU cores) than the same engine built and stepped on one thread.
+
+A step that raises cannot tell which of its requests broke it, and it may hold requests of several
+callers (tasks). So every request it held runs again, alone and one at a time: the innocent ones
+complete with the outputs they would have had, and a request that makes the engine raise even
+alone (a poison request) fails by itself with `RequestEngineError`. Only this loop knows which
+requests shared the step, which is why the isolation lives here and not in its callers.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+import traceback
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
+from dataclasses import dataclass
 
 from workers.engine import LLMEngine, Prompt
+from workers.errors import RequestEngineError
 from workers.outputs import CompletionOutput
 from workers.sampling import SamplingParams
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class _Submitted:
+    """A request as its caller gave it, kept while it is in the engine so it can run again alone."""
+
+    prompt: Prompt
+    params: SamplingParams
+    cache_salt: str | None
+    future: Future
 
 
 class EngineLoop:
@@ -30,8 +49,8 @@ class EngineLoop:
         raises what `build_engine` raised."""
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
-        self._incoming: list[tuple[Prompt, SamplingParams, str | None, Future]] = []
-        self._futures: dict[str, Future] = {}
+        self._incoming: list[_Submitted] = []
+        self._in_flight: dict[str, _Submitted] = {}  # engine request id -> its request
         self._closed = False
         built: Future = Future()
         self._thread = threading.Thread(target=self._run, args=(build_engine, built), name=name, daemon=True)
@@ -40,26 +59,28 @@ class EngineLoop:
 
     def submit(self, prompt: Prompt, params: SamplingParams, cache_salt: str | None = None) -> Future:
         """Queues one request; the future resolves to its CompletionOutput, or raises the
-        ValueError the engine gave for it (a prompt too long, say)."""
+        ValueError the engine gave for it (a prompt too long, say), or `RequestEngineError` when the
+        engine raised while running it alone."""
         future: Future = Future()
         with self._wake:
             if self._closed:
                 raise RuntimeError("the engine loop is closed")
-            self._incoming.append((prompt, params, cache_salt, future))
+            self._incoming.append(_Submitted(prompt, params, cache_salt, future))
             self._wake.notify()
         return future
 
     def generate(
         self, prompts: Sequence[Prompt], params: Sequence[SamplingParams], cache_salt: str | None = None
-    ) -> list[CompletionOutput | ValueError]:
-        """Completes every prompt, in order; a prompt the engine refused comes back as its
-        ValueError instead of failing the others."""
+    ) -> list[CompletionOutput | ValueError | RequestEngineError]:
+        """Completes every prompt, in order; a prompt the engine refused (ValueError) or one that
+        made it raise when run alone (RequestEngineError) comes back as that error instead of
+        failing the others."""
         futures = [self.submit(p, sp, cache_salt) for p, sp in zip(prompts, params, strict=True)]
-        results: list[CompletionOutput | ValueError] = []
+        results: list[CompletionOutput | ValueError | RequestEngineError] = []
         for future in futures:
             try:
                 results.append(future.result())
-            except ValueError as e:
+            except (ValueError, RequestEngineError) as e:
                 results.append(e)
         return results
 
@@ -77,28 +98,59 @@ class EngineLoop:
             return
         while True:
             with self._wake:
-                while not self._incoming and not self._futures and not self._closed:
+                while not self._incoming and not self._in_flight and not self._closed:
                     self._wake.wait()
-                if self._closed and not self._incoming and not self._futures:
+                if self._closed and not self._incoming and not self._in_flight:
                     return
                 incoming, self._incoming = self._incoming, []
-            for prompt, params, salt, future in incoming:
+            for request in incoming:
                 try:
-                    request_id = self.engine.add_request(prompt, params, cache_salt=salt)
+                    request_id = self.engine.add_request(request.prompt, request.params, cache_salt=request.cache_salt)
                 except ValueError as e:
-                    future.set_exception(e)
+                    request.future.set_exception(e)
                     continue
-                self._futures[request_id] = future
-            if not self._futures:
+                self._in_flight[request_id] = request
+            if not self._in_flight:
                 continue
             try:
                 finished = self.engine.step()
-            except Exception as e:  # noqa: BLE001 - every waiter must learn of it, then the loop goes on
-                log.exception("engine step failed; failing the %d requests in flight", len(self._futures))
-                for request_id, future in self._futures.items():
-                    self.engine.abort_request(request_id)
-                    future.set_exception(e)
-                self._futures.clear()
+            except Exception:  # noqa: BLE001 - isolated below, then the loop goes on
+                log.exception("engine step failed; running its %d requests again one at a time", len(self._in_flight))
+                self._isolate()
                 continue
             for output in finished:
-                self._futures.pop(output.request_id).set_result(output)
+                self._in_flight.pop(output.request_id).future.set_result(output)
+
+    def _isolate(self) -> None:
+        """After a failed step: abort every request in flight, then run each again alone."""
+        suspects = list(self._in_flight.items())
+        self._in_flight.clear()
+        for request_id, _ in suspects:
+            self.engine.abort_request(request_id)
+        self._scrub()
+        for _, request in suspects:
+            try:
+                request.future.set_result(self._run_alone(request))
+            except ValueError as e:  # refused on re-admission: not expected, but it is the request's error
+                request.future.set_exception(e)
+            except Exception as e:  # noqa: BLE001 - the request's own failure, reported to its caller
+                log.exception("a request failed alone in the engine; failing it")
+                self._scrub()
+                request.future.set_exception(RequestEngineError(
+                    f"the engine failed on this request run alone: {type(e).__name__}: {e}", traceback.format_exc()))
+
+    def _run_alone(self, request: _Submitted) -> CompletionOutput:
+        request_id = self.engine.add_request(request.prompt, request.params, cache_salt=request.cache_salt)
+        try:
+            while True:
+                for output in self.engine.step():
+                    if output.request_id == request_id:
+                        return output
+        except BaseException:
+            self.engine.abort_request(request_id)
+            raise
+
+    def _scrub(self) -> None:
+        # A step that raised may have left blocks registered in the prefix cache but never written,
+        # or NaN in blocks others will reuse (`scrub_kv_cache`). Nothing holds blocks now.
+        self.engine.scrub_kv_cache()

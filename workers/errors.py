@@ -1,7 +1,20 @@
-"""Errors the engine raises for one request; each is a ValueError, the caller's mistake."""
+"""Errors the engine gives for one request.
+
+`PromptTooLongError` (a ValueError) is the caller's mistake. `RequestEngineError` is not: the engine
+itself raised while running the request alone (see `EngineLoop`), so the request is what breaks it.
+"""
 
 from __future__ import annotations
 
 
 class PromptTooLongError(ValueError):
     """The prompt (or prompt plus max_tokens) does not fit the model's context or the KV pool."""
+
+
+class RequestEngineError(RuntimeError):
+    """The engine raised while this request ran alone. `traceback` is the engine's own, formatted
+    where it was raised (the loop thread), for the error history."""
+
+    def __init__(self, message: str, traceback: str) -> None:
+        super().__init__(message)
+        self.traceback = traceback

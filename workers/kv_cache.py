@@ -53,6 +53,12 @@ class PagedKVCache:
     def nbytes(self) -> int:
         return self.kv.nbytes + (self.scales.nbytes if self.scales is not None else 0)
 
+    def clear(self) -> None:
+        """Zero every slot (and scale), as at allocation."""
+        self.kv.zero_()
+        if self.scales is not None:
+            self.scales.zero_()
+
     @property
     def block_nbytes(self) -> int:
         """Bytes one block holds across all layers, K and V, scales included."""

@@ -5,12 +5,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 MAX_STOP_STRINGS = 16
+# Temperatures below this sample as greedy (vLLM draws the same line): dividing float32 logits by
+# 1e-300 overflows to inf and softmax turns that into NaN, which no sampler can draw from.
+GREEDY_BELOW = 1e-5
 
 
 @dataclass(frozen=True, slots=True)
 class SamplingParams:
-    """How one request is decoded. `temperature=0` is greedy; a `seed` makes sampling reproducible
-    whatever else shares the batch."""
+    """How one request is decoded. `temperature=0` (or below `GREEDY_BELOW`) is greedy; a `seed`
+    makes sampling reproducible whatever else shares the batch."""
 
     max_tokens: int = 16
     temperature: float = 0.0
@@ -42,7 +45,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        return self.temperature < GREEDY_BELOW
 
 
 def _is_int(value: object) -> bool:

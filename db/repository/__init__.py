@@ -8,8 +8,11 @@ absence (no such job, chunk already leased).
 
 from db.repository.chunks import (
     LOST_AFTER,
+    WORKER_LOST,
     assign_chunks,
     claim_chunk,
+    deliveries_used_up,
+    fail_lost_chunk,
     get_chunk,
     lost_chunks,
     mark_chunks_queued,
@@ -20,6 +23,7 @@ from db.repository.jobs import (
     cancel_job,
     create_job,
     expire_jobs,
+    finish_job_if_done,
     get_job,
     job_counts,
     list_jobs,
@@ -43,6 +47,7 @@ from db.results import RecordOutcome, RequestResult
 
 __all__ = [
     "LOST_AFTER",
+    "WORKER_LOST",
     "JobCounts",
     "RecordOutcome",
     "RequestResult",
@@ -55,9 +60,12 @@ __all__ = [
     "create_api_key",
     "create_job",
     "create_tenant",
+    "deliveries_used_up",
     "delete_idle_sessions",
     "expire_jobs",
+    "fail_lost_chunk",
     "fail_requests",
+    "finish_job_if_done",
     "get_chunk",
     "get_job",
     "get_session",

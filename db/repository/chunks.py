@@ -12,8 +12,13 @@ from db.base import utcnow
 from db.enums import ChunkStatus, RequestStatus
 from db.models import Chunk, Job, Request
 from db.repository._locks import batches, write_lock
+from db.repository.jobs import finish_job_if_done
+from db.repository.records import record_error
+from db.repository.requests import fail_requests
 
 LOST_AFTER = timedelta(minutes=10)
+# Error code (and error-history kind) of the requests of a chunk that used up its deliveries.
+WORKER_LOST = "worker_lost"
 
 
 ASSIGN_FETCH_SIZE = 2_000  # rows per fetch while packing: memory stays flat however large the job
@@ -172,6 +177,31 @@ def claim_chunk(
         .execution_options(synchronize_session="evaluate")
     )
     return session.get(Chunk, chunk_id, populate_existing=True)
+
+
+def deliveries_used_up(attempts: int, max_redeliveries: int | None) -> bool:
+    """True when a chunk claimed `attempts` times may not be claimed again: its first delivery and
+    `max_redeliveries` more were all started and none finished. None: no cap."""
+    return max_redeliveries is not None and attempts >= 1 + max_redeliveries
+
+
+def fail_lost_chunk(session: Session, chunk_id: int, *, tries: int, now: datetime | None = None) -> int:
+    """Give up on a chunk started `tries` times that never finished (each time its worker died,
+    was killed, or the run failed): its pending requests fail with `WORKER_LOST`, the error history
+    says so once for the chunk, and the job completes if nothing else is pending. Returns how many
+    requests were failed."""
+    chunk = session.get(Chunk, chunk_id)
+    if chunk is None:
+        raise ValueError(f"no chunk {chunk_id}")
+    times = "1 time" if tries == 1 else f"{tries} times"
+    message = (f"chunk {chunk_id} was started {times} and never finished (its worker was killed, "
+               "ran out of memory or crashed each time); it is not tried again. Look for the cause in the "
+               "worker logs and the error history, then run `pipeline retry` for the job")
+    pending = select(Request.id).where(Request.chunk_id == chunk_id, Request.status == RequestStatus.PENDING)
+    failed = fail_requests(session, list(session.scalars(pending)), code=WORKER_LOST, message=message, now=now)
+    record_error(session, WORKER_LOST, message, job_id=chunk.job_id, chunk_id=chunk_id, now=now)
+    finish_job_if_done(session, chunk.job_id)
+    return failed
 
 
 def renew_lease(session: Session, chunk_id: int, *, worker: str, lease: timedelta, now: datetime | None = None) -> bool:

@@ -14,7 +14,15 @@ from sqlalchemy.orm import Session
 from db.base import utcnow
 from db.enums import JOB_TRANSITIONS, ChunkStatus, JobStatus, Priority, RequestStatus
 from db.models import Chunk, Job, Request
-from db.repository._locks import write_lock
+from db.repository._locks import lock_rows, write_lock
+
+# The error each line of a closed job gets when it never ran: OpenAI's codes, and what to do.
+CLOSED_ERRORS = {
+    RequestStatus.CANCELLED: ("batch_cancelled", "the job was cancelled before this line ran; submit it again "
+                                                 "to run it"),
+    RequestStatus.EXPIRED: ("batch_expired", "the job's completion window passed before this line ran; submit it "
+                                             "again, with a longer --completion-window or more workers"),
+}
 
 
 @dataclass(slots=True, frozen=True)
@@ -111,6 +119,22 @@ def set_status(session: Session, job_id: str, status: JobStatus, *, now: datetim
     setattr(job, f"{status.value}_at", now or utcnow())
     session.flush()
     return job
+
+
+def finish_job_if_done(session: Session, job_id: str) -> bool:
+    """in_progress -> finalizing -> completed once the job has no pending request. Returns True
+    if this call completed it.
+
+    The job row is locked first, so when two chunks of a job finish at once the second waits for
+    the first's commit, then sees the job completed and does nothing.
+    """
+    lock_rows(session, Job, [job_id])
+    job = session.get(Job, job_id, populate_existing=True)
+    if job is None or job.status != JobStatus.IN_PROGRESS or job_counts(session, job_id).pending:
+        return False
+    set_status(session, job_id, JobStatus.FINALIZING)
+    set_status(session, job_id, JobStatus.COMPLETED)
+    return True
 
 
 def cancel_job(session: Session, job_id: str, *, now: datetime | None = None) -> int:
@@ -215,8 +239,10 @@ def _lock_job(session: Session, job_id: str) -> Job:
 
 
 def _close_job_work(session: Session, job_id: str, request_status: RequestStatus, now: datetime) -> int:
-    """Unfinished chunks of the job -> done; pending requests -> `request_status`. Returns the count.
-    Chunks before requests: the lock order of every writer (job -> chunk -> requests)."""
+    """Unfinished chunks of the job -> done; pending requests -> `request_status`, with its error
+    (`CLOSED_ERRORS`) on the row. Returns the count. Chunks before requests: the lock order of
+    every writer (job -> chunk -> requests)."""
+    code, message = CLOSED_ERRORS[request_status]
     session.execute(
         update(Chunk)
         .where(Chunk.job_id == job_id, Chunk.status != ChunkStatus.DONE)
@@ -226,6 +252,6 @@ def _close_job_work(session: Session, job_id: str, request_status: RequestStatus
     return session.execute(
         update(Request)
         .where(Request.job_id == job_id, Request.status == RequestStatus.PENDING)
-        .values(status=request_status)
+        .values(status=request_status, error_code=code, error_message=message, completed_at=now)
         .execution_options(synchronize_session="evaluate")
     ).rowcount

@@ -19,6 +19,9 @@ def worker(
     queues: Annotated[str, typer.Option(help="Queues to consume, highest priority first.")] = "critical,high,normal,low",
     concurrency: Annotated[int, typer.Option(min=1, help="Tasks run at once; they share one warm engine.")] = 1,
     device: Annotated[Optional[str], typer.Option(help="Overrides PIPELINE_DEVICE, e.g. cuda:0.")] = None,
+    name: Annotated[Optional[str], typer.Option(
+        help="Node name, e.g. gpu0@%h (%h: this host); default celery@<host>. Give each worker on one "
+             "machine its own: the chunks table and Flower tell workers apart by it.")] = None,
 ) -> None:
     """A Celery worker that keeps the model and its KV cache warm across tasks."""
     from pipeline.celery_app import make_celery
@@ -39,7 +42,7 @@ def worker(
     # scheduler batches them together; no max-tasks-per-child, so the model stays loaded.
     make_celery(settings).worker_main([
         "worker", f"--queues={','.join(names)}", f"--concurrency={concurrency}", "--pool=threads",
-        "--prefetch-multiplier=1", "--loglevel=INFO",
+        "--prefetch-multiplier=1", "--loglevel=INFO", *([f"--hostname={name}"] if name else []),
     ])
 
 

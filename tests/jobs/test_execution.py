@@ -85,3 +85,29 @@ def test_a_chunk_run_twice_records_nothing_new_and_the_job_completes(settings: S
         assert all(c.status == ChunkStatus.DONE for c in session.query(Chunk).filter_by(job_id=job.id))
         [event] = job_errors(session, job.id, kind="engine")
         assert (event.custom_id, event.line) == ("b", 2) and "prompt_too_long" in event.message
+
+
+def test_a_claim_beyond_the_redelivery_cap_fails_the_chunk_without_running_it(settings: Settings,
+                                                                              tmp_path: Path) -> None:
+    """The worker side of the cap (the sweep's side is in tests/faults/test_worker_kill.py): a chunk
+    whose earlier runs all died is claimed once more than allowed and given up, not run."""
+    from datetime import timedelta
+
+    from db.repository import claim_chunk
+
+    source = tmp_path / "in.jsonl"
+    source.write_text("".join(json.dumps({"custom_id": c, "text": c, "max_tokens": 2}) + "\n" for c in ("a", "b")))
+    factory = session_factory(make_engine(settings.database_url))
+    sent: list[int] = []
+    job_id = submit_file(settings, factory, source, send_chunk=lambda c, q: sent.append(c))["id"]
+    with factory.begin() as session:  # one run that died: claimed, its lease long gone
+        chunk = claim_chunk(session, sent[0], worker="dead", lease=timedelta(seconds=1))
+        chunk.lease_expires_at = chunk.created_at
+
+    execute_chunk(factory, get_engine_loop(settings), sent[0], "w1", max_redeliveries=0)
+    with factory() as session:
+        job = session.get(Job, job_id)
+        assert (job.status, job.request_completed, job.request_failed) == (JobStatus.COMPLETED, 0, 2)
+        assert get_usage(session, job_id) is None  # nothing ran, nothing billed
+        [event] = job_errors(session, job_id)
+        assert event.kind == "worker_lost" and "was started 1 time and never finished" in event.message

@@ -4,6 +4,7 @@ keeps a second beat from running a task twice."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sqlite3
@@ -129,6 +130,30 @@ def test_sweep_resends_lost_chunks_and_the_job_completes_once(pg_url: str, prefi
         engine.dispose()
 
 
+def test_after_a_broker_restart_the_sweep_resends_at_once_what_was_queued_before_it(task_settings: Settings,
+                                                                                    tmp_path: Path) -> None:
+    settings = dataclasses.replace(task_settings, chunk_size=2)
+    factory = session_factory(make_engine(settings.database_url))
+    sent: list[int] = []
+
+    def send(chunk_id: int, queue: str) -> None:
+        sent.append(chunk_id)
+
+    _write_lines(tmp_path / "a.jsonl", 4)
+    _write_lines(tmp_path / "b.jsonl", 2)
+    submit_file(settings, factory, tmp_path / "a.jsonl", send_chunk=send)
+    queued_before, sent[:] = list(sent), []
+    restart = datetime.now(timezone.utc)  # Redis came back empty here
+    submit_file(settings, factory, tmp_path / "b.jsonl", send_chunk=send)  # queued in the new Redis
+    queued_after, sent[:] = list(sent), []
+    assert len(queued_before) == 2 and len(queued_after) == 1
+
+    assert resend_lost_chunks(factory, send) == [] == sent  # nothing is LOST_AFTER old yet
+    assert resend_lost_chunks(factory, send, broker_started_at=restart) == queued_before == sent
+    # Marked queued again after the restart: the next sweep leaves them alone.
+    assert resend_lost_chunks(factory, send, broker_started_at=restart) == []
+
+
 # -- expiry and sessions ------------------------------------------------------------------------------
 
 
@@ -233,7 +258,9 @@ def _concurrently(n: int, call) -> list:
 
 def test_the_lock_runs_a_slot_once_and_the_next_slot_again(task_settings: Settings, redis_client) -> None:
     task = "jobs.maintenance.sweep_lost_chunks"
-    assert slot_seconds(task) == 600 and slot_seconds("jobs.maintenance.backup_database") == 60
+    assert slot_seconds(task_settings, task) == 600
+    assert slot_seconds(task_settings, "jobs.maintenance.backup_database") == 60
+    assert slot_seconds(Settings(sweep_interval="45s"), task) == 45
     ran: list[int] = []
 
     def work() -> str:

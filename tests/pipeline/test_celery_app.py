@@ -12,7 +12,14 @@ from pathlib import Path
 import pytest
 from celery.schedules import crontab
 
-from pipeline.celery_app import NIGHTLY_RUN_TASK, PERIODIC_TASKS, TASK_MODULES, beat_schedule, make_celery
+from pipeline.celery_app import (
+    NIGHTLY_RUN_TASK,
+    TASK_MODULES,
+    beat_schedule,
+    make_celery,
+    periodic_tasks,
+    restore_interval_s,
+)
 from pipeline.queues import QUEUE_NAMES
 from pipeline.settings import NightlyRun, Settings
 
@@ -45,12 +52,18 @@ def test_late_acks_and_one_task_at_a_time(conf) -> None:
     assert conf.worker_max_tasks_per_child is None  # workers keep the model warm
     assert conf.worker_cancel_long_running_tasks_on_connection_loss is False
     assert conf.broker_connection_retry_on_startup is True
+    assert conf.broker_connection_retry is True and conf.broker_connection_max_retries is None  # forever
 
 
 def test_broker_and_transport_options(conf) -> None:
     assert conf.broker_url == "redis://redis.example:6380/2"
     assert conf.broker_transport_options == {
-        "visibility_timeout": 7200, "global_keyprefix": "test-prefix:", "queue_order_strategy": "priority"}
+        "visibility_timeout": 7200, "global_keyprefix": "test-prefix:", "queue_order_strategy": "priority",
+        "unacked_restore_interval": 100, "unacked_restore_throttle": 1}
+
+
+def test_dead_workers_messages_are_looked_for_a_tenth_of_the_visibility_timeout() -> None:
+    assert [restore_interval_s(s) for s in (5, 10, 59, 600, 1000, 10800)] == [1, 1, 5, 60, 100, 100]
 
 
 def test_results_are_ignored_except_where_a_task_asks(conf) -> None:
@@ -96,7 +109,9 @@ def test_beat_schedule_names_and_intervals(settings: Settings) -> None:
     assert all(isinstance(entry["task"], str) for entry in schedule.values())
     assert schedule["job-expiry"]["schedule"] == timedelta(minutes=5)
     assert schedule["database-backup"]["schedule"] == crontab(minute="0", hour="3")
-    assert set(PERIODIC_TASKS) == set(schedule)
+    assert set(periodic_tasks(settings)) == set(schedule)
+    assert schedule["lost-chunk-sweep"]["schedule"] == timedelta(minutes=10)  # the default sweep_interval
+    assert beat_schedule(Settings(sweep_interval="30s"))["lost-chunk-sweep"]["schedule"] == timedelta(seconds=30)
 
 
 def test_nightly_runs_become_crontab_entries(settings: Settings) -> None:
@@ -115,7 +130,7 @@ def test_tasks_are_registered_and_only_ping_keeps_a_result(settings: Settings) -
     app = make_celery(settings)
     assert TASK_MODULES == ("jobs.health", "jobs.inference", "jobs.maintenance")
     app.loader.import_default_modules()
-    for task, _ in PERIODIC_TASKS.values():  # beat names no task that a worker would call unregistered
+    for task, _ in periodic_tasks(settings).values():  # beat names no task that a worker would call unregistered
         assert task in app.tasks, task
     assert NIGHTLY_RUN_TASK in app.tasks
     assert app.tasks["jobs.inference.run_chunk"].ignore_result is True

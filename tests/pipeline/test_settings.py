@@ -170,7 +170,7 @@ def test_an_unknown_preset_names_its_source(in_tmp: Path) -> None:
     ("PIPELINE_BLOCK_SIZE", "sixteen", "expected an integer"),
     ("PIPELINE_BLOCK_SIZE", "0", "expected an integer between 1 and 256 (tokens per block; 16 is usual)"),
     ("PIPELINE_CHUNK_SIZE", "1.5", "expected an integer"),
-    ("PIPELINE_VISIBILITY_TIMEOUT_S", "30", "expected an integer at least 60 (seconds, longer than any chunk takes)"),
+    ("PIPELINE_VISIBILITY_TIMEOUT_S", "4", "expected an integer at least 5 (seconds before a dead worker's chunk is redelivered)"),
     ("PIPELINE_KV_CACHE_DTYPE", "int4", "expected one of auto, int8, fp8"),
     ("PIPELINE_EVICTION_POLICY", "random", "expected one of lru, lfu, fifo, adaptive"),
     ("PIPELINE_DTYPE", "fp16", "expected one of float32, bfloat16, float16"),

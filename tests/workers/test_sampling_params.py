@@ -61,9 +61,22 @@ def test_stop_is_normalized_to_a_tuple(stop: object, expected: tuple[str, ...]) 
     assert SamplingParams(stop=stop).stop == expected
 
 
-def test_greedy_only_at_zero_temperature() -> None:
+def test_greedy_at_zero_and_at_temperatures_too_small_to_divide_by() -> None:
     assert SamplingParams(temperature=0).greedy
-    assert not SamplingParams(temperature=1e-6).greedy
+    assert SamplingParams(temperature=9.9e-6).greedy
+    assert not SamplingParams(temperature=1e-5).greedy
+
+
+def test_a_tiny_temperature_samples_the_argmax_instead_of_nan() -> None:
+    import torch
+
+    from workers.layers.sampler import sample
+
+    logits = torch.tensor([[0.5, 3.0, -1.0], [2.0, 1.0, 0.0]])
+    params = [SamplingParams(temperature=1e-300), SamplingParams(temperature=1e-5, seed=0)]
+    generators = [torch.Generator().manual_seed(0), torch.Generator().manual_seed(0)]
+    # 1e-300 is greedy; 1e-5 divides to logits 1e5 apart, a one-hot distribution: the argmax too.
+    assert sample(logits, params, generators) == [1, 0]
 
 
 def test_frozen() -> None:
