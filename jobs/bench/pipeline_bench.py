@@ -32,14 +32,13 @@ from typing import TYPE_CHECKING
 from workers.bench.engine_bench import WARMUP_PROMPTS
 from workers.bench.model_setup import SHAPES, ModelShape, build_model
 from workers.bench.workloads import Workload, shared_prefix
-from jobs.worker_process import delete_prefixed_keys, stop_process
+from jobs.worker_process import delete_prefixed_keys, start_worker, stop_process
 
 if TYPE_CHECKING:
     from sqlalchemy.orm import Session, sessionmaker
 
     from pipeline.settings import Settings
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 CONCURRENCY = 4  # chunks in flight in the worker; they share its one engine
 JOB_TIMEOUT_S = 1800
 POLL_S = 0.05
@@ -136,19 +135,12 @@ def run_pipeline(settings: Settings, workload: Workload, warmup: Workload, tmp: 
     upgrade(settings.database_url)
     client = redis.Redis.from_url(settings.broker_url)
     client.ping()  # fails now, with the URL, when Redis is down
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PIPELINE_")}
-    env.update(PYTHONPATH=str(REPO_ROOT), PIPELINE_MODEL=settings.model, PIPELINE_DATABASE_URL=settings.database_url,
-               PIPELINE_BROKER_URL=settings.broker_url, PIPELINE_REDIS_KEY_PREFIX=settings.redis_key_prefix,
-               PIPELINE_CHUNK_SIZE=str(settings.chunk_size))
     log_path = tmp / "worker.log"
     db_engine = make_engine(settings.database_url)
     factory = session_factory(db_engine)
     celery = make_celery(settings)
     with log_path.open("w") as worker_log:
-        worker = subprocess.Popen(
-            [sys.executable, "-m", "pipeline", "worker", "--concurrency", str(CONCURRENCY)],
-            cwd=tmp, env=env, stdout=worker_log, stderr=subprocess.STDOUT,
-        )
+        worker = start_worker(settings, tmp, worker_log, concurrency=CONCURRENCY)
         try:
             def send(chunk_id: int, queue: str) -> None:
                 celery.send_task(RUN_CHUNK_TASK, args=[chunk_id], queue=queue)
@@ -156,12 +148,12 @@ def run_pipeline(settings: Settings, workload: Workload, warmup: Workload, tmp: 
             warmup_path = tmp / "warmup.jsonl"
             write_jsonl(warmup_path, warmup.prompts, warmup.max_tokens, id_prefix="warmup")
             log("pipeline: warming the worker up (it builds its engine on its first chunk)")
-            _submit_and_wait(settings, factory, warmup_path, send, worker, log_path)
+            submit_and_wait(settings, factory, warmup_path, send, [worker], [log_path])
             path = tmp / "requests.jsonl"
             write_jsonl(path, workload.prompts, workload.max_tokens)
             log(f"pipeline: {len(workload.prompts)} requests through one worker (concurrency {CONCURRENCY})")
             started = time.perf_counter()
-            job_id = _submit_and_wait(settings, factory, path, send, worker, log_path)
+            job_id = submit_and_wait(settings, factory, path, send, [worker], [log_path])
             seconds = time.perf_counter() - started
             return _job_usage(factory, job_id, seconds)
         finally:
@@ -172,12 +164,14 @@ def run_pipeline(settings: Settings, workload: Workload, warmup: Workload, tmp: 
             client.close()
 
 
-def _submit_and_wait(settings: Settings, factory: sessionmaker[Session], path: Path, send: Callable[[int, str], None],
-                     worker: subprocess.Popen, log_path: Path) -> str:
+def submit_and_wait(settings: Settings, factory: sessionmaker[Session], path: Path, send: Callable[[int, str], None],
+                    workers: list[subprocess.Popen], log_paths: list[Path], timeout_s: float = JOB_TIMEOUT_S) -> str:
+    """Submit `path` and poll the database until the job is completed; returns its id. RuntimeError,
+    with the worker's log, if it ends otherwise, a worker exits, or `timeout_s` passes."""
     from pipeline.submit import job_summary, submit_file
 
     job_id = submit_file(settings, factory, path, send_chunk=send)["id"]
-    deadline = time.monotonic() + JOB_TIMEOUT_S
+    deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         with factory() as session:
             summary = job_summary(session, job_id)
@@ -185,10 +179,11 @@ def _submit_and_wait(settings: Settings, factory: sessionmaker[Session], path: P
             if summary["status"] != "completed":
                 raise RuntimeError(f"job {job_id} ended {summary['status']}: {summary['errors']}")
             return job_id
-        if worker.poll() is not None:
-            raise RuntimeError(f"the worker exited with {worker.returncode}:\n{log_path.read_text()[-4000:]}")
+        for worker, log_path in zip(workers, log_paths, strict=True):
+            if worker.poll() is not None:
+                raise RuntimeError(f"a worker exited with {worker.returncode}:\n{log_path.read_text()[-4000:]}")
         time.sleep(POLL_S)
-    raise RuntimeError(f"job {job_id} not finished after {JOB_TIMEOUT_S} s:\n{log_path.read_text()[-4000:]}")
+    raise RuntimeError(f"job {job_id} not finished after {timeout_s} s:\n{log_paths[0].read_text()[-4000:]}")
 
 
 def _job_usage(factory: sessionmaker[Session], job_id: str, seconds: float) -> SideResult:

@@ -93,3 +93,26 @@ def bench_pipeline(
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(1) from None
     typer.echo(format_pipeline_report(result))
+
+
+@bench_app.command("load")
+def bench_load(
+    lines: Annotated[int, typer.Option(min=10, help="Lines of the big job (a tenth runs first).")] = 100_000,
+    workers: Annotated[int, typer.Option(min=1, help="Worker processes.")] = 2,
+    concurrency: Annotated[int, typer.Option(min=1, help="Chunks in flight per worker.")] = 2,
+    chunk_size: Annotated[int, typer.Option(min=1, help="Requests per chunk.")] = 256,
+    max_tokens: Annotated[int, typer.Option(min=1, help="Tokens generated per line.")] = 4,
+    database_url: Annotated[Optional[str], typer.Option(
+        help="An empty or migrated database; default: a fresh local PostgreSQL database, dropped after.",
+    )] = None,
+    broker_url: Annotated[Optional[str], typer.Option(help="Redis URL; default: the local server.")] = None,
+) -> None:
+    """A large job of short generations over several workers: lines/s, every line once, flat memory."""
+    from jobs.bench.load_bench import format_load_report, run_load_bench
+
+    try:
+        result = run_load_bench(lines, workers, concurrency, chunk_size, max_tokens, broker_url, database_url)
+    except (ValueError, RuntimeError) as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(1) from None
+    typer.echo(format_load_report(result))

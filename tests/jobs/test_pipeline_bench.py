@@ -37,3 +37,21 @@ def test_bench_pipeline_completes_every_request(pg_admin) -> None:
     assert 0 < int(pipeline[2]) <= 16 * 8
     assert re.search(r"pipeline / engine tokens/s: [0-9.]+$", result.output.strip())
     assert "load average (1 min)" in result.output
+
+
+def test_bench_load_accounts_for_every_line_once(pg_admin) -> None:
+    result = CliRunner().invoke(app, ["bench", "load", "--lines", "80", "--workers", "2", "--concurrency", "1",
+                                      "--chunk-size", "8", "--max-tokens", "2"])
+    assert result.exit_code == 0, result.output
+    # lines, completed, failed; then seconds, lines/s and "each once": the warm-up job of two chunks
+    # per task slot (32 lines), then the full job.
+    warmup, full = _row(result.output, "32"), _row(result.output, "80")
+    assert warmup[:3] == ["32", "32", "0"] and warmup[5] == "yes"
+    assert full[:3] == ["80", "80", "0"] and full[5] == "yes"
+    assert re.search(r"worker peak RSS after 80 lines is at most [0-9.]+x that after 32", result.output)
+
+
+def test_bench_load_refuses_a_job_too_small_to_warm_every_worker() -> None:
+    result = CliRunner().invoke(app, ["bench", "load", "--lines", "100", "--workers", "2", "--chunk-size", "64"])
+    assert result.exit_code == 1
+    assert "--lines 100: use at least 512" in result.output
