@@ -5,6 +5,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 
+def storable_text(text: str) -> str:
+    """`text` with NUL characters replaced by U+FFFD. PostgreSQL's text and JSONB cannot hold NUL,
+    and a model may well generate one (a byte-level or byte-fallback token 0); SQLite gets the same
+    text, so both databases keep the same results and session histories."""
+    return text.replace("\x00", "\ufffd")
+
+
 @dataclass(slots=True, frozen=True)
 class RequestResult:
     """What running one request produced: text and usage, or an error (`error_code` set).

@@ -47,7 +47,7 @@ from db.repository import (
     upsert_session,
 )
 from db.retry import db_attempts
-from db.results import RecordOutcome, RequestResult
+from db.results import RecordOutcome, RequestResult, storable_text
 from jobs.engine_host import to_engine_request
 from jobs.lease_keeper import keep_lease
 from jobs.sessions import Message, turn_messages, with_history
@@ -258,6 +258,8 @@ def _result(request_id: int, out: CompletionOutput | ValueError | RequestEngineE
         message = str(out)
         code = "prompt_too_long" if isinstance(out, PromptTooLongError) else "invalid_prompt"
         return RequestResult(request_id, error_code=code, error_message=message)
-    return RequestResult(request_id, text=out.text, finish_reason=out.finish_reason,
+    # The text as the database keeps it, so that later turns of a session in this chunk see the
+    # history that later chunks will read back.
+    return RequestResult(request_id, text=storable_text(out.text), finish_reason=out.finish_reason,
                          prompt_tokens=out.num_prompt_tokens, cached_tokens=out.num_cached_tokens,
                          completion_tokens=len(out.token_ids))

@@ -36,6 +36,11 @@ class InputError(FileError):
     type, a JSON array instead of JSONL, or a Parquet file that is corrupted or has no prompt column."""
 
 
+class ChunksNotQueued(PipelineError):
+    """A job was stored but the broker refused its chunks' tasks (Redis down, say). Nothing is
+    lost: beat's lost-chunk sweep queues the chunks once the broker is back."""
+
+
 class OutputError(FileError):
     """A result file cannot be created where asked (no such folder, a directory in the way, no
     permission)."""

@@ -35,15 +35,15 @@ PRESETS: Mapping[str, Preset] = MappingProxyType({p.name: p for p in (
     _preset(
         "production",
         "GPU workers in bfloat16 with the engine's default batch shape; chunks sized so a redelivery "
-        "repeats little work, a visibility timeout with room for slow chunks.",
-        device="cuda", dtype="bfloat16", chunk_size=128, visibility_timeout_s=6 * 3600, task_max_redeliveries=3,
+        "repeats little work.",
+        device="cuda", dtype="bfloat16", chunk_size=128, task_max_redeliveries=3,
     ),
     _preset(
         "high_performance",
         "Throughput on a large GPU: more sequences and tokens per step, big chunks, the adaptive "
         "eviction policy (keeps often-reused prefixes through floods of one-off prompts).",
         device="cuda", dtype="bfloat16", max_num_seqs=512, max_num_batched_tokens=8192, chunk_size=512,
-        eviction_policy="adaptive", visibility_timeout_s=6 * 3600,
+        eviction_policy="adaptive",
     ),
     _preset(
         "memory_efficient",
@@ -54,7 +54,7 @@ PRESETS: Mapping[str, Preset] = MappingProxyType({p.name: p for p in (
     _preset(
         "bulk_processing",
         "Large overnight files: very large chunks (fewer tasks, more prefix sharing within a chunk), "
-        "a long visibility timeout to match, adaptive eviction for the shared system prompts.",
-        chunk_size=1024, max_num_batched_tokens=4096, eviction_policy="adaptive", visibility_timeout_s=12 * 3600,
+        "adaptive eviction for the shared system prompts.",
+        chunk_size=1024, max_num_batched_tokens=4096, eviction_policy="adaptive",
     ),
 )})

@@ -90,8 +90,10 @@ class Settings:
         metadata=_doc("Prefix of every Redis key the pipeline writes (kombu's global_keyprefix), so that "
                       "deployments and test runs can share one Redis."),
     )
+    # Minutes, not hours: the lease is renewed while a chunk runs, so this bounds how long a dead
+    # worker's chunk waits, not how long a chunk may take.
     visibility_timeout_s: int = field(
-        default=3 * 3600,
+        default=600,
         metadata=_doc("Seconds before a dead worker's chunk is redelivered: Redis's visibility timeout and the "
                       "chunk lease, which a worker renews while its chunk runs."),
     )
@@ -128,6 +130,10 @@ class Settings:
     )
     enable_prefix_caching: bool = field(default=True, metadata=_doc("Reuse the KV blocks of shared prefixes."))
     max_num_seqs: int = field(default=256, metadata=_doc("Sequences the scheduler runs at once."))
+    cpu_threads: int | None = field(
+        default=None, metadata=_doc("CPU threads of a worker's engine; unset: one per core. Workers sharing a "
+                                    "machine should split its cores (2 workers on 8 cores: 4 each).", "4"),
+    )
     max_num_batched_tokens: int = field(default=2048, metadata=_doc("Token budget of one engine step."))
     # Cost table
     price_per_1k_prompt_tokens: float = field(default=0.0, metadata=_doc("Price of 1,000 uncached prompt tokens."))
@@ -162,7 +168,7 @@ class Settings:
     def engine_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for `workers.EngineConfig` (which validates them again)."""
         names = ("model", "device", "dtype", "block_size", "kv_cache_memory_bytes", "kv_cache_dtype",
-                 "eviction_policy", "enable_prefix_caching", "max_num_seqs", "max_num_batched_tokens")
+                 "eviction_policy", "enable_prefix_caching", "max_num_seqs", "max_num_batched_tokens", "cpu_threads")
         return {name: getattr(self, name) for name in names}
 
     @property
@@ -297,6 +303,7 @@ _CHECKS: dict[str, typing.Callable[[Any], str | None]] = {
     "kv_cache_dtype": _choice(KV_CACHE_DTYPES),
     "eviction_policy": _choice(EVICTION_POLICIES),
     "max_num_seqs": _int_range(1, None, "sequences per step"),
+    "cpu_threads": lambda v: None if v is None or v >= 1 else "expected a positive number of threads, or unset",
     "max_num_batched_tokens": _int_range(1, None, "tokens per step"),
     "price_per_1k_prompt_tokens": _check_price,
     "price_per_1k_cached_tokens": _check_price,

@@ -20,6 +20,8 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+from kombu.exceptions import OperationalError as KombuOperationalError
+from redis.exceptions import RedisError
 from sqlalchemy import delete, update
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -34,6 +36,7 @@ from db.repository import (
     record_errors,
     set_status,
 )
+from pipeline.errors import ChunksNotQueued
 from pipeline.input_reader import read_requests
 from pipeline.queues import queue_for
 from pipeline.request_spec import ENDPOINT_URLS, LineError, RequestSpec
@@ -95,7 +98,13 @@ def submit_file(
             set_status(session, job_id, JobStatus.FINALIZING)
             set_status(session, job_id, JobStatus.COMPLETED)
         sends = [(chunk.id, chunk.priority.value) for chunk in chunks]
-    send_chunks(session_factory, sends, send_chunk)
+    try:
+        send_chunks(session_factory, sends, send_chunk)
+    except (OSError, KombuOperationalError, RedisError) as e:  # what sending raises with Redis away
+        raise ChunksNotQueued(
+            f"job {job_id} is stored, but its tasks could not be queued ({e}); beat's lost-chunk sweep "
+            "queues them once the broker is back (check PIPELINE_BROKER_URL and that Redis runs). Do not "
+            "submit the file again without --idempotency-key: that would make a second job") from e
     with session_factory.begin() as session:
         return job_summary(session, job_id)
 

@@ -36,6 +36,8 @@ class LLMEngine:
 
     def __init__(self, config: EngineConfig | None = None) -> None:
         self.config = config = config or EngineConfig()
+        if config.cpu_threads is not None:
+            torch.set_num_threads(config.cpu_threads)
         self.device = _device(config)
         self.loaded = load_model(config.model, self.device, config.dtype, config.max_model_len)
         cfg = self.loaded.config

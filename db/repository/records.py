@@ -15,6 +15,7 @@ from sqlalchemy.orm import Session
 from db.base import utcnow
 from db.records import ErrorEvent, JobUsage, SessionRecord
 from db.repository._locks import write_lock
+from db.results import storable_text
 
 ERROR_FIELDS = ("job_id", "chunk_id", "line", "custom_id", "kind", "message", "traceback", "created_at")
 
@@ -163,7 +164,8 @@ def upsert_session(
             record = session.scalar(_session_query(session_id, tenant_id).with_for_update())
             if record is None:
                 raise
-    record.history = [*record.history, *(dict(m) for m in messages)]  # a new list: JSON is not mutable-tracked
+    turn = [{"role": m["role"], "content": storable_text(m["content"])} for m in messages]
+    record.history = [*record.history, *turn]  # a new list: JSON is not mutable-tracked
     record.turns += 1
     record.job_id = job_id
     record.last_used_at = now

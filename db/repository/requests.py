@@ -15,7 +15,7 @@ from db.base import utcnow
 from db.enums import ChunkStatus, RequestStatus
 from db.models import Chunk, Job, Request
 from db.repository._locks import batches, lock_rows, write_lock
-from db.results import RecordOutcome, RequestResult
+from db.results import RecordOutcome, RequestResult, storable_text
 
 INSERT_BATCH_SIZE = 5_000
 REQUEST_FIELDS = ("line", "custom_id", "endpoint", "body", "prefix_key", "dedupe_key", "session_id", "turn")
@@ -197,7 +197,7 @@ def _write_results(session: Session, results: list[RequestResult], now: datetime
         {
             "b_id": r.request_id,
             "b_status": RequestStatus.FAILED if r.failed else RequestStatus.COMPLETED,
-            "b_text": _storable(r.text),
+            "b_text": None if r.text is None else storable_text(r.text),
             "b_finish_reason": r.finish_reason,
             "b_prompt_tokens": r.prompt_tokens,
             "b_cached_tokens": r.cached_tokens,
@@ -213,13 +213,6 @@ def _write_results(session: Session, results: list[RequestResult], now: datetime
         obj = session.identity_map.get(identity_key(Request, r.request_id))
         if obj is not None:
             session.expire(obj)
-
-
-def _storable(text: str | None) -> str | None:
-    """`text` with NUL characters replaced by U+FFFD: PostgreSQL text cannot hold NUL, and a model
-    may well generate one (a byte-level or byte-fallback token 0); SQLite gets the same text, so
-    both databases return the same results."""
-    return None if text is None else text.replace("\x00", "\ufffd")
 
 
 def _add_to_counts(session: Session, job_id: str, *, completed: int, failed: int) -> None:

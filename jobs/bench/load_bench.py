@@ -51,6 +51,7 @@ class LoadBenchResult:
     concurrency: int
     chunk_size: int
     max_tokens: int
+    cpu_threads: int  # of each worker
     engine_lines: int  # prompts of the raw-engine reference run
     engine_seconds: float
     runs: list[LoadRun]
@@ -114,8 +115,11 @@ def run_load_bench(num_lines: int = 100_000, num_workers: int = 2, concurrency: 
     engine_seconds = run_engine(sizes[0], max_tokens)
     with tempfile.TemporaryDirectory(prefix="bench-load-") as tmp_name, database(database_url) as url:
         tmp = Path(tmp_name)
+        # The workers split the machine's cores, as a deployment of several workers on one machine
+        # must (`cpu_threads`); the raw engine above had them all.
         settings = Settings(model="tiny", database_url=url, broker_url=broker_url or Settings().broker_url,
-                            redis_key_prefix=f"pipeline-bench-{uuid.uuid4().hex[:12]}:", chunk_size=chunk_size)
+                            redis_key_prefix=f"pipeline-bench-{uuid.uuid4().hex[:12]}:", chunk_size=chunk_size,
+                            cpu_threads=max(1, (os.cpu_count() or 1) // num_workers))
         upgrade(url)
         client = redis.Redis.from_url(settings.broker_url)
         client.ping()  # fails now, with the URL, when Redis is down
@@ -145,7 +149,8 @@ def run_load_bench(num_lines: int = 100_000, num_workers: int = 2, concurrency: 
             db_engine.dispose()
             delete_prefixed_keys(client, settings.redis_key_prefix)
             client.close()
-    return LoadBenchResult(num_workers, concurrency, chunk_size, max_tokens, sizes[0], engine_seconds, runs,
+    return LoadBenchResult(num_workers, concurrency, chunk_size, max_tokens, settings.cpu_threads, sizes[0],
+                           engine_seconds, runs,
                            (load_start, os.getloadavg()[0]))
 
 
@@ -172,7 +177,8 @@ def _account(factory, job_id: str, num_lines: int, seconds: float, peaks: list[i
 def format_load_report(result: LoadBenchResult) -> str:
     rows = [
         (f"load benchmark: tiny model, max_tokens {result.max_tokens}, {result.num_workers} workers x concurrency "
-         f"{result.concurrency}, chunks of {result.chunk_size}, PostgreSQL + Redis"),
+         f"{result.concurrency} ({result.cpu_threads} CPU threads each), chunks of {result.chunk_size}, "
+         "PostgreSQL + Redis"),
         (f"load average (1 min) {result.load_average[0]:.2f} at start, {result.load_average[1]:.2f} at end, "
          f"{os.cpu_count()} CPUs"),
         f"{'lines':>8} {'completed':>9} {'failed':>6} {'seconds':>8} {'lines/s':>8} {'each once':>9}  worker peak RSS",
@@ -181,7 +187,7 @@ def format_load_report(result: LoadBenchResult) -> str:
         peaks = ", ".join(f"{p / 2**20:.0f} MiB" for p in run.worker_peak_rss_bytes)
         rows.append(f"{run.num_lines:>8} {run.num_completed:>9} {run.num_failed:>6} {run.seconds:>8.1f} "
                     f"{run.lines_per_s:>8.1f} {'yes' if run.accounted_once else 'NO':>9}  {peaks}")
-    rows.append(f"raw engine (one process, the same prompts, first {result.engine_lines} lines): "
+    rows.append(f"raw engine (one process, all {os.cpu_count()} CPUs, the same prompts, first {result.engine_lines} lines): "
                 f"{result.engine_lines_per_s:.1f} lines/s; pipeline / engine: "
                 f"{result.runs[-1].lines_per_s / result.engine_lines_per_s:.3f}")
     first, last = result.runs[0], result.runs[-1]

@@ -26,6 +26,11 @@ class ScaleChoice(str, enum.Enum):
     small = "small"
 
 
+DatabaseUrlOption = Annotated[Optional[str], typer.Option(
+    help="An empty or migrated database; default: a fresh local PostgreSQL database, dropped after.")]
+BrokerUrlOption = Annotated[Optional[str], typer.Option(help="Redis URL; default: the local server.")]
+
+
 
 @bench_app.callback()
 def bench() -> None:
@@ -79,10 +84,8 @@ def bench_submit(
 def bench_pipeline(
     requests: Annotated[int, typer.Option(min=1, help="Prompts of the shared-prefix workload.")] = 512,
     scale: Annotated[ScaleChoice, typer.Option(help="'small': a tiny model, short prompts.")] = ScaleChoice.full,
-    database_url: Annotated[Optional[str], typer.Option(
-        help="An empty or migrated database; default: a fresh local PostgreSQL database, dropped after.",
-    )] = None,
-    broker_url: Annotated[Optional[str], typer.Option(help="Redis URL; default: the local server.")] = None,
+    database_url: DatabaseUrlOption = None,
+    broker_url: BrokerUrlOption = None,
 ) -> None:
     """The whole pipeline (submit, Redis, one worker, PostgreSQL) against the raw engine, same prompts."""
     from jobs.bench.pipeline_bench import format_pipeline_report, run_pipeline_bench
@@ -97,15 +100,13 @@ def bench_pipeline(
 
 @bench_app.command("load")
 def bench_load(
-    lines: Annotated[int, typer.Option(min=10, help="Lines of the big job (a tenth runs first).")] = 100_000,
+    lines: Annotated[int, typer.Option(min=1, help="Lines of the big job (a tenth, or more, runs first).")] = 100_000,
     workers: Annotated[int, typer.Option(min=1, help="Worker processes.")] = 2,
     concurrency: Annotated[int, typer.Option(min=1, help="Chunks in flight per worker.")] = 2,
     chunk_size: Annotated[int, typer.Option(min=1, help="Requests per chunk.")] = 256,
     max_tokens: Annotated[int, typer.Option(min=1, help="Tokens generated per line.")] = 4,
-    database_url: Annotated[Optional[str], typer.Option(
-        help="An empty or migrated database; default: a fresh local PostgreSQL database, dropped after.",
-    )] = None,
-    broker_url: Annotated[Optional[str], typer.Option(help="Redis URL; default: the local server.")] = None,
+    database_url: DatabaseUrlOption = None,
+    broker_url: BrokerUrlOption = None,
 ) -> None:
     """A large job of short generations over several workers: lines/s, every line once, flat memory."""
     from jobs.bench.load_bench import format_load_report, run_load_bench

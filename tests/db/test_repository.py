@@ -810,6 +810,21 @@ def test_upsert_session_appends_turns_per_tenant(session, factory):
     assert get_session(session, "s1") is not None and get_session(session, "s1", tenant_id=tenant.id) is None
 
 
+def test_nul_characters_in_answers_are_stored_as_replacement_characters(session, factory):
+    """PostgreSQL's text and JSONB refuse NUL, which a model can generate: results and session
+    histories keep U+FFFD instead, on SQLite as well, so both databases return the same."""
+    job = new_job(session, 1)
+    [chunk] = assign_chunks(session, job.id, 10, now=T0)
+    [request] = chunk_requests(session, chunk.id)
+    record_results(session, chunk.id, [RequestResult(request.id, text="a\x00b", finish_reason="stop",
+                                                     prompt_tokens=3, cached_tokens=0, completion_tokens=3)])
+    upsert_session(session, "s1", [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "x\x00"}])
+    session.commit()
+    with factory() as fresh:
+        assert fresh.get(Request, request.id).text == "a\ufffdb"
+        assert [m["content"] for m in get_session(fresh, "s1").history] == ["hi", "x\ufffd"]
+
+
 def test_session_ids_without_a_tenant_are_unique(session):
     from db import SessionRecord
 

@@ -10,6 +10,7 @@ The job then completes with every line exactly once.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from db import make_engine, session_factory
@@ -50,8 +51,9 @@ def test_redis_restart_mid_job_loses_the_queues_and_the_sweep_completes_the_job_
             assert queued, "the outage must land while chunks are still queued"
 
             # While Redis is away: sending fails with one line; reading the job (the database) works.
-            assert_one_error_line(cli(env, tmp_path, "submit", "late.jsonl", "--idempotency-key", "late"),
-                                  mentions="broker")
+            late = cli(env, tmp_path, "submit", "late.jsonl", "--idempotency-key", "late")
+            assert_one_error_line(late, mentions="broker")
+            assert re.search(r"error: job batch_\w+ is stored, but its tasks could not be queued", late.stderr)
             status = cli_ok(env, tmp_path, "status", job_id).stdout
             assert job_id in status and "in_progress" in status
             wait_until(lambda: log_count(log, "Cannot connect to redis://") or None,

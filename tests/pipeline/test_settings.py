@@ -43,7 +43,7 @@ def test_defaults(in_tmp: Path) -> None:
         "redis://127.0.0.1:6379/0", "pipeline:", "tiny", "cpu", "float32")
     assert (s.block_size, s.kv_cache_memory_bytes, s.kv_cache_dtype, s.eviction_policy) == (16, None, "auto", "lru")
     assert (s.max_num_seqs, s.max_num_batched_tokens, s.chunk_size) == (256, 2048, 64)
-    assert (s.visibility_timeout_s, s.task_max_redeliveries, s.completion_window) == (10800, 3, "24h")
+    assert (s.visibility_timeout_s, s.task_max_redeliveries, s.completion_window) == (600, 3, "24h")
     assert s.completion_window_s == 86400
     assert (s.results_dir, s.backups_dir, s.cache_dir) == (in_tmp / "results", in_tmp / "backups", in_tmp / "kv_cache")
     assert (s.nightly_runs, s.preset, s.timezone) == ((), None, "UTC")

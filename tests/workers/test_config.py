@@ -46,7 +46,7 @@ def test_defaults() -> None:
     assert dataclasses.asdict(c) == dict(
         model="tiny", device="cpu", dtype="float32", block_size=16, num_kv_blocks=None, kv_cache_memory_bytes=None,
         gpu_memory_utilization=0.9, enable_prefix_caching=True, eviction_policy="lru", kv_cache_dtype="auto",
-        max_num_seqs=256, max_num_batched_tokens=2048, max_model_len=None, seed=0,
+        max_num_seqs=256, max_num_batched_tokens=2048, max_model_len=None, seed=0, cpu_threads=None,
     )
 
 
@@ -63,6 +63,7 @@ GOOD = [
     dict(gpu_memory_utilization=1.0),
     dict(max_num_seqs=1),
     dict(max_model_len=2),
+    dict(cpu_threads=1),
     dict(model="/models/llama", seed=2**63 - 1, enable_prefix_caching=False),
 ]
 
@@ -77,3 +78,22 @@ def test_frozen() -> None:
     c = EngineConfig()
     with pytest.raises(dataclasses.FrozenInstanceError):
         c.block_size = 32  # type: ignore[misc]
+
+
+@pytest.mark.parametrize("value", [0, -2, True, 1.5, "4"])
+def test_cpu_threads_must_be_a_positive_integer(value: object) -> None:
+    with pytest.raises(ValueError, match=r"cpu_threads=.* must be a positive integer, or None for one per core"):
+        EngineConfig(cpu_threads=value)  # type: ignore[arg-type]
+
+
+def test_cpu_threads_sets_the_process_pool() -> None:
+    import torch
+
+    from workers import LLMEngine
+
+    before = torch.get_num_threads()
+    try:
+        LLMEngine(EngineConfig(num_kv_blocks=8, cpu_threads=1))
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
