@@ -17,16 +17,18 @@ from pathlib import Path
 
 from sqlalchemy import select
 
-from db.enums import RequestStatus
+from db.enums import JobStatus, RequestStatus
 from db.models import Chunk, Request
 from db.repository import job_errors
 
+from fault_checks import job_status
 from fault_deployment import Services, Worker
 from line_outcomes import COMPLETED, error_messages, line_outcomes
 
-# Long generations (short prompts) so that a chunk runs for seconds: the test must see it running
-# and kill its worker before it ends. The fast lines are the rest of the job.
-SLOW = [{"custom_id": f"slow-{i}", "text": f"Slow story {i}:", "max_tokens": 300, "temperature": 0}
+# Long generations (short prompts) so that a chunk runs for many seconds: the test must see each
+# run of it (polling the database) and kill its worker before it ends; a run of 1.5 s once slipped
+# between two polls. The fast lines are the rest of the job.
+SLOW = [{"custom_id": f"slow-{i}", "text": f"Slow story {i}:", "max_tokens": 2000, "temperature": 0}
         for i in range(2)]
 FAST = [{"custom_id": f"fast-{i}", "text": f"Fast line {i}", "max_tokens": 6, "temperature": 0} for i in range(2)]
 
@@ -57,7 +59,7 @@ def _pending(services: Services, job_id: str, custom_ids: list[str]) -> bool:
 
 def _ended(services: Services, job_id: str) -> bool:
     services.sweep()  # as beat would, every poll instead of every 10 minutes
-    return services.cli("status", job_id, "--json").stdout.count('"status": "completed"') == 1
+    return job_status(services.factory, job_id) == JobStatus.COMPLETED  # the database: polls stay quick
 
 
 def test_a_chunk_killed_mid_run_is_finished_by_another_worker_once(services) -> None:
