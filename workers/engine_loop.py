@@ -127,7 +127,9 @@ class EngineLoop:
         self._in_flight.clear()
         for request_id, _ in suspects:
             self.engine.abort_request(request_id)
-        self._scrub()
+        # The failed step may have left blocks registered in the prefix cache but never written, or
+        # NaN in blocks others will reuse; nothing holds blocks now.
+        self.engine.scrub_kv_cache()
         for _, request in suspects:
             try:
                 request.future.set_result(self._run_alone(request))
@@ -135,7 +137,7 @@ class EngineLoop:
                 request.future.set_exception(e)
             except Exception as e:  # noqa: BLE001 - the request's own failure, reported to its caller
                 log.exception("a request failed alone in the engine; failing it")
-                self._scrub()
+                self.engine.scrub_kv_cache()
                 request.future.set_exception(RequestEngineError(
                     f"the engine failed on this request run alone: {type(e).__name__}: {e}", traceback.format_exc()))
 
@@ -149,8 +151,3 @@ class EngineLoop:
         except BaseException:
             self.engine.abort_request(request_id)
             raise
-
-    def _scrub(self) -> None:
-        # A step that raised may have left blocks registered in the prefix cache but never written,
-        # or NaN in blocks others will reuse (`scrub_kv_cache`). Nothing holds blocks now.
-        self.engine.scrub_kv_cache()

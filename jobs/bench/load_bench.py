@@ -62,13 +62,18 @@ class LoadBenchResult:
         return self.engine_lines / self.engine_seconds
 
 
+def prompt_text(i: int) -> str:
+    """The prompt of line `i`: short and distinct."""
+    return f"Item {i}: summarise it."
+
+
 def run_engine(num_lines: int, max_tokens: int) -> float:
     """Seconds the raw tiny engine takes, in this process, for the first `num_lines` prompts of the
     load file (after a warm-up): the model's own speed, for reference."""
     from workers import EngineConfig, LLMEngine, SamplingParams
 
     engine = LLMEngine(EngineConfig(model="tiny"))
-    prompts = [engine.tokenizer.encode(f"Item {i}: summarise it.") for i in range(num_lines)]
+    prompts = [engine.tokenizer.encode(prompt_text(i)) for i in range(num_lines)]
     params = SamplingParams(max_tokens=max_tokens, temperature=0.0)
     engine.generate(prompts[:64], params)
     started = time.perf_counter()
@@ -78,8 +83,8 @@ def run_engine(num_lines: int, max_tokens: int) -> float:
 
 def write_load_file(path: Path, num_lines: int, max_tokens: int, id_prefix: str) -> None:
     with path.open("w") as f:
-        for i in range(num_lines):  # the prompts `run_engine` runs
-            f.write(json.dumps({"custom_id": f"{id_prefix}{i}", "text": f"Item {i}: summarise it.",
+        for i in range(num_lines):
+            f.write(json.dumps({"custom_id": f"{id_prefix}{i}", "text": prompt_text(i),
                                 "max_tokens": max_tokens, "temperature": 0}) + "\n")
 
 
@@ -98,8 +103,9 @@ def run_load_bench(num_lines: int = 100_000, num_workers: int = 2, concurrency: 
     None: a fresh local PostgreSQL database, dropped afterwards."""
     if num_workers < 1 or concurrency < 1 or chunk_size < 1:
         raise ValueError("--workers, --concurrency and --chunk-size must be at least 1")
-    if num_lines < 2 * num_workers * concurrency * chunk_size:
-        raise ValueError(f"--lines {num_lines}: use at least {2 * num_workers * concurrency * chunk_size} "
+    warmup_lines = 2 * num_workers * concurrency * chunk_size  # two chunks per task slot of the workers
+    if num_lines < warmup_lines:
+        raise ValueError(f"--lines {num_lines}: use at least {warmup_lines} "
                          "(two chunks per task slot of the workers), or a smaller --chunk-size")
     import redis
 
@@ -110,7 +116,7 @@ def run_load_bench(num_lines: int = 100_000, num_workers: int = 2, concurrency: 
     from pipeline.settings import Settings
 
     load_start = os.getloadavg()[0]
-    sizes = (max(num_lines // 10, 2 * num_workers * concurrency * chunk_size), num_lines)
+    sizes = (max(num_lines // 10, warmup_lines), num_lines)
     log(f"raw engine: {sizes[0]} lines")
     engine_seconds = run_engine(sizes[0], max_tokens)
     with tempfile.TemporaryDirectory(prefix="bench-load-") as tmp_name, database(database_url) as url:

@@ -130,7 +130,7 @@ def run_pipeline(settings: Settings, workload: Workload, warmup: Workload, tmp: 
 
     from db.migrate import upgrade
     from db.session import make_engine, session_factory
-    from pipeline.celery_app import RUN_CHUNK_TASK, make_celery
+    from pipeline.celery_app import chunk_sender, make_celery
 
     upgrade(settings.database_url)
     client = redis.Redis.from_url(settings.broker_url)
@@ -142,9 +142,7 @@ def run_pipeline(settings: Settings, workload: Workload, warmup: Workload, tmp: 
     with log_path.open("w") as worker_log:
         worker = start_worker(settings, tmp, worker_log, concurrency=CONCURRENCY)
         try:
-            def send(chunk_id: int, queue: str) -> None:
-                celery.send_task(RUN_CHUNK_TASK, args=[chunk_id], queue=queue)
-
+            send = chunk_sender(celery)  # as `pipeline submit` sends
             warmup_path = tmp / "warmup.jsonl"
             write_jsonl(warmup_path, warmup.prompts, warmup.max_tokens, id_prefix="warmup")
             log("pipeline: warming the worker up (it builds its engine on its first chunk)")

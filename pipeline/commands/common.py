@@ -89,7 +89,12 @@ def ingest_progress(file: Path, quiet: bool) -> tuple[Progress, Callable[[int, i
     return progress, lambda read, rejected: progress.update(f"{read:,} lines, {rejected:,} rejected")
 
 
-def export_progress(output: Path, quiet: bool) -> tuple[Progress, Callable[[int, int], None]]:
-    """(the progress of writing a job's files, the `on_progress` callback `export_results` takes)."""
+def export_with_progress(factory, job_id: str, output: Path, errors: Path | None, quiet: bool):
+    """`export_results` of the job, with its progress on stderr; returns its ExportCounts."""
+    from pipeline.export import export_results
+
     progress = Progress(f"writing {output.name}", enabled=not quiet)
-    return progress, lambda done, total: progress.update(f"{bar(done, total)} lines")
+    counts = export_results(factory, job_id, output, errors,
+                            on_progress=lambda done, total: progress.update(f"{bar(done, total)} lines"))
+    progress.finish(f"{counts.results + counts.errors:,} lines")
+    return counts

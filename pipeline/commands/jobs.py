@@ -12,7 +12,7 @@ import typer
 from pipeline.commands.common import (
     JsonOption,
     QuietOption,
-    export_progress,
+    export_with_progress,
     guarded,
     ingest_progress,
     print_job,
@@ -127,15 +127,12 @@ def results(
     quiet: QuietOption = False,
 ) -> None:
     """Write a finished job's results (and, with --errors, its failed lines)."""
-    from pipeline.export import export_results
     from pipeline.settings import load_settings
 
+    del ordered  # results are always in input order (`export_results`)
+
     def action():
-        writing, on_written = export_progress(output, quiet)
-        counts = export_results(sessions(load_settings().database_url), job_id, output, errors, ordered,
-                                on_progress=on_written)
-        writing.finish(f"{counts.results + counts.errors:,} lines")
-        return counts
+        return export_with_progress(sessions(load_settings().database_url), job_id, output, errors, quiet)
 
     _report_export(guarded(action), output, errors)
 
@@ -160,7 +157,6 @@ def run(
     When nothing can run (every line rejected, or one with --strict) it exits 1 and writes no file."""
     from db.migrate import upgrade
     from pipeline.commands.rejections import find_rejections, print_rejections
-    from pipeline.export import export_results
     from pipeline.settings import load_settings
     from pipeline.submit import submit_file
 
@@ -191,9 +187,6 @@ def run(
                           max_redeliveries=settings.task_max_redeliveries)
             running.update(f"{bar(done, len(chunk_ids))} chunks")
         running.finish(f"{bar(len(chunk_ids), len(chunk_ids))} chunks")
-        writing, on_written = export_progress(output, quiet)
-        counts = export_results(factory, summary["id"], output, errors, on_progress=on_written)
-        writing.finish(f"{counts.results + counts.errors:,} lines")
-        return counts
+        return export_with_progress(factory, summary["id"], output, errors, quiet)
 
     _report_export(guarded(action), output, errors)
