@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-SUPPORTED_DTYPES = ("float32", "bfloat16", "float16")
+SUPPORTED_DTYPES = ("auto", "float32", "bfloat16", "float16")
 KV_CACHE_DTYPES = ("auto", "int8", "fp8")
+ATTENTION_BACKENDS = ("auto", "reference", "cpu", "triton")  # workers/attention
 EVICTION_POLICIES = ("lru", "lfu", "fifo", "adaptive")
 
 
@@ -19,7 +20,7 @@ class EngineConfig:
 
     model: str = "tiny"
     device: str = "cpu"
-    dtype: str = "float32"
+    dtype: str = "auto"  # bfloat16 where the device computes it natively, else float32 (workers/dtype_choice.py)
     block_size: int = 16
     num_kv_blocks: int | None = None
     kv_cache_memory_bytes: int | None = None
@@ -27,6 +28,7 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     eviction_policy: str = "lru"
     kv_cache_dtype: str = "auto"
+    attention_backend: str = "auto"  # workers/attention: "reference", "cpu", "triton"; auto: the fastest here
     max_num_seqs: int = 256
     max_num_batched_tokens: int = 2048
     max_model_len: int | None = None
@@ -49,6 +51,10 @@ class EngineConfig:
             )
         if self.kv_cache_dtype == "fp8" and self.device == "cpu":
             raise ValueError("kv_cache_dtype='fp8' needs a CUDA GPU with fp8 support; on the CPU use 'int8'")
+        if self.attention_backend not in ATTENTION_BACKENDS:
+            raise ValueError(
+                f"attention_backend={self.attention_backend!r} is unknown; use one of {', '.join(ATTENTION_BACKENDS)}"
+            )
         if self.eviction_policy not in EVICTION_POLICIES:
             raise ValueError(
                 f"eviction_policy={self.eviction_policy!r} is unknown; use one of {', '.join(EVICTION_POLICIES)}"

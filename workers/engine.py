@@ -8,7 +8,9 @@ from collections.abc import Sequence as Seq
 
 import torch
 
+from workers.attention import make_backend
 from workers.config import EngineConfig
+from workers.dtype_choice import resolve_dtype
 from workers.errors import PromptTooLongError
 from workers.hashing import root_hash
 from workers.kv_cache import PagedKVCache
@@ -39,26 +41,28 @@ class LLMEngine:
         if config.cpu_threads is not None:
             torch.set_num_threads(config.cpu_threads)
         self.device = _device(config)
-        self.loaded = load_model(config.model, self.device, config.dtype, config.max_model_len)
+        self.dtype = resolve_dtype(config.dtype, self.device)  # "auto" resolved; the config keeps what was asked
+        self.loaded = load_model(config.model, self.device, self.dtype, config.max_model_len)
         cfg = self.loaded.config
         self.tokenizer = self.loaded.tokenizer
         self.max_model_len = self.loaded.max_model_len
-        dtype = DTYPES[config.dtype]
+        dtype = DTYPES[self.dtype]
         per_block = PagedKVCache.bytes_per_block(
             cfg.num_layers, config.block_size, cfg.num_kv_heads, cfg.head_dim, dtype, config.kv_cache_dtype
         )
         num_blocks = num_kv_blocks(config, self.device, per_block, self.max_model_len)
-        self.kv_cache = PagedKVCache(
-            cfg.num_layers, num_blocks, config.block_size, cfg.num_kv_heads, cfg.head_dim, dtype, self.device,
-            config.kv_cache_dtype,
-        )
+        self.attention = make_backend(config.attention_backend, self.device, cfg.num_heads, cfg.num_kv_heads,
+                                      cfg.head_dim)
+        self.kv_cache = self.attention.make_cache(cfg.num_layers, num_blocks, config.block_size, dtype, self.device,
+                                                  config.kv_cache_dtype)
         self.kv_manager = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching, config.eviction_policy)
         eos = frozenset(self.tokenizer.eos_token_ids | set(cfg.eos_token_ids))
         self.scheduler = Scheduler(
             self.kv_manager, StopChecker(eos, self.tokenizer.decode, self.max_model_len),
             config.max_num_seqs, config.max_num_batched_tokens,
         )
-        self.runner = ModelRunner(self.loaded.model, self.kv_cache, self.device, config.seed)
+        self.runner = ModelRunner(self.loaded.model, self.attention, self.kv_cache, self.device, config.seed,
+                                  config.max_num_seqs, -(-self.max_model_len // config.block_size))
         self._ids = itertools.count()
         self._live: dict[str, Sequence] = {}
         self._stats = EngineStats()
@@ -90,6 +94,8 @@ class LLMEngine:
         scheduled = self.scheduler.schedule()
         sampled = self.runner.execute(scheduled)
         finished = self.scheduler.update(scheduled, sampled)
+        for seq in finished:
+            self.runner.release(seq.request_id)
         self._stats.record_step(scheduled.num_batched_tokens, len(sampled), time.perf_counter() - started)
         return [self._finish(seq) for seq in finished]
 
@@ -99,6 +105,7 @@ class LLMEngine:
     def abort_request(self, request_id: str) -> bool:
         seq = self.scheduler.abort(request_id)
         self._live.pop(request_id, None)
+        self.runner.release(request_id)
         return seq is not None
 
     def generate(
@@ -122,10 +129,12 @@ class LLMEngine:
                 done[output.request_id] = output
         return [done[i] for i in ids]
 
-    def next_token_logits(self, prompts: Seq[Prompt], cache_salt: str | None = None) -> list[torch.Tensor]:
-        """Full-vocabulary float32 logits after each prompt, computed through the paged cache (for
-        evaluation: reference checks and KV quantization error)."""
-        params = SamplingParams(max_tokens=1, ignore_eos=True)
+    def next_token_logits(self, prompts: Seq[Prompt], cache_salt: str | None = None,
+                          decode_steps: int = 0) -> list[torch.Tensor]:
+        """Full-vocabulary float32 logits after each prompt and `decode_steps` greedy tokens,
+        computed through the paged cache (for evaluation: reference checks, KV quantization and
+        bf16 error, backends against each other)."""
+        params = SamplingParams(max_tokens=1 + decode_steps, ignore_eos=True)
         ids = [self.add_request(p, params, cache_salt=cache_salt) for p in prompts]
         for request_id in ids:
             self._live[request_id].keep_logits = True
@@ -155,6 +164,8 @@ class LLMEngine:
         return {
             "model": self.config.model,
             "device": str(self.device),
+            "dtype": self.dtype,
+            "attention_backend": self.attention.name,
             "kv_cache_dtype": self.config.kv_cache_dtype,
             "eviction_policy": self.config.eviction_policy,
             "block_size": self.config.block_size,
@@ -166,6 +177,7 @@ class LLMEngine:
             "peak_used_blocks": kv.peak_used_blocks,
             "num_evictions": pool.num_evictions,
             "num_preemptions": self.scheduler.num_preemptions,
+            "num_cascade_steps": self.runner.num_cascade_steps,
             "prefix_cache_queries": kv.prefix_cache_queries,
             "prefix_cache_hits": kv.prefix_cache_hits,
             "prefix_cache_hit_rate": kv.prefix_cache_hits / kv.prefix_cache_queries if kv.prefix_cache_queries else 0.0,

@@ -27,7 +27,7 @@ def _texts(path) -> dict[str, str]:
 
 def test_this_pool_is_too_small_for_the_work_at_once() -> None:
     """The premise, on an engine built from the same settings: all six prompts at once preempt."""
-    engine = LLMEngine(EngineConfig(kv_cache_memory_bytes=SMALL_POOL, max_num_batched_tokens=STEP_TOKENS))
+    engine = LLMEngine(EngineConfig(dtype="float32", kv_cache_memory_bytes=SMALL_POOL, max_num_batched_tokens=STEP_TOKENS))
     assert engine.kv_manager.pool.num_blocks == 256
     engine.generate([line["text"] for line in LONG], SamplingParams(max_tokens=8))
     assert engine.stats()["num_preemptions"] > 0

@@ -15,14 +15,14 @@ PARAMS = SamplingParams(max_tokens=12, ignore_eos=True)
 
 @pytest.fixture()
 def loop():
-    loop = EngineLoop(lambda: LLMEngine(EngineConfig(num_kv_blocks=128)))
+    loop = EngineLoop(lambda: LLMEngine(EngineConfig(dtype="float32", num_kv_blocks=128)))
     yield loop
     loop.close()
 
 
 def test_threads_share_steps_and_get_the_engine_alone_outputs(loop):
     prompts = [[i, i + 1, i + 2] * (i + 1) for i in range(8)]
-    reference = [o.token_ids for o in LLMEngine(EngineConfig(num_kv_blocks=128)).generate(prompts, PARAMS)]
+    reference = [o.token_ids for o in LLMEngine(EngineConfig(dtype="float32", num_kv_blocks=128)).generate(prompts, PARAMS)]
     results: dict[int, list[int]] = {}
     start = threading.Barrier(4)
 
@@ -81,7 +81,7 @@ POISON_PARAMS = SamplingParams(max_tokens=12, temperature=0.8, seed=0, ignore_eo
 
 
 def test_a_poison_request_fails_alone_and_the_requests_sharing_its_steps_complete(corrupted_model):
-    config = EngineConfig(model=str(corrupted_model), num_kv_blocks=128)
+    config = EngineConfig(dtype="float32", model=str(corrupted_model), num_kv_blocks=128)
     prompts = [[i + 20, i + 21, i + 22] * (i + 2) for i in range(4)]
     reference = [o.token_ids for o in LLMEngine(config).generate(prompts, PARAMS)]
     loop = EngineLoop(lambda: LLMEngine(config))
@@ -113,7 +113,7 @@ def test_a_poison_request_fails_alone_and_the_requests_sharing_its_steps_complet
 
 
 def test_closed_loop_refuses_work():
-    loop = EngineLoop(lambda: LLMEngine(EngineConfig(num_kv_blocks=16)))
+    loop = EngineLoop(lambda: LLMEngine(EngineConfig(dtype="float32", num_kv_blocks=16)))
     loop.close()
     with pytest.raises(RuntimeError, match="closed"):
         loop.submit([1], PARAMS)
@@ -124,7 +124,7 @@ def test_the_loop_thread_builds_the_engine():
 
     def build() -> LLMEngine:
         builders.append(threading.current_thread().name)
-        return LLMEngine(EngineConfig(num_kv_blocks=16))
+        return LLMEngine(EngineConfig(dtype="float32", num_kv_blocks=16))
 
     loop = EngineLoop(build, name="the-loop")
     loop.close()

@@ -11,7 +11,7 @@ from workers.tokenizer import ByteTokenizer
 
 @pytest.fixture(scope="module")
 def engine() -> LLMEngine:
-    return LLMEngine(EngineConfig(num_kv_blocks=256, max_model_len=200))
+    return LLMEngine(EngineConfig(dtype="float32", num_kv_blocks=256, max_model_len=200))
 
 
 def test_seeded_sampling_does_not_depend_on_the_batch(engine):
@@ -86,13 +86,13 @@ def test_params_must_match_the_prompts(engine):
 
 
 def test_request_too_large_for_the_pool_is_refused():
-    small = LLMEngine(EngineConfig(num_kv_blocks=4, block_size=16))
+    small = LLMEngine(EngineConfig(dtype="float32", num_kv_blocks=4, block_size=16))
     with pytest.raises(PromptTooLongError, match=r"needs 5 KV blocks, the pool has 4; lower max_tokens"):
         small.add_request(list(range(60)), SamplingParams(max_tokens=10))
 
 
 def test_cache_salt_separates_tenants():
-    engine = LLMEngine(EngineConfig(num_kv_blocks=64))
+    engine = LLMEngine(EngineConfig(dtype="float32", num_kv_blocks=64))
     prompt = list(range(40))
     engine.generate([prompt], SamplingParams(max_tokens=2), cache_salt="tenant-a")
     same = engine.generate([prompt], SamplingParams(max_tokens=2), cache_salt="tenant-a")[0]
@@ -102,7 +102,7 @@ def test_cache_salt_separates_tenants():
 
 
 def test_stats_count_exactly():
-    engine = LLMEngine(EngineConfig(num_kv_blocks=64))
+    engine = LLMEngine(EngineConfig(dtype="float32", num_kv_blocks=64))
     engine.generate([list(range(40)), list(range(40))], SamplingParams(max_tokens=3, ignore_eos=True))
     s = engine.stats()
     assert s["num_finished_requests"] == 2
@@ -117,7 +117,7 @@ def test_stats_count_exactly():
 
 
 def test_abort_frees_blocks():
-    engine = LLMEngine(EngineConfig(num_kv_blocks=16))
+    engine = LLMEngine(EngineConfig(dtype="float32", num_kv_blocks=16))
     rid = engine.add_request(list(range(30)), SamplingParams(max_tokens=50, ignore_eos=True))
     engine.step()
     assert engine.stats()["num_free_blocks"] == 14
@@ -129,7 +129,7 @@ def test_abort_frees_blocks():
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message shown where no GPU is visible")
 def test_cuda_without_a_gpu_is_refused():
     with pytest.raises(ValueError, match="device='cuda' but no CUDA GPU is visible to PyTorch; use device='cpu'"):
-        LLMEngine(EngineConfig(device="cuda"))
+        LLMEngine(EngineConfig(dtype="float32", device="cuda"))
 
 
 def test_float16_on_the_cpu_is_refused():
@@ -141,7 +141,7 @@ def test_bfloat16_runs_close_to_float32(hf_model_dirs):
     """The reduced-precision path a GPU uses, run here on the CPU: logits within bf16's resolution."""
     folder, _ = hf_model_dirs("qwen3")
     prompts = [[5, 9, 300, 41, 7] * 6, list(range(3, 90))]
-    f32 = LLMEngine(EngineConfig(model=str(folder), num_kv_blocks=64)).next_token_logits(prompts)
+    f32 = LLMEngine(EngineConfig(dtype="float32", model=str(folder), num_kv_blocks=64)).next_token_logits(prompts)
     bf16_engine = LLMEngine(EngineConfig(model=str(folder), num_kv_blocks=64, dtype="bfloat16"))
     assert bf16_engine.kv_cache.kv.dtype == torch.bfloat16
     bf16 = bf16_engine.next_token_logits(prompts)

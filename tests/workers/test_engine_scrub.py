@@ -10,8 +10,8 @@ GREEDY = SamplingParams(max_tokens=8, temperature=0)
 
 
 def test_nan_left_in_free_blocks_corrupts_later_requests_until_scrubbed():
-    reference = LLMEngine(EngineConfig(num_kv_blocks=32)).generate(["hello there"], GREEDY)[0].token_ids
-    engine = LLMEngine(EngineConfig(num_kv_blocks=32))
+    reference = LLMEngine(EngineConfig(dtype="float32", num_kv_blocks=32)).generate(["hello there"], GREEDY)[0].token_ids
+    engine = LLMEngine(EngineConfig(dtype="float32", num_kv_blocks=32))
     engine.generate(["hello there"], GREEDY)  # a cached prefix the scrub must drop with the NaN
     # What a poisoned step leaves behind: NaN in slots a new request does not overwrite but reads
     # (masked, with weight 0: 0 x NaN is NaN), and a cached prefix whose contents are now NaN.
@@ -26,7 +26,7 @@ def test_nan_left_in_free_blocks_corrupts_later_requests_until_scrubbed():
 
 
 def test_scrub_refuses_while_a_request_holds_blocks():
-    engine = LLMEngine(EngineConfig(num_kv_blocks=32))
+    engine = LLMEngine(EngineConfig(dtype="float32", num_kv_blocks=32))
     engine.add_request("hello", GREEDY)
     engine.step()
     with pytest.raises(RuntimeError, match="every request finished or aborted first"):

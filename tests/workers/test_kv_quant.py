@@ -38,8 +38,8 @@ def test_int8_pool_is_a_quarter_of_float32_plus_scales():
 
 def test_int8_engine_holds_more_blocks_for_the_same_memory():
     budget = 8 << 20
-    full = LLMEngine(EngineConfig(kv_cache_memory_bytes=budget))
-    int8 = LLMEngine(EngineConfig(kv_cache_memory_bytes=budget, kv_cache_dtype="int8"))
+    full = LLMEngine(EngineConfig(dtype="float32", kv_cache_memory_bytes=budget))
+    int8 = LLMEngine(EngineConfig(dtype="float32", kv_cache_memory_bytes=budget, kv_cache_dtype="int8"))
     ratio = int8.stats()["num_total_blocks"] / full.stats()["num_total_blocks"]
     assert ratio == pytest.approx((4 * 32) / (32 + 4), rel=0.01)  # tiny model: head_dim 32
 
@@ -48,8 +48,8 @@ def test_int8_logit_error_and_greedy_agreement_on_a_reference_model(hf_model_dir
     """Measured, not assumed. Teacher-forced: both caches see the same 48 contexts (8 prompts cut
     at 6 lengths), and we compare the next-token logits and their argmax (the greedy choice)."""
     folder, _ = hf_model_dirs("llama")
-    full = LLMEngine(EngineConfig(model=str(folder), num_kv_blocks=256))
-    int8 = LLMEngine(EngineConfig(model=str(folder), num_kv_blocks=256, kv_cache_dtype="int8"))
+    full = LLMEngine(EngineConfig(dtype="float32", model=str(folder), num_kv_blocks=256))
+    int8 = LLMEngine(EngineConfig(dtype="float32", model=str(folder), num_kv_blocks=256, kv_cache_dtype="int8"))
     gen = torch.Generator().manual_seed(11)
     prompts = [torch.randint(3, 512, (200,), generator=gen).tolist() for _ in range(8)]
     contexts = [p[:n] for p in prompts for n in (8, 24, 50, 90, 140, 200)]

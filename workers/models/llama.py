@@ -13,8 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from workers.kv_cache import PagedKVCache
-from workers.layers.attention import AttentionContext, PagedAttention
+from workers.layers.attention import AttentionStep, PagedAttention
 from workers.layers.norm import RMSNorm
 from workers.layers.rotary import RotaryEmbedding
 from workers.models.config import ModelConfig
@@ -43,9 +42,9 @@ class LlamaAttention(nn.Module):
             self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
         self.qk_norm = cfg.qk_norm
         self.rotary = rotary
-        self.attn = PagedAttention(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, layer_idx)
+        self.attn = PagedAttention(layer_idx)
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, ctx: AttentionContext, cache: PagedKVCache) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, step: AttentionStep) -> torch.Tensor:
         t = x.shape[0]
         q, k, v = self.qkv_proj(x).split(self.shard_sizes, dim=-1)
         q = q.view(t, self.num_heads, self.head_dim)  # [T, H, D]
@@ -54,7 +53,7 @@ class LlamaAttention(nn.Module):
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = self.rotary(positions, q, k)
-        return self.o_proj(self.attn(q, k, v, ctx, cache))
+        return self.o_proj(self.attn(q, k, v, step))
 
 
 class LlamaMLP(nn.Module):
@@ -77,8 +76,8 @@ class LlamaDecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = LlamaMLP(cfg)
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, ctx: AttentionContext, cache: PagedKVCache) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), positions, ctx, cache)
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, step: AttentionStep) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), positions, step)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -105,11 +104,11 @@ class LlamaForCausalLM(nn.Module):
         if self.config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: AttentionContext, cache: PagedKVCache) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, step: AttentionStep) -> torch.Tensor:
         # input_ids, positions [T] -> hidden states [T, hidden]
         x = self.model.embed_tokens(input_ids)
         for layer in self.model.layers:
-            x = layer(x, positions, ctx, cache)
+            x = layer(x, positions, step)
         return self.model.norm(x)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from workers.layers.attention import matmul_attention
+from workers.attention.reference import matmul_attention
 
 B, H, KVH, D, S, L = 5, 8, 2, 16, 48, 40
 

@@ -25,10 +25,11 @@ def _hf_greedy(model, prompt: list[int]) -> list[int]:
     return out[0, len(prompt):].tolist()
 
 
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
 @pytest.mark.parametrize("arch", ARCHS)
-def test_greedy_tokens_and_logits_match_transformers(arch, hf_model_dirs):
+def test_greedy_tokens_and_logits_match_transformers(arch, backend, hf_model_dirs):
     folder, hf = hf_model_dirs(arch)
-    engine = LLMEngine(EngineConfig(model=str(folder), num_kv_blocks=128))
+    engine = LLMEngine(EngineConfig(dtype="float32", attention_backend=backend, model=str(folder), num_kv_blocks=128))
     prompts = _prompts()
 
     outputs = engine.generate(prompts, SamplingParams(max_tokens=NEW_TOKENS, ignore_eos=True))
@@ -51,7 +52,7 @@ def test_llama3_rope_scaling_is_exercised(hf_model_dirs):
     cfg = hf.config
     assert cfg.rope_parameters["rope_type"] == "llama3"
     assert max(len(p) for p in _prompts()) + NEW_TOKENS > cfg.rope_parameters["original_max_position_embeddings"]
-    engine = LLMEngine(EngineConfig(model=str(folder), num_kv_blocks=64))
+    engine = LLMEngine(EngineConfig(dtype="float32", model=str(folder), num_kv_blocks=64))
     prompt = _prompts()[2]
     ours = engine.next_token_logits([prompt])[0]
     from workers.layers.rotary import RotaryEmbedding

@@ -1,0 +1,96 @@
+"""Builds and loads the CPU attention kernels (`cpu_kernels.cpp`) with the system's C++ compiler.
+
+The library is plain C++ with OpenMP and no PyTorch headers, so it compiles in a few seconds (a
+PyTorch extension spends most of a minute on its headers) and is called through ctypes with raw
+pointers. It links the same `libgomp.so.1` that PyTorch has already loaded, so the kernels share
+PyTorch's OpenMP threads instead of starting a second team that fights it for the cores. Builds are
+cached per source, compiler and CPU under the user's cache folder; a machine without a compiler
+gets `None` and one warning, and the engine falls back to the reference backend.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+import threading
+import warnings
+from pathlib import Path
+
+SOURCE = Path(__file__).with_name("cpu_kernels.cpp")
+FLAGS = ("-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-std=c++17", "-fno-math-errno",
+         "-fno-trapping-math")
+_lock = threading.Lock()
+_loaded: dict[str, ctypes.CDLL | None] = {}
+
+_i64, _i32, _f32, _ptr = ctypes.c_int64, ctypes.c_int, ctypes.c_float, ctypes.c_void_p
+SIGNATURES = {
+    "write_kv": [_ptr, _i64, _ptr, _i64, _i32, _i64, _ptr, _ptr, _ptr, _ptr, _ptr, _i32, _i64, _i32, _i32, _i32],
+    "paged_attention": [_ptr, _i64, _ptr, _ptr, _ptr, _ptr, _ptr, _i64, _ptr, _ptr, _i32, _i32, _i32, _i32, _i32,
+                        _i64, _f32, _ptr, _ptr, _i32, _ptr, _ptr, _i32, _i32],
+}
+
+
+def cache_folder() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "llm-batch-pipeline" / "kernels"
+
+
+def load_cpu_kernels() -> ctypes.CDLL | None:
+    """The kernels library, built on first use; None (with one warning) when it cannot be built."""
+    with _lock:
+        compiler = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
+        key = str(compiler)
+        if key not in _loaded:
+            _loaded[key] = _build_and_load(compiler)
+        return _loaded[key]
+
+
+def _build_and_load(compiler: str | None) -> ctypes.CDLL | None:
+    if compiler is None:
+        warnings.warn("no C++ compiler found (g++, or set CXX): the CPU attention kernels cannot be built, "
+                      "so the engine uses the slower reference attention backend", RuntimeWarning, stacklevel=4)
+        return None
+    import torch  # noqa: F401  (loads PyTorch's libgomp first, so the library binds to the same one)
+
+    target = cache_folder() / f"cpu_kernels-{_build_key(compiler)}.so"
+    if not target.exists():
+        target.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+            built = Path(tmp) / target.name
+            result = subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", str(built)], capture_output=True, text=True)
+            if result.returncode != 0:
+                warnings.warn(f"building the CPU attention kernels with {compiler} failed, so the engine uses the "
+                              f"slower reference attention backend:\n{result.stderr[-2000:]}", RuntimeWarning,
+                              stacklevel=4)
+                return None
+            os.replace(built, target)  # atomic: a concurrent builder's copy is as good as ours
+    library = ctypes.CDLL(str(target))
+    for name, argtypes in SIGNATURES.items():
+        function = getattr(library, name)
+        function.argtypes = argtypes
+        function.restype = None
+    return library
+
+
+def _build_key(compiler: str) -> str:
+    """Source, flags, compiler version and CPU features: -march=native code is only valid where built."""
+    version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
+    digest = hashlib.sha256(SOURCE.read_bytes())
+    digest.update(" ".join(FLAGS).encode())
+    digest.update(version.encode())
+    digest.update(_cpu_flags().encode())
+    return digest.hexdigest()[:16]
+
+
+def _cpu_flags() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return line
+    except OSError:
+        pass
+    return ""

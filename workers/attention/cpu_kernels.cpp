@@ -1,0 +1,333 @@
+// Paged attention for the CPU backend: reads K/V where they lie in the block pool (no gathered
+// copy, no padding), keeps grouped-query heads grouped (the G query heads of a KV head share each
+// key load), serves decodes and chunked prefills in one call under the causal mask, attends blocks
+// shared by a group of decodes once for the whole group (cascade), and dequantizes int8 blocks in
+// the loop. Plain C++ with OpenMP and no PyTorch headers: it builds in seconds and is called
+// through ctypes with raw pointers (the ctypes call releases the GIL).
+//
+// Layout of one layer (the backend owns it):
+//   K: [KVH, NB, D, BS]  a block's keys transposed, so one FMA over BS keys scores them all
+//   V: [KVH, NB, BS, D]
+//   scales (int8 only): [KVH, NB, BS] one float32 per token and KV head, for K and V each
+// Dtype codes: 0 float32, 1 bfloat16, 2 int8.
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+#include <omp.h>
+
+namespace {
+
+constexpr float kNegLarge = -1e30f;  // instead of -inf: exp(kNegLarge - m) underflows to 0 exactly
+constexpr int kRowsPerTile = 64;     // query rows (tokens x grouped heads) one work item carries
+
+inline float bf16_to_f32(uint16_t h) {
+    uint32_t x = static_cast<uint32_t>(h) << 16;
+    float f;
+    std::memcpy(&f, &x, 4);
+    return f;
+}
+
+inline uint16_t f32_to_bf16(float f) {  // round to nearest even, as torch's .to(bfloat16)
+    uint32_t x;
+    std::memcpy(&x, &f, 4);
+    if ((x & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((x >> 16) | 0x40u);  // NaN stays NaN
+    x += 0x7fffu + ((x >> 16) & 1u);
+    return static_cast<uint16_t>(x >> 16);
+}
+
+inline float load(const void* p, int64_t i, int dtype) {
+    if (dtype == 0) return static_cast<const float*>(p)[i];
+    if (dtype == 1) return bf16_to_f32(static_cast<const uint16_t*>(p)[i]);
+    return static_cast<float>(static_cast<const int8_t*>(p)[i]);
+}
+
+// n values from p (dtype) into dst as float32.
+inline void to_float(const void* p, int64_t offset, int64_t n, int dtype, float* __restrict dst) {
+    if (dtype == 1) {
+        const uint16_t* src = static_cast<const uint16_t*>(p) + offset;
+#pragma omp simd
+        for (int64_t i = 0; i < n; ++i) {
+            uint32_t x = static_cast<uint32_t>(src[i]) << 16;
+            float f;
+            std::memcpy(&f, &x, 4);
+            dst[i] = f;
+        }
+    } else {
+        const int8_t* src = static_cast<const int8_t*>(p) + offset;
+#pragma omp simd
+        for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<float>(src[i]);
+    }
+}
+
+struct Problem {
+    const void* q; int64_t q_stride;  // q [T, H, D]: elements between tokens
+    const void* k_cache; const void* v_cache; const float* k_scale; const float* v_scale;
+    const int32_t* block_tables; int64_t bt_stride;
+    const int32_t* seq_lens; const int32_t* query_start;
+    int H, KVH, D, BS; int64_t NB;
+    float scale; int dtype, kv_dtype;
+    void* out;  // [T, H, D] contiguous
+};
+
+// Online-softmax state of `rows` query rows: running max, running sum, unnormalised output.
+struct RowState {
+    std::vector<float> q, m, l, acc, kbuf, vbuf, s;
+    void reserve(int rows, int D, int BS) {
+        q.resize(rows * D); m.resize(rows); l.resize(rows); acc.resize(rows * D);
+        kbuf.resize(D * BS); vbuf.resize(BS * D); s.resize(BS);
+    }
+};
+
+// Attends `rows` query rows (row r: token tokens[r], head heads[r], position pos[r]) to key
+// blocks [b0, b1) of sequence `seq` under its block table, updating st.
+void attend_blocks(const Problem& p, int kvh, int seq, int b0, int b1, int rows, const int* pos,
+                   int kv_len, RowState& st) {
+    const int D = p.D, BS = p.BS;
+    const int64_t block_elems = static_cast<int64_t>(D) * BS;
+    const int32_t* table = p.block_tables + static_cast<int64_t>(seq) * p.bt_stride;
+    float* __restrict s = st.s.data();
+    for (int b = b0; b < b1; ++b) {
+        const int64_t block = table[b];
+        const int64_t base = (static_cast<int64_t>(kvh) * p.NB + block) * block_elems;
+        const float* K;
+        const float* V;
+        if (p.kv_dtype == 0) {
+            K = static_cast<const float*>(p.k_cache) + base;
+            V = static_cast<const float*>(p.v_cache) + base;
+        } else {
+            to_float(p.k_cache, base, block_elems, p.kv_dtype, st.kbuf.data());
+            to_float(p.v_cache, base, block_elems, p.kv_dtype, st.vbuf.data());
+            K = st.kbuf.data();
+            V = st.vbuf.data();
+        }
+        const float* ks = nullptr;
+        const float* vs = nullptr;
+        if (p.kv_dtype == 2) {
+            const int64_t sbase = (static_cast<int64_t>(kvh) * p.NB + block) * BS;
+            ks = p.k_scale + sbase;
+            vs = p.v_scale + sbase;
+        }
+        const int key0 = b * BS;
+        const int in_block = std::min(BS, kv_len - key0);
+        for (int r = 0; r < rows; ++r) {
+            const int visible = std::min(in_block, pos[r] - key0 + 1);
+            if (visible <= 0) continue;
+            const float* __restrict qr = st.q.data() + static_cast<int64_t>(r) * D;
+#pragma omp simd
+            for (int k = 0; k < BS; ++k) s[k] = 0.f;
+            for (int d = 0; d < D; ++d) {
+                const float qd = qr[d];
+                const float* __restrict kd = K + static_cast<int64_t>(d) * BS;
+#pragma omp simd
+                for (int k = 0; k < BS; ++k) s[k] += qd * kd[k];
+            }
+            if (ks != nullptr) {
+#pragma omp simd
+                for (int k = 0; k < BS; ++k) s[k] *= ks[k];
+            }
+            float mx = st.m[r];
+            for (int k = 0; k < visible; ++k) mx = std::max(mx, s[k]);
+            const float corr = std::exp(st.m[r] - mx);
+            float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+            for (int k = 0; k < visible; ++k) {
+                s[k] = std::exp(s[k] - mx);
+                sum += s[k];
+            }
+            st.l[r] = st.l[r] * corr + sum;
+            st.m[r] = mx;
+            float* __restrict acc = st.acc.data() + static_cast<int64_t>(r) * D;
+            if (corr != 1.f) {
+#pragma omp simd
+                for (int d = 0; d < D; ++d) acc[d] *= corr;
+            }
+            for (int k = 0; k < visible; ++k) {
+                const float w = vs != nullptr ? s[k] * vs[k] : s[k];
+                const float* __restrict vk = V + static_cast<int64_t>(k) * D;
+#pragma omp simd
+                for (int d = 0; d < D; ++d) acc[d] += w * vk[d];
+            }
+        }
+    }
+}
+
+void load_queries(const Problem& p, int rows, const int64_t* tokens, const int* heads, RowState& st) {
+    for (int r = 0; r < rows; ++r) {
+        const int64_t off = tokens[r] * p.q_stride + static_cast<int64_t>(heads[r]) * p.D;
+        float* dst = st.q.data() + static_cast<int64_t>(r) * p.D;
+        for (int d = 0; d < p.D; ++d) dst[d] = load(p.q, off + d, p.dtype) * p.scale;
+    }
+}
+
+void store_rows(const Problem& p, int rows, const int64_t* tokens, const int* heads, const RowState& st) {
+    for (int r = 0; r < rows; ++r) {
+        const int64_t off = (tokens[r] * p.H + heads[r]) * p.D;
+        const float inv = st.l[r] > 0.f ? 1.f / st.l[r] : 0.f;
+        const float* acc = st.acc.data() + static_cast<int64_t>(r) * p.D;
+        if (p.dtype == 0) {
+            float* o = static_cast<float*>(p.out) + off;
+            for (int d = 0; d < p.D; ++d) o[d] = acc[d] * inv;
+        } else {
+            uint16_t* o = static_cast<uint16_t*>(p.out) + off;
+            for (int d = 0; d < p.D; ++d) o[d] = f32_to_bf16(acc[d] * inv);
+        }
+    }
+}
+
+struct WorkItem { int seq, kvh, t0, t1; };
+
+}  // namespace
+
+extern "C" {
+
+// Writes the step's new keys and values into their slots (slot = block * BS + offset), quantizing
+// to int8 (absmax over D per token and KV head, round half to even, as torch) when kv_dtype is 2.
+void write_kv(const void* k, int64_t k_stride, const void* v, int64_t v_stride, int src_dtype, int64_t T,
+              const int64_t* slots, void* k_cache, void* v_cache, float* k_scale, float* v_scale,
+              int KVH, int64_t NB, int BS, int D, int kv_dtype) {
+    const int64_t block_elems = static_cast<int64_t>(D) * BS;
+#pragma omp parallel for collapse(2) if (T * KVH > 64)
+    for (int64_t t = 0; t < T; ++t) {
+        for (int h = 0; h < KVH; ++h) {
+            const int64_t slot = slots[t];
+            const int64_t block = slot / BS, o = slot % BS;
+            const int64_t base = (static_cast<int64_t>(h) * NB + block) * block_elems;
+            for (int which = 0; which < 2; ++which) {
+                const void* src = which == 0 ? k : v;
+                const int64_t off = t * (which == 0 ? k_stride : v_stride) + static_cast<int64_t>(h) * D;
+                void* cache = which == 0 ? k_cache : v_cache;
+                // K is transposed within its block ([D, BS]); V is not ([BS, D]).
+                const int64_t step = which == 0 ? BS : 1;
+                const int64_t first = which == 0 ? base + o : base + o * D;
+                if (kv_dtype == 2) {
+                    float amax = 0.f;
+                    for (int d = 0; d < D; ++d) amax = std::max(amax, std::fabs(load(src, off + d, src_dtype)));
+                    const float sc = std::max(amax, 1e-8f) / 127.f;
+                    int8_t* dst = static_cast<int8_t*>(cache);
+                    for (int d = 0; d < D; ++d) {
+                        float x = std::nearbyint(load(src, off + d, src_dtype) / sc);
+                        dst[first + d * step] = static_cast<int8_t>(std::min(127.f, std::max(-127.f, x)));
+                    }
+                    float* scales = which == 0 ? k_scale : v_scale;
+                    scales[(static_cast<int64_t>(h) * NB + block) * BS + o] = sc;
+                } else if (kv_dtype == 1) {
+                    uint16_t* dst = static_cast<uint16_t*>(cache);
+                    for (int d = 0; d < D; ++d) {
+                        dst[first + d * step] = src_dtype == 1 ? static_cast<const uint16_t*>(src)[off + d]
+                                                               : f32_to_bf16(load(src, off + d, src_dtype));
+                    }
+                } else {
+                    float* dst = static_cast<float*>(cache);
+                    for (int d = 0; d < D; ++d) dst[first + d * step] = load(src, off + d, src_dtype);
+                }
+            }
+        }
+    }
+}
+
+// out [T, H, D] = softmax(q k^T * scale) v per sequence, causally: sequence s has query tokens
+// [query_start[s], query_start[s+1]) at the last positions of its seq_lens[s] keys.
+// Cascade groups: decodes c in [cascade_start[g], cascade_start[g+1]) (one query each, at a
+// position past the shared part) share their first cascade_blocks[g] blocks (those of the group's
+// first sequence); those blocks are attended once per group into `scratch` (floats, at least
+// num_cascade_seqs * H * (D + 2)), and each member goes on from there with its own blocks.
+void paged_attention(const void* q, int64_t q_stride, const void* k_cache, const void* v_cache,
+                     const float* k_scale, const float* v_scale, const int32_t* block_tables, int64_t bt_stride,
+                     const int32_t* seq_lens, const int32_t* query_start, int num_seqs, int H, int KVH, int D,
+                     int BS, int64_t NB, float scale, const int32_t* cascade_start, const int32_t* cascade_blocks,
+                     int num_groups, float* scratch, void* out, int dtype, int kv_dtype) {
+    const Problem p{q, q_stride, k_cache, v_cache, k_scale, v_scale, block_tables, bt_stride, seq_lens,
+                    query_start, H, KVH, D, BS, NB, scale, dtype, kv_dtype, out};
+    const int G = H / KVH;
+    const int tokens_per_tile = std::max(1, kRowsPerTile / G);
+    const int num_cascade_seqs = num_groups > 0 ? cascade_start[num_groups] : 0;
+    float* sc_m = scratch;
+    float* sc_l = scratch + static_cast<int64_t>(num_cascade_seqs) * H;
+    float* sc_acc = scratch + 2 * static_cast<int64_t>(num_cascade_seqs) * H;
+
+    // Phase 1: shared blocks, once per cascade group, for all its members' rows together.
+    std::vector<WorkItem> shared_items;
+    for (int g = 0; g < num_groups; ++g)
+        for (int h = 0; h < KVH; ++h)
+            for (int c = cascade_start[g]; c < cascade_start[g + 1]; c += tokens_per_tile)
+                shared_items.push_back({g, h, c, std::min(c + tokens_per_tile, cascade_start[g + 1])});
+    // Phase 2: every sequence's own blocks (a cascade member's start after the shared ones).
+    std::vector<WorkItem> items;
+    for (int s = 0; s < num_seqs; ++s) {
+        const int nq = query_start[s + 1] - query_start[s];
+        for (int h = 0; h < KVH; ++h)
+            for (int t0 = 0; t0 < nq; t0 += tokens_per_tile)
+                items.push_back({s, h, t0, std::min(t0 + tokens_per_tile, nq)});
+    }
+    std::vector<int> member_group(num_cascade_seqs);
+    for (int g = 0; g < num_groups; ++g)
+        for (int c = cascade_start[g]; c < cascade_start[g + 1]; ++c) member_group[c] = g;
+
+#pragma omp parallel
+    {
+        RowState st;
+        st.reserve(kRowsPerTile, D, BS);
+        std::vector<int64_t> tokens(kRowsPerTile);
+        std::vector<int> heads(kRowsPerTile), pos(kRowsPerTile);
+#pragma omp for schedule(dynamic, 1) nowait
+        for (size_t i = 0; i < shared_items.size(); ++i) {
+            const WorkItem w = shared_items[i];
+            int rows = 0;
+            for (int c = w.t0; c < w.t1; ++c)
+                for (int j = 0; j < G; ++j, ++rows) {
+                    tokens[rows] = query_start[c];
+                    heads[rows] = w.kvh * G + j;
+                    pos[rows] = seq_lens[c] - 1;
+                }
+            load_queries(p, rows, tokens.data(), heads.data(), st);
+            std::fill(st.m.begin(), st.m.begin() + rows, kNegLarge);
+            std::fill(st.l.begin(), st.l.begin() + rows, 0.f);
+            std::fill(st.acc.begin(), st.acc.begin() + static_cast<int64_t>(rows) * D, 0.f);
+            const int first = cascade_start[w.seq];
+            attend_blocks(p, w.kvh, first, 0, cascade_blocks[w.seq], rows, pos.data(), seq_lens[first], st);
+            for (int r = 0; r < rows; ++r) {
+                const int64_t at = static_cast<int64_t>(w.t0 + r / G) * H + heads[r];
+                sc_m[at] = st.m[r];
+                sc_l[at] = st.l[r];
+                std::memcpy(sc_acc + at * D, st.acc.data() + static_cast<int64_t>(r) * D, sizeof(float) * D);
+            }
+        }
+#pragma omp barrier
+#pragma omp for schedule(dynamic, 1)
+        for (size_t i = 0; i < items.size(); ++i) {
+            const WorkItem w = items[i];
+            const int nq = query_start[w.seq + 1] - query_start[w.seq];
+            const int kv_len = seq_lens[w.seq];
+            int rows = 0;
+            for (int t = w.t0; t < w.t1; ++t)
+                for (int j = 0; j < G; ++j, ++rows) {
+                    tokens[rows] = query_start[w.seq] + t;
+                    heads[rows] = w.kvh * G + j;
+                    pos[rows] = kv_len - nq + t;
+                }
+            load_queries(p, rows, tokens.data(), heads.data(), st);
+            int b0 = 0;
+            if (w.seq < num_cascade_seqs) {
+                b0 = cascade_blocks[member_group[w.seq]];
+                for (int r = 0; r < rows; ++r) {
+                    const int64_t at = static_cast<int64_t>(w.seq) * H + heads[r];
+                    st.m[r] = sc_m[at];
+                    st.l[r] = sc_l[at];
+                    std::memcpy(st.acc.data() + static_cast<int64_t>(r) * D, sc_acc + at * D, sizeof(float) * D);
+                }
+            } else {
+                std::fill(st.m.begin(), st.m.begin() + rows, kNegLarge);
+                std::fill(st.l.begin(), st.l.begin() + rows, 0.f);
+                std::fill(st.acc.begin(), st.acc.begin() + static_cast<int64_t>(rows) * D, 0.f);
+            }
+            const int last_pos = kv_len - nq + w.t1 - 1;
+            attend_blocks(p, w.kvh, w.seq, b0, last_pos / BS + 1, rows, pos.data(), kv_len, st);
+            store_rows(p, rows, tokens.data(), heads.data(), st);
+        }
+    }
+}
+
+}  // extern "C"
