@@ -27,7 +27,7 @@ class KVCacheManager:
         logits."""
         if not self.enable_prefix_caching:
             return [], 0
-        hashes = hash_full_blocks(seq.root_hash, seq.token_ids, self.block_size, seq.block_hashes)
+        hashes = hash_full_blocks(seq.root_hash, seq.token_view(), self.block_size, seq.block_hashes)
         max_blocks = (seq.num_tokens - 1) // self.block_size
         hits: list[KVBlock] = []
         for block_hash in hashes[:max_blocks]:
@@ -70,7 +70,7 @@ class KVCacheManager:
         num_full = num_tokens // self.block_size
         if not self.enable_prefix_caching or num_full <= seq.num_registered_blocks:
             return
-        hashes = hash_full_blocks(seq.root_hash, seq.token_range(0, num_tokens), self.block_size, seq.block_hashes)
+        hashes = hash_full_blocks(seq.root_hash, seq.token_view(num_tokens), self.block_size, seq.block_hashes)
         for depth in range(seq.num_registered_blocks, num_full):
             self.pool.cache_block(seq.blocks[depth], hashes[depth], depth)
         seq.num_registered_blocks = num_full

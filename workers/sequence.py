@@ -24,7 +24,7 @@ class Sequence:
     __slots__ = (
         "request_id", "prompt_token_ids", "output_token_ids", "params", "status", "num_computed_tokens",
         "blocks", "block_hashes", "root_hash", "num_cached_tokens", "finish_reason", "generator",
-        "arrival_time", "first_scheduled_time", "first_token_time", "finished_time", "stop_checked_chars",
+        "arrival_time", "first_scheduled_time", "first_token_time", "finished_time",
         "num_preemptions", "num_registered_blocks", "keep_logits", "last_logits",
     )
 
@@ -48,7 +48,6 @@ class Sequence:
         self.first_scheduled_time: float | None = None
         self.first_token_time: float | None = None
         self.finished_time: float | None = None
-        self.stop_checked_chars = 0
         self.num_preemptions = 0
         self.num_registered_blocks = 0  # leading blocks already offered to the prefix cache
         self.keep_logits = False  # evaluation: keep the full logits of the last sampled position
@@ -74,6 +73,28 @@ class Sequence:
             return self.output_token_ids[start - n : end - n]
         return self.prompt_token_ids[start:] + self.output_token_ids[: end - n]
 
+    def token_view(self, end: int | None = None) -> TokenView:
+        """The first `end` tokens (all by default), sliced on demand without copying the lists."""
+        return TokenView(self, self.num_tokens if end is None else end)
+
     @property
     def is_finished(self) -> bool:
         return self.status is SequenceStatus.FINISHED
+
+
+class TokenView:
+    """A read-only, sliceable prefix of a sequence's tokens (prompt then output): hashing the
+    blocks a sequence fills reads only the new block, not a fresh copy of every token so far."""
+
+    __slots__ = ("_seq", "_len")
+
+    def __init__(self, seq: Sequence, length: int) -> None:
+        self._seq, self._len = seq, length
+
+    def __len__(self) -> int:
+        return self._len
+
+    def __getitem__(self, index: slice) -> list[int]:
+        start, stop, step = index.indices(self._len)
+        assert step == 1, "TokenView supports contiguous slices only"
+        return self._seq.token_range(start, stop)

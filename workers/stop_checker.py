@@ -26,12 +26,15 @@ class StopChecker:
         return None
 
     def _hit_stop_string(self, seq: Sequence) -> bool:
-        # Only text after the last check, plus the longest stop string's overlap, can hold a new match.
-        text = self.decode(seq.output_token_ids)
-        overlap = max(len(s) for s in seq.params.stop) - 1
-        start = max(0, seq.stop_checked_chars - overlap)
-        seq.stop_checked_chars = len(text)
-        return any(s in text[start:] for s in seq.params.stop)
+        # Checked after every token, so a new match ends in the newest token. Every token decodes
+        # to at least one byte and a character takes at most 4, so the match lies within the last
+        # 4 * longest tokens; decoding only that window keeps a generation's checks linear in its
+        # length (decoding the whole output each step was quadratic). The margin covers tokens that
+        # decode to nothing (special tokens) and a window that starts inside a character.
+        stop = seq.params.stop
+        window = 4 * max(len(s) for s in stop) + 8
+        text = self.decode(seq.output_token_ids[-window:])
+        return any(s in text for s in stop)
 
     def final_text(self, seq: Sequence) -> str:
         """The output text, cut before the first stop string it contains (the stop string is not

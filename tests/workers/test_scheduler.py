@@ -321,3 +321,21 @@ def test_abort_running_and_waiting() -> None:
     assert not sched.has_unfinished()
     assert sched.abort("missing") is None
     assert sched.schedule().scheduled == []
+
+
+def test_stop_check_decodes_a_window_not_the_whole_output() -> None:
+    """Each check decodes a bounded window (4 x the longest stop string + 8 tokens), so a long
+    generation's checks cost linear time; the full-output decode it replaced grew every step."""
+    decoded_lengths: list[int] = []
+
+    def decode(ids: list[int]) -> str:
+        decoded_lengths.append(len(ids))
+        return "".join(chr(i) for i in ids)
+
+    checker = StopChecker(frozenset({EOS}), decode, max_model_len=4096)
+    seq = make_seq("a", [10], max_tokens=1000, stop=["xyz"])
+    for ch in "q" * 600 + "xyz":
+        seq.output_token_ids.append(ord(ch))
+        reason = checker.check(seq)
+    assert reason == "stop"
+    assert max(decoded_lengths) == 4 * 3 + 8

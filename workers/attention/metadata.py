@@ -47,6 +47,10 @@ def cascade_groups(first_blocks: np.ndarray, tables: np.ndarray, seq_lens: np.nd
     starts, counts, grouped, rest = [0], [], [], []
     boundaries = np.flatnonzero(np.diff(first_blocks[order])) + 1
     for members in np.split(order, boundaries):
+        # A decode whose query sits in its first block has no block wholly before it to share.
+        too_short = (seq_lens[members] - 1) // block_size < 1
+        rest.extend(members[too_short].tolist())
+        members = members[~too_short]
         if len(members) < 2:
             rest.extend(members.tolist())
             continue

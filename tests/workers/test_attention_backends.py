@@ -1,0 +1,115 @@
+"""Every attention backend against the reference backend, on the same step: decodes and prefill
+chunks mixed, block tables out of order, shared leading blocks (cascade), GQA, int8 KV."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from workers.attention import make_backend
+from workers.attention.metadata import AttentionMetadata, cascade_groups
+
+LAYERS, NUM_BLOCKS = 2, 64
+
+
+def _step(block_size: int, specs: list[tuple[int, int]], shared_blocks: int, seed: int):
+    """specs: (tokens already in the cache, new tokens) per sequence; decodes (new = 1) come first.
+    The first `shared_blocks` blocks of every decode are the same blocks (a shared prefix)."""
+    rng = np.random.default_rng(seed)
+    free = list(rng.permutation(NUM_BLOCKS))
+    shared = [free.pop() for _ in range(shared_blocks)]
+    tables, starts, lens = [], [], []
+    for cached, new in specs:
+        need = -(-(cached + new) // block_size)
+        own = shared[:need] if new == 1 else []
+        tables.append(own + [free.pop() for _ in range(need - len(own))])
+        starts.append(cached)
+        lens.append(new)
+    width = max(len(t) for t in tables)
+    table = np.zeros((len(specs), width), dtype=np.int32)
+    for i, t in enumerate(tables):
+        table[i, :len(t)] = t
+    starts, lens = np.array(starts), np.array(lens)
+    seq_lens = starts + lens
+    num_decodes = int((lens == 1).sum())
+    order, cascade_start, cascade_blocks = cascade_groups(
+        table[:num_decodes, 0], table[:num_decodes], seq_lens[:num_decodes], block_size)
+    order = np.concatenate([order, np.arange(num_decodes, len(specs))])
+    table, starts, lens, seq_lens = table[order], starts[order], lens[order], seq_lens[order]
+    query_start = np.concatenate([[0], np.cumsum(lens)]).astype(np.int32)
+    positions = np.concatenate([np.arange(s, s + n) for s, n in zip(starts, lens)])
+    seq_of_token = np.repeat(np.arange(len(specs)), lens)
+    slots = table[seq_of_token, positions // block_size].astype(np.int64) * block_size + positions % block_size
+    meta = AttentionMetadata(torch.from_numpy(slots), query_start, seq_lens.astype(np.int32), table, num_decodes,
+                             cascade_start, cascade_blocks, block_size)
+    # Cached tokens' K/V, written as earlier steps would have.
+    history = [(table[i], np.arange(starts[i])) for i in range(len(specs))]
+    return meta, history
+
+
+def _fill_history(backend, cache, history, num_kv_heads, head_dim, dtype, block_size, gen):
+    written: set[int] = set()
+    for table, positions in history:
+        slots = [int(table[p // block_size]) * block_size + p % block_size for p in positions]
+        new = [s for s in slots if s not in written]  # a shared block is written once
+        written.update(new)
+        if not new:
+            continue
+        for layer in range(LAYERS):
+            k, v = (torch.randn(len(new), num_kv_heads, head_dim, generator=gen).to(dtype) for _ in range(2))
+            cache.write(layer, k, v, torch.tensor(new, dtype=torch.int64))
+
+
+def _run(name, meta, history, heads, kv_heads, head_dim, dtype, kv_cache_dtype, seed):
+    backend = make_backend(name, torch.device("cpu"), heads, kv_heads, head_dim)
+    assert backend.name == name
+    cache = backend.make_cache(LAYERS, NUM_BLOCKS, meta.block_size, dtype, torch.device("cpu"), kv_cache_dtype)
+    gen = torch.Generator().manual_seed(seed)
+    _fill_history(backend, cache, history, kv_heads, head_dim, dtype, meta.block_size, gen)
+    step = backend.prepare(meta, cache)
+    t = int(meta.query_start[-1])
+    outs = []
+    for layer in range(LAYERS):
+        q = torch.randn(t, heads, head_dim, generator=gen).to(dtype)
+        qkv = torch.randn(t, 2 * kv_heads * head_dim + 3, generator=gen).to(dtype)  # v a strided view, as in the model
+        k = qkv[:, : kv_heads * head_dim].view(t, kv_heads, head_dim).contiguous()
+        v = qkv[:, kv_heads * head_dim : 2 * kv_heads * head_dim].view(t, kv_heads, head_dim)
+        outs.append(step.attend(layer, q, k, v))
+    return torch.stack(outs), step
+
+
+CASES = {
+    "decodes-sharing-a-prefix": (16, [(70, 1), (40, 1), (33, 1), (90, 1), (5, 1)], 2),
+    "mixed-decode-and-prefill": (16, [(47, 1), (0, 37), (20, 9), (16, 1), (3, 70)], 0),
+    "odd-block-size": (5, [(12, 1), (11, 1), (30, 1), (0, 13), (7, 6)], 2),
+    "one-long-prefill": (16, [(0, 200)], 0),
+}
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize(("heads", "kv_heads"), [(8, 2), (4, 4)])
+@pytest.mark.parametrize(("dtype", "kv_cache_dtype", "tol"), [
+    (torch.float32, "auto", 2e-5), (torch.bfloat16, "auto", 2e-2), (torch.float32, "int8", 2e-5),
+])
+def test_cpu_backend_matches_reference(case, heads, kv_heads, dtype, kv_cache_dtype, tol):
+    block_size, specs, shared = CASES[case]
+    meta, history = _step(block_size, specs, shared, seed=len(specs))
+    ref, _ = _run("reference", meta, history, heads, kv_heads, 16, dtype, kv_cache_dtype, seed=1)
+    got, step = _run("cpu", meta, history, heads, kv_heads, 16, dtype, kv_cache_dtype, seed=1)
+    assert step.uses_cascade == (shared > 0)
+    assert got.dtype == dtype and got.shape == ref.shape
+    # int8: both backends quantize the same values the same way (round half to even), so they
+    # agree to float32 rounding, not merely to the quantization's resolution.
+    torch.testing.assert_close(got.float(), ref.float(), atol=tol, rtol=tol)
+
+
+def test_cascade_groups_gather_decodes_by_shared_blocks():
+    tables = np.array([[7, 8, 1], [3, 4, 5], [7, 8, 2], [7, 9, 6], [3, 4, 0], [11, 12, 13]])
+    seq_lens = np.array([40, 40, 40, 40, 20, 40])
+    order, starts, blocks = cascade_groups(tables[:, 0], tables, seq_lens, 16)
+    # [3, 4, ...] sequences share 1 block (the one at position 20 can use only one full block);
+    # [7, ...] sequences share block 7 (the third member differs at block 2); 11 shares nothing.
+    assert order.tolist() == [1, 4, 0, 2, 3, 5]
+    assert starts.tolist() == [0, 2, 5]
+    assert blocks.tolist() == [1, 1]
