@@ -26,7 +26,8 @@ CONFIG_ENV_VAR = "PIPELINE_CONFIG"  # the one PIPELINE_ variable that is not a f
 CONFIG_FILE_NAME = "pipeline.toml"
 
 # The engine's choices, repeated because importing workers/ loads torch; a test keeps them equal.
-DTYPES = ("float32", "bfloat16", "float16")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+ATTENTION_BACKENDS = ("auto", "reference", "cpu", "triton")
 KV_CACHE_DTYPES = ("auto", "int8", "fp8")
 EVICTION_POLICIES = ("lru", "lfu", "fifo", "adaptive")
 BROKER_SCHEMES = ("redis", "rediss", "redis+socket", "sentinel")  # Redis transports: priority order needs one
@@ -115,7 +116,12 @@ class Settings:
     # Engine
     model: str = field(default="tiny", metadata=_doc("'tiny' (built in, gibberish) or a local Hugging Face folder."))
     device: str = field(default="cpu", metadata=_doc("'cpu', 'cuda' or 'cuda:N'."))
-    dtype: str = field(default="float32", metadata=_doc(f"Model dtype: {', '.join(DTYPES)}."))
+    dtype: str = field(default="auto", metadata=_doc(
+        f"Model dtype: {', '.join(DTYPES)}; 'auto': bfloat16 on CUDA and on CPUs with AVX512-BF16 or AMX, "
+        "else float32."))
+    attention_backend: str = field(default="auto", metadata=_doc(
+        "Attention kernels: 'cpu' (C++, built with the system's compiler on first use), 'triton' (CUDA), "
+        "'reference' (plain PyTorch); 'auto': the fastest that runs here."))
     block_size: int = field(default=16, metadata=_doc("Tokens per KV cache block."))
     kv_cache_memory_bytes: int | None = field(
         default=None,
@@ -167,7 +173,7 @@ class Settings:
 
     def engine_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for `workers.EngineConfig` (which validates them again)."""
-        names = ("model", "device", "dtype", "block_size", "kv_cache_memory_bytes", "kv_cache_dtype",
+        names = ("model", "device", "dtype", "attention_backend", "block_size", "kv_cache_memory_bytes", "kv_cache_dtype",
                  "eviction_policy", "enable_prefix_caching", "max_num_seqs", "max_num_batched_tokens", "cpu_threads")
         return {name: getattr(self, name) for name in names}
 
@@ -298,6 +304,7 @@ _CHECKS: dict[str, typing.Callable[[Any], str | None]] = {
     "model": lambda v: None if v.strip() else "expected 'tiny' or the path of a local Hugging Face model folder",
     "device": _check_device,
     "dtype": _choice(DTYPES),
+    "attention_backend": _choice(ATTENTION_BACKENDS),
     "block_size": _int_range(1, 256, "tokens per block; 16 is usual"),
     "kv_cache_memory_bytes": lambda v: None if v is None or v > 0 else "expected a positive size such as '4GiB'",
     "kv_cache_dtype": _choice(KV_CACHE_DTYPES),

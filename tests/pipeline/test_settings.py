@@ -10,7 +10,7 @@ import pytest
 
 from pipeline.presets import PRESETS
 from pipeline.settings import (
-    DTYPES, EVICTION_POLICIES, FIELD_NAMES, KV_CACHE_DTYPES, NightlyRun, Settings, load_settings,
+    ATTENTION_BACKENDS, DTYPES, EVICTION_POLICIES, FIELD_NAMES, KV_CACHE_DTYPES, NightlyRun, Settings, load_settings,
     load_settings_with_sources, mask_url, preset_settings,
 )
 
@@ -40,7 +40,7 @@ def test_defaults(in_tmp: Path) -> None:
     assert s.database_url == f"sqlite:///{in_tmp}/pipeline.sqlite3"  # absolute: four slashes
     assert s.database_url.startswith("sqlite:////")
     assert (s.broker_url, s.redis_key_prefix, s.model, s.device, s.dtype) == (
-        "redis://127.0.0.1:6379/0", "pipeline:", "tiny", "cpu", "float32")
+        "redis://127.0.0.1:6379/0", "pipeline:", "tiny", "cpu", "auto")
     assert (s.block_size, s.kv_cache_memory_bytes, s.kv_cache_dtype, s.eviction_policy) == (16, None, "auto", "lru")
     assert (s.max_num_seqs, s.max_num_batched_tokens, s.chunk_size) == (256, 2048, 64)
     assert (s.visibility_timeout_s, s.task_max_redeliveries, s.completion_window) == (600, 3, "24h")
@@ -149,6 +149,7 @@ def test_engine_choices_match_the_engine() -> None:
     import workers.config
 
     assert DTYPES == workers.config.SUPPORTED_DTYPES
+    assert ATTENTION_BACKENDS == workers.config.ATTENTION_BACKENDS
     assert KV_CACHE_DTYPES == workers.config.KV_CACHE_DTYPES
     assert EVICTION_POLICIES == workers.config.EVICTION_POLICIES
     engine_fields = {f.name for f in dataclasses.fields(workers.config.EngineConfig)}
@@ -173,7 +174,8 @@ def test_an_unknown_preset_names_its_source(in_tmp: Path) -> None:
     ("PIPELINE_VISIBILITY_TIMEOUT_S", "4", "expected an integer at least 5 (seconds before a dead worker's chunk is redelivered)"),
     ("PIPELINE_KV_CACHE_DTYPE", "int4", "expected one of auto, int8, fp8"),
     ("PIPELINE_EVICTION_POLICY", "random", "expected one of lru, lfu, fifo, adaptive"),
-    ("PIPELINE_DTYPE", "fp16", "expected one of float32, bfloat16, float16"),
+    ("PIPELINE_DTYPE", "fp16", "expected one of auto, float32, bfloat16, float16"),
+    ("PIPELINE_ATTENTION_BACKEND", "flash", "expected one of auto, reference, cpu, triton"),
     ("PIPELINE_DEVICE", "gpu", "expected 'cpu', 'cuda' or 'cuda:N'"),
     ("PIPELINE_ENABLE_PREFIX_CACHING", "maybe", "expected true or false"),
     ("PIPELINE_KV_CACHE_MEMORY_BYTES", "4GB",
