@@ -113,3 +113,19 @@ def test_cascade_groups_gather_decodes_by_shared_blocks():
     assert order.tolist() == [1, 4, 0, 2, 3, 5]
     assert starts.tolist() == [0, 2, 5]
     assert blocks.tolist() == [1, 1]
+
+
+@pytest.mark.parametrize("compiler", ["/bin/false", "no-such-compiler-anywhere"])
+def test_without_a_working_compiler_auto_falls_back_with_one_warning(compiler, monkeypatch, tmp_path):
+    import workers.attention.cpu_extension as ext
+
+    monkeypatch.setenv("CXX", compiler)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))  # an empty cache: nothing built earlier is reused
+    monkeypatch.setattr(ext, "_loaded", {})
+    with pytest.warns(RuntimeWarning, match="reference attention backend") as caught:
+        backend = make_backend("auto", torch.device("cpu"), 8, 2, 16)
+        again = make_backend("auto", torch.device("cpu"), 8, 2, 16)
+    assert backend.name == again.name == "reference"
+    assert len(caught) == 1
+    with pytest.raises(ValueError, match="needs a C.. compiler"):
+        make_backend("cpu", torch.device("cpu"), 8, 2, 16)

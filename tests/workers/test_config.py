@@ -45,8 +45,8 @@ def test_budget_below_block_size_names_both_fields() -> None:
 def test_defaults() -> None:
     c = EngineConfig()
     assert dataclasses.asdict(c) == dict(
-        model="tiny", device="cpu", dtype="float32", block_size=16, num_kv_blocks=None, kv_cache_memory_bytes=None,
-        gpu_memory_utilization=0.9, enable_prefix_caching=True, eviction_policy="lru", kv_cache_dtype="auto",
+        model="tiny", device="cpu", dtype="auto", block_size=16, num_kv_blocks=None, kv_cache_memory_bytes=None,
+        gpu_memory_utilization=0.9, enable_prefix_caching=True, eviction_policy="lru", kv_cache_dtype="auto", attention_backend="auto",
         max_num_seqs=256, max_num_batched_tokens=2048, max_model_len=None, seed=0, cpu_threads=None,
     )
 

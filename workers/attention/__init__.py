@@ -42,6 +42,9 @@ def make_backend(name: str, device: torch.device, num_heads: int, num_kv_heads: 
 
     library = load_cpu_kernels()  # warns once when it cannot be built
     if library is None:
+        if name == "cpu":
+            raise ValueError("attention_backend='cpu' needs a C++ compiler (g++, or set CXX) to build its kernels; "
+                             "install one or use attention_backend='auto'")
         return ReferenceBackend(num_heads, num_kv_heads, head_dim)
     return CpuBackend(num_heads, num_kv_heads, head_dim, library)
 

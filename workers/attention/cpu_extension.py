@@ -48,7 +48,8 @@ def cache_folder() -> Path:
 def load_cpu_kernels() -> ctypes.CDLL | None:
     """The kernels library, built on first use; None (with one warning) when it cannot be built."""
     with _lock:
-        compiler = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
+        wanted = os.environ.get("CXX")
+        compiler = shutil.which(wanted) if wanted else shutil.which("g++") or shutil.which("c++")
         key = str(compiler)
         if key not in _loaded:
             _loaded[key] = _build_and_load(compiler)
