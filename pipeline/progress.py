@@ -11,6 +11,8 @@ import sys
 import time
 from typing import TextIO
 
+from pipeline.printable import printable
+
 BAR_WIDTH = 30
 TTY_INTERVAL_S = 0.2
 LOG_INTERVAL_S = 10.0
@@ -48,7 +50,7 @@ class Progress:
             self._write(text, final=True)
 
     def _write(self, text: str, *, final: bool) -> None:
-        line = f"{self.label}: {text}"
+        line = printable(f"{self.label}: {text}")  # the label may name the user's file
         if self._tty:
             # Clear to the end of the line: a shorter text must not leave the old one's tail.
             self._stream.write(f"\r{line}\x1b[K" + ("\n" if final else ""))

@@ -11,6 +11,7 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 
+from pipeline.printable import printable
 from pipeline.progress import Progress, bar
 
 T = TypeVar("T")
@@ -20,7 +21,8 @@ QuietOption = Annotated[bool, typer.Option("--quiet", "-q", help="No progress on
 
 
 def fail(message: str) -> typer.Exit:
-    typer.echo(f"error: {message}", err=True)
+    """The one `error:` line on stderr; what the message quotes from the input is shown `printable`."""
+    typer.echo(f"error: {printable(message)}", err=True)
     return typer.Exit(1)
 
 

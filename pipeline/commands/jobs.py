@@ -19,6 +19,7 @@ from pipeline.commands.common import (
     sessions,
     wait_for_job,
 )
+from pipeline.printable import printable
 from pipeline.progress import Progress, bar
 
 
@@ -138,9 +139,9 @@ def results(
 
 
 def _report_export(counts, output: Path, errors: Path | None) -> None:
-    typer.echo(f"{counts.results} results written to {output}", err=True)
+    typer.echo(f"{counts.results} results written to {printable(str(output))}", err=True)
     if errors is not None:
-        typer.echo(f"{counts.errors} errors written to {errors}", err=True)
+        typer.echo(f"{counts.errors} errors written to {printable(str(errors))}", err=True)
     elif counts.errors:
         typer.echo(f"{counts.errors} lines failed; pass --errors FILE to see them", err=True)
 
