@@ -67,3 +67,17 @@ def test_db_upgrade_creates_the_schema(tmp_path):
     assert "is at revision 0001" in result.stderr
     tables = set(sa.inspect(sa.create_engine(url)).get_table_names())
     assert {"jobs", "chunks", "requests", "sessions", "error_history", "alembic_version"} <= tables
+
+
+def test_a_bad_database_url_is_one_masked_error_line(tmp_path):
+    for url in ("postgresq://pipeline:s3cret@127.0.0.1/pipeline",  # a mistyped driver: was a traceback
+                "pipeline:s3cret@127.0.0.1/pipeline"):  # no "://": was shown unmasked
+        for command in (["status", "batch_x"], ["db", "upgrade"]):
+            result = subprocess.run(
+                [sys.executable, "-m", "pipeline", *command],
+                cwd=tmp_path, env=_env(PIPELINE_DATABASE_URL=url), capture_output=True, text=True, timeout=120,
+            )
+            assert result.returncode == 1, (url, command)
+            assert result.stderr.startswith("error: environment variable PIPELINE_DATABASE_URL: "), result.stderr
+            assert len(result.stderr.splitlines()) == 1, result.stderr
+            assert "s3cret" not in result.stderr and "pipeline:***@127.0.0.1" in result.stderr
