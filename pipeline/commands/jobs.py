@@ -58,7 +58,8 @@ def submit(
     priority: Annotated[PriorityChoice, typer.Option(help="The queue its chunks go to.")] = PriorityChoice.normal,
     model: Annotated[str | None, typer.Option(help="Model of the job; default: PIPELINE_MODEL.")] = None,
     idempotency_key: Annotated[
-        str | None, typer.Option(help="Submitting again with this key returns the same job.")] = None,
+        str | None, typer.Option(help="Submitting the same file again with this key returns the same job; "
+                                      "another file under it is refused.")] = None,
     strict: Annotated[bool, typer.Option(help="Run nothing if any line is bad.")] = False,
     wait: Annotated[bool, typer.Option(help="Wait until the job is finished.")] = False,
     completion_window: WindowOption = None,

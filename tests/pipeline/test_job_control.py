@@ -18,7 +18,7 @@ from sqlalchemy import select
 
 from db.enums import RequestStatus
 from db.migrate import upgrade
-from db.models import Chunk, Request
+from db.models import Chunk, Job, Request
 from db.repository import expire_jobs, get_job, job_errors
 from db.session import make_engine, session_factory
 from pipeline.settings import duration_s, load_settings
@@ -241,3 +241,20 @@ def test_submit_stores_the_completion_window_and_waits_with_progress(env, worker
         assert stored.expires_at - stored.created_at == timedelta(seconds=90)
     quiet = _cli(env, tmp_path, "submit", str(path), "--wait", "--quiet")
     assert quiet.stderr == "completed: 6 completed, 0 failed, 6 lines\n"  # the outcome, no progress
+
+
+def test_an_idempotency_key_returns_its_job_only_for_the_same_file(env, tmp_path: Path) -> None:
+    path = _write_jsonl(tmp_path / "in.jsonl", [{"text": "hi", "max_tokens": 2}])
+    first = _cli(env, tmp_path, "submit", str(path), "--idempotency-key", "k1").stdout.strip()
+    copy = tmp_path / "copy.jsonl"
+    copy.write_bytes(path.read_bytes())
+    assert _cli(env, tmp_path, "submit", str(copy), "--idempotency-key", "k1").stdout.strip() == first
+    _write_jsonl(path, [{"text": "another prompt", "max_tokens": 2}])  # the same name, another file
+    refused = _cli(env, tmp_path, "submit", str(path), "--idempotency-key", "k1", ok=False)
+    assert refused.returncode == 1 and refused.stdout == ""
+    assert refused.stderr == (
+        f"error: idempotency key 'k1' was used for job {first} with another file ({path.resolve()}); submit this "
+        f"file with a new key (or none), or see the first job with `pipeline status {first}`\n")
+    with _factory(env)() as session:
+        assert [job.id for job in session.scalars(select(Job))] == [first]
+    assert _cli(env, tmp_path, "submit", str(path), "--idempotency-key", "k2").stdout.strip() != first
