@@ -44,6 +44,12 @@ class Progress:
         self._last = now
         self._write(text, final=False)
 
+    def note(self, text: str) -> None:
+        """A line of its own between the progress lines (a warning), shown even when disabled: on a
+        terminal it replaces the line being redrawn, which the next update draws again below it."""
+        self._stream.write(("\r\x1b[K" if self._tty else "") + printable(text) + "\n")
+        self._stream.flush()
+
     def finish(self, text: str) -> None:
         """The last line, always shown (unless disabled), ending the redrawn one."""
         if self.enabled:

@@ -111,6 +111,10 @@ class Settings:
         default="10m", metadata=_doc("How often beat resends lost chunks (dead workers, a Redis restart): "
                                      "'10m', '1h', '30s'.")
     )
+    no_worker_notice_after: str = field(
+        default="1m", metadata=_doc("`submit --wait` and `status --watch` say once that no worker has taken the "
+                                    "job when none has in this long, and wait on: '1m', '30s', '1h'.")
+    )
     timezone: str = field(default="UTC", metadata=_doc("IANA time zone of the nightly run crons."))
     # Engine
     model: str = field(default="tiny", metadata=_doc("'tiny' (built in, gibberish) or a local Hugging Face folder."))
@@ -182,6 +186,10 @@ class Settings:
     @property
     def sweep_interval_s(self) -> int:
         return duration_s(self.sweep_interval)
+
+    @property
+    def no_worker_notice_after_s(self) -> int:
+        return duration_s(self.no_worker_notice_after)
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-ready values for `config show`; passwords in URLs are masked as ***."""
@@ -321,6 +329,8 @@ _CHECKS: dict[str, typing.Callable[[Any], str | None]] = {
         "expected a duration such as '7d', '12h' or '90m'"),
     "sweep_interval": lambda v: None if re.fullmatch(r"[1-9][0-9]*[smhd]", v) else (
         "expected a duration such as '10m', '1h' or '30s'"),
+    "no_worker_notice_after": lambda v: None if re.fullmatch(r"[1-9][0-9]*[smhd]", v) else (
+        "expected a duration such as '1m', '30s' or '1h'"),
     "timezone": _check_timezone,
     "model": lambda v: None if v.strip() else "expected 'tiny' or the path of a local Hugging Face model folder",
     "device": _check_device,

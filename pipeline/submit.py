@@ -22,11 +22,11 @@ from typing import Any
 
 from kombu.exceptions import OperationalError as KombuOperationalError
 from redis.exceptions import RedisError
-from sqlalchemy import delete, update
+from sqlalchemy import delete, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from db.enums import JobStatus, Priority
-from db.models import Job, Request
+from db.models import Chunk, Job, Request
 from db.repository import (
     add_requests,
     assign_chunks,
@@ -165,6 +165,11 @@ def job_summary(session: Session, job_id: str) -> dict[str, Any]:
         stamp = getattr(job, f"{status}_at")
         summary[f"{status}_at"] = None if stamp is None else int(stamp.timestamp())
     return summary
+
+
+def chunks_taken(session: Session, job_id: str) -> bool:
+    """Whether a worker has ever leased a chunk of the job (a chunk with an attempt)."""
+    return session.scalar(select(Chunk.id).where(Chunk.job_id == job_id, Chunk.attempts > 0).limit(1)) is not None
 
 
 def split_validation_message(message: str) -> tuple[str, str]:

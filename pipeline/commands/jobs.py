@@ -96,7 +96,9 @@ def submit(
             # stdout; but a job that runs nothing is a failed submit for scripts: exit 1.
             typer.echo(json.dumps(summary, indent=2) if as_json else summary["id"])
             raise failure
-        return wait_for_job(factory, summary["id"], quiet=quiet) if wait else summary
+        if not wait:
+            return summary
+        return wait_for_job(factory, summary["id"], quiet=quiet, notice_after_s=settings.no_worker_notice_after_s)
 
     _print_job(guarded(action), as_json)
 
@@ -112,9 +114,10 @@ def status(
     from pipeline.submit import job_summary
 
     def action() -> dict:
-        factory = sessions(load_settings().database_url)
+        settings = load_settings()
+        factory = sessions(settings.database_url)
         if watch:
-            return wait_for_job(factory, job_id, quiet=quiet)
+            return wait_for_job(factory, job_id, quiet=quiet, notice_after_s=settings.no_worker_notice_after_s)
         with factory() as session:
             return job_summary(session, job_id)
 

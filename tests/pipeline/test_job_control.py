@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from datetime import timedelta
@@ -258,3 +259,38 @@ def test_an_idempotency_key_returns_its_job_only_for_the_same_file(env, tmp_path
     with _factory(env)() as session:
         assert [job.id for job in session.scalars(select(Job))] == [first]
     assert _cli(env, tmp_path, "submit", str(path), "--idempotency-key", "k2").stdout.strip() != first
+
+
+def test_submit_wait_with_no_worker_says_so_once_and_keeps_waiting(env, tmp_path: Path) -> None:
+    path = _write_jsonl(tmp_path / "in.jsonl", [{"text": f"Hi {i}", "max_tokens": 2} for i in range(2)])
+    env = env | {"PIPELINE_NO_WORKER_NOTICE_AFTER": "1s"}
+    submit = subprocess.Popen([sys.executable, "-m", "pipeline", "submit", str(path), "--wait"], cwd=tmp_path,
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    guard = threading.Timer(JOB_TIMEOUT_S, submit.kill)  # a guard against a hang, not a measurement
+    guard.start()
+    seen: list[str] = []
+    worker = None
+    try:
+        for line in submit.stderr:  # no worker yet: the job waits at 0/2 until the notice comes
+            seen.append(line)
+            if "no worker has taken" in line:
+                break
+        assert seen and "no worker has taken" in seen[-1], "".join(seen)
+        # The wait goes on: once a worker comes, the job finishes and submit exits 0.
+        worker = subprocess.Popen([sys.executable, "-m", "pipeline", "worker", "--concurrency", "1"], cwd=tmp_path,
+                                  env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        stdout, rest = submit.communicate()
+    finally:
+        guard.cancel()
+        submit.kill()
+        if worker is not None:
+            stop_process(worker)
+    job_id = stdout.strip()
+    assert submit.returncode == 0, "".join(seen) + rest
+    assert seen[-1] == (
+        f"{job_id}: no worker has taken this job in 1s; is a worker running against this database and broker, "
+        f"serving the 'normal' queue (or busy with earlier jobs)? Check with `pipeline status {job_id}`, Flower, "
+        "or `celery -A pipeline.celery_app inspect active_queues`; start one with `pipeline worker`. Still "
+        "waiting (Ctrl-C stops waiting, not the job).\n")
+    assert "no worker has taken" not in rest  # once
+    assert rest.splitlines()[-1] == "completed: 2 completed, 0 failed, 2 lines"
