@@ -34,8 +34,8 @@ class NothingToRun(PipelineError):
 
 @dataclass(frozen=True, slots=True)
 class RejectedRun:
-    """Input lines `first_line` to `last_line` in a row (no other rejected line among them), the
-    `count` of them rejected with the same `code` and `detail` ("field: message")."""
+    """`count` rejected lines from `first_line` to `last_line`, all with the same `code` and
+    `detail` ("field: message"), and no line rejected otherwise between them (good lines may be)."""
 
     first_line: int
     last_line: int
