@@ -25,6 +25,9 @@ class Job(Base):
     model: Mapped[str] = mapped_column(String(512))
     priority: Mapped[Priority] = mapped_column(str_enum(Priority, "priority"), default=Priority.NORMAL)
     idempotency_key: Mapped[str | None] = mapped_column(String(255), unique=True)
+    # SHA-256 (hex) of the submitted file, kept with an idempotency key: the key of a job returns
+    # it only for the same file. None for jobs without a key, and for those stored before 0002.
+    input_digest: Mapped[str | None] = mapped_column(String(64))
     strict: Mapped[bool] = mapped_column(default=False)
     tenant_id: Mapped[str | None] = mapped_column(ForeignKey("tenants.id"), index=True)
 

@@ -11,6 +11,8 @@ import sys
 import time
 from typing import TextIO
 
+from pipeline.printable import printable
+
 BAR_WIDTH = 30
 TTY_INTERVAL_S = 0.2
 LOG_INTERVAL_S = 10.0
@@ -42,13 +44,19 @@ class Progress:
         self._last = now
         self._write(text, final=False)
 
+    def note(self, text: str) -> None:
+        """A line of its own between the progress lines (a warning), shown even when disabled: on a
+        terminal it replaces the line being redrawn, which the next update draws again below it."""
+        self._stream.write(("\r\x1b[K" if self._tty else "") + printable(text) + "\n")
+        self._stream.flush()
+
     def finish(self, text: str) -> None:
         """The last line, always shown (unless disabled), ending the redrawn one."""
         if self.enabled:
             self._write(text, final=True)
 
     def _write(self, text: str, *, final: bool) -> None:
-        line = f"{self.label}: {text}"
+        line = printable(f"{self.label}: {text}")  # the label may name the user's file
         if self._tty:
             # Clear to the end of the line: a shorter text must not leave the old one's tail.
             self._stream.write(f"\r{line}\x1b[K" + ("\n" if final else ""))

@@ -112,6 +112,10 @@ class Settings:
         default="10m", metadata=_doc("How often beat resends lost chunks (dead workers, a Redis restart): "
                                      "'10m', '1h', '30s'.")
     )
+    no_worker_notice_after: str = field(
+        default="1m", metadata=_doc("`submit --wait` and `status --watch` say once that no worker has taken the "
+                                    "job when none has in this long, and wait on: '1m', '30s', '1h'.")
+    )
     timezone: str = field(default="UTC", metadata=_doc("IANA time zone of the nightly run crons."))
     # Engine
     model: str = field(default="tiny", metadata=_doc("'tiny' (built in, gibberish) or a local Hugging Face folder."))
@@ -189,6 +193,10 @@ class Settings:
     def sweep_interval_s(self) -> int:
         return duration_s(self.sweep_interval)
 
+    @property
+    def no_worker_notice_after_s(self) -> int:
+        return duration_s(self.no_worker_notice_after)
+
     def as_dict(self) -> dict[str, Any]:
         """JSON-ready values for `config show`; passwords in URLs are masked as ***."""
         return {f.name: _jsonable(f.name, getattr(self, f.name)) for f in fields(self)}
@@ -223,14 +231,17 @@ def duration_s(text: str) -> int:
 
 
 def mask_url(url: str) -> str:
-    """`url` with the password of its user info and any password= query parameter replaced by ***."""
+    """`url` with the password of its user info and any password= query parameter replaced by ***.
+
+    A mistyped URL with no "://" ("user:pw@host/db", "postgresql:/user:pw@host") is masked too, from
+    its start: what is a password there cannot be told, so all of it up to the '@' may be one."""
     scheme, sep, rest = url.partition("://")
-    if sep:
-        userinfo, at, host = rest.rpartition("@")  # the last '@': an unescaped one in a password stays hidden
-        if at and ":" in userinfo:
-            rest = f"{userinfo.split(':', 1)[0]}:***@{host}"
-        url = f"{scheme}://{rest}"
-    return re.sub(r"(?i)\b(password|passwd|pwd)=[^&;]*", r"\1=***", url)
+    if not sep:
+        scheme, rest = "", url
+    userinfo, at, host = rest.rpartition("@")  # the last '@': an unescaped one in a password stays hidden
+    if at and ":" in userinfo:
+        rest = f"{userinfo.split(':', 1)[0]}:***@{host}"
+    return re.sub(r"(?i)\b(password|passwd|pwd)=[^&;]*", r"\1=***", f"{scheme}{sep}{rest}")
 
 
 # -- validation ---------------------------------------------------------------------------------
@@ -268,6 +279,32 @@ def _check_timezone(value: str) -> str | None:
     return None
 
 
+def _check_database_url(value: str) -> str | None:
+    """A URL SQLAlchemy can parse, of a dialect it knows, whose driver is installed: otherwise the
+    first use of the database would end in a traceback, far from the setting that caused it."""
+    expected = ("expected an SQLAlchemy URL such as sqlite:////srv/pipeline.sqlite3 or "
+                "postgresql+psycopg://user:password@host:5432/pipeline")
+    if not re.match(r"[A-Za-z][A-Za-z0-9+.-]*://", value):
+        return expected
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError, NoSuchModuleError
+
+    try:
+        url = make_url(value)
+    except (ArgumentError, ValueError):  # the messages are not shown: they may quote the password
+        return f"{expected} (this one cannot be parsed: is the port a number?)"
+    try:
+        dialect = url.get_dialect()
+    except NoSuchModuleError:
+        return f"unknown database driver {url.drivername!r}; use sqlite or postgresql+psycopg"
+    try:
+        dialect.import_dbapi()
+    except ImportError as e:
+        return (f"the driver of {url.drivername!r} is not installed (no module {e.name!r}); use sqlite or "
+                "postgresql+psycopg, or install it")
+    return None
+
+
 def _check_price(value: float) -> str | None:
     return None if math.isfinite(value) and value >= 0 else "expected a price of 0 or more"
 
@@ -280,9 +317,7 @@ def _check_nightly_runs(runs: tuple[NightlyRun, ...]) -> str | None:
 
 _CHECKS: dict[str, typing.Callable[[Any], str | None]] = {
     "preset": lambda v: None if v is None or v in PRESETS else f"expected one of {', '.join(PRESETS)}",
-    "database_url": lambda v: None if re.match(r"[A-Za-z][A-Za-z0-9+.-]*://", v) else (
-        "expected an SQLAlchemy URL such as sqlite:////srv/pipeline.sqlite3 or "
-        "postgresql+psycopg://user:password@host:5432/pipeline"),
+    "database_url": _check_database_url,
     "broker_url": lambda v: None if v.partition("://")[0] in BROKER_SCHEMES and "://" in v else (
         "expected a Redis URL such as redis://host:6379/0 (rediss:// for TLS)"),
     "redis_key_prefix": lambda v: None if re.fullmatch(r"[A-Za-z0-9_.:-]{1,64}", v) else (
@@ -300,6 +335,8 @@ _CHECKS: dict[str, typing.Callable[[Any], str | None]] = {
         "expected a duration such as '7d', '12h' or '90m'"),
     "sweep_interval": lambda v: None if re.fullmatch(r"[1-9][0-9]*[smhd]", v) else (
         "expected a duration such as '10m', '1h' or '30s'"),
+    "no_worker_notice_after": lambda v: None if re.fullmatch(r"[1-9][0-9]*[smhd]", v) else (
+        "expected a duration such as '1m', '30s' or '1h'"),
     "timezone": _check_timezone,
     "model": lambda v: None if v.strip() else "expected 'tiny' or the path of a local Hugging Face model folder",
     "device": _check_device,

@@ -22,11 +22,11 @@ from typing import Any
 
 from kombu.exceptions import OperationalError as KombuOperationalError
 from redis.exceptions import RedisError
-from sqlalchemy import delete, update
+from sqlalchemy import delete, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from db.enums import JobStatus, Priority
-from db.models import Job, Request
+from db.models import Chunk, Job, Request
 from db.repository import (
     add_requests,
     assign_chunks,
@@ -36,7 +36,7 @@ from db.repository import (
     record_errors,
     set_status,
 )
-from pipeline.errors import ChunksNotQueued
+from pipeline.errors import ChunksNotQueued, InputError
 from pipeline.input_reader import read_requests
 from pipeline.queues import queue_for
 from pipeline.request_spec import ENDPOINT_URLS, LineError, RequestSpec
@@ -49,6 +49,7 @@ VALIDATION_KIND = "validation"
 BATCH_SIZE = 5_000
 PROGRESS_EVERY = 1_000  # lines between two `on_progress` calls
 MAX_JOB_ERRORS = 100  # line errors copied onto a strict job's `errors` (all are in error_history)
+DIGEST_READ_BYTES = 1024 * 1024
 PREFIX_CHARS = 256  # requests whose prompts agree on this many leading characters share a chunk
 # Codes may hold digits ("not_utf8"): without 0-9 such a line was exported as "invalid_request"
 # with "[not_utf8]" left in its message.
@@ -74,16 +75,19 @@ def submit_file(
     One transaction stores the job, its requests, its errors and its chunks, so a crash midway
     leaves no half job behind (and a retried submit with the same idempotency key starts afresh).
     Tasks are sent only after that commit, so no worker can look for rows that are not there yet.
-    A key used before returns that job as it is now, sending nothing.
+    A key used before returns that job as it is now, sending nothing, when the file is the same
+    (its SHA-256 is stored with the job); another file raises IdempotencyKeyReused, naming the job.
     Raises InputError when the file cannot be read at all, ValueError for a bad priority.
     """
     job_priority = Priority(queue_for(priority).value)  # queue_for raises ValueError naming the choices
     path = Path(path)
     specs = read_requests(path)  # raises InputError now for an unreadable file
+    # One more read of the file, only with a key: its digest must be known before the job is looked up.
+    digest = file_digest(path) if idempotency_key is not None else None
     with session_factory.begin() as session:
         job = create_job(session, input_file=str(path.resolve()), model=model or settings.model,
-                         priority=job_priority, idempotency_key=idempotency_key, strict=strict,
-                         completion_window=completion_window)
+                         priority=job_priority, idempotency_key=idempotency_key, input_digest=digest,
+                         strict=strict, completion_window=completion_window)
         if job.status != JobStatus.VALIDATING or job.request_total > 0:  # an earlier submit with this key
             return job_summary(session, job.id)
         job_id = job.id
@@ -107,6 +111,18 @@ def submit_file(
             "submit the file again without --idempotency-key: that would make a second job") from e
     with session_factory.begin() as session:
         return job_summary(session, job_id)
+
+
+def file_digest(path: Path) -> str:
+    """The SHA-256 of the file's bytes (hex), read in pieces. Raises InputError if it cannot be read."""
+    digest = hashlib.sha256()
+    try:
+        with open(path, "rb") as f:
+            while piece := f.read(DIGEST_READ_BYTES):
+                digest.update(piece)
+    except OSError as e:
+        raise InputError(path, f"cannot read it ({e.strerror})") from None
+    return digest.hexdigest()
 
 
 def send_chunks(session_factory: sessionmaker[Session], sends: list[tuple[int, str]], send_chunk: SendChunk,
@@ -149,6 +165,11 @@ def job_summary(session: Session, job_id: str) -> dict[str, Any]:
         stamp = getattr(job, f"{status}_at")
         summary[f"{status}_at"] = None if stamp is None else int(stamp.timestamp())
     return summary
+
+
+def chunks_taken(session: Session, job_id: str) -> bool:
+    """Whether a worker has ever leased a chunk of the job (a chunk with an attempt)."""
+    return session.scalar(select(Chunk.id).where(Chunk.job_id == job_id, Chunk.attempts > 0).limit(1)) is not None
 
 
 def split_validation_message(message: str) -> tuple[str, str]:

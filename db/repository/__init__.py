@@ -19,6 +19,7 @@ from db.repository.chunks import (
     renew_lease,
 )
 from db.repository.jobs import (
+    IdempotencyKeyReused,
     JobCounts,
     cancel_job,
     create_job,

@@ -25,6 +25,19 @@ CLOSED_ERRORS = {
 }
 
 
+class IdempotencyKeyReused(ValueError):
+    """An idempotency key sent again with a file other than the one its job was submitted with."""
+
+    def __init__(self, job_id: str, key: str, input_file: str) -> None:
+        super().__init__(job_id, key, input_file)  # args mirror the constructor, so the error can be rebuilt
+        self.job_id, self.key, self.input_file = job_id, key, input_file
+
+    def __str__(self) -> str:
+        return (f"idempotency key {self.key!r} was used for job {self.job_id} with another file "
+                f"({self.input_file}); submit this file with a new key (or none), or see the first job with "
+                f"`pipeline status {self.job_id}`")
+
+
 @dataclass(slots=True, frozen=True)
 class JobCounts:
     """Requests of a job by status, counted from the request rows themselves."""
@@ -60,6 +73,7 @@ def create_job(
     model: str,
     priority: Priority = Priority.NORMAL,
     idempotency_key: str | None = None,
+    input_digest: str | None = None,
     strict: bool = False,
     completion_window: timedelta | None = None,
     tenant_id: str | None = None,
@@ -70,7 +84,10 @@ def create_job(
 
     Two concurrent submits with one key both get the job that committed first (the loser's insert
     hits the unique constraint inside a savepoint and reads the winner's row). A key already used
-    by another tenant is refused, so a key never reveals someone else's job.
+    by another tenant is refused, so a key never reveals someone else's job. `input_digest` (the
+    submitted file's SHA-256) is stored with the job; a key whose job holds another digest is
+    refused with `IdempotencyKeyReused`, naming that job: a retry sends the same file, so another
+    file under the key is a mistake that must not be answered with the first file's results.
     """
     if completion_window is not None and completion_window <= timedelta(0):
         raise ValueError(f"completion window must be positive, got {completion_window}")
@@ -78,7 +95,7 @@ def create_job(
     if idempotency_key is not None:
         existing = _job_by_key(session, idempotency_key)
         if existing is not None:
-            return _check_key_owner(existing, tenant_id)
+            return _check_key_reuse(existing, tenant_id, input_digest)
     now = now or utcnow()
     job = Job(
         id=new_job_id(),
@@ -87,6 +104,7 @@ def create_job(
         model=model,
         priority=priority,
         idempotency_key=idempotency_key,
+        input_digest=input_digest,
         strict=strict,
         tenant_id=tenant_id,
         metadata_=dict(metadata or {}),
@@ -103,7 +121,7 @@ def create_job(
         existing = _job_by_key(session, idempotency_key) if idempotency_key is not None else None
         if existing is None:
             raise
-        return _check_key_owner(existing, tenant_id)
+        return _check_key_reuse(existing, tenant_id, input_digest)
     return job
 
 
@@ -223,9 +241,13 @@ def _job_by_key(session: Session, idempotency_key: str) -> Job | None:
     return session.scalar(select(Job).where(Job.idempotency_key == idempotency_key))
 
 
-def _check_key_owner(job: Job, tenant_id: str | None) -> Job:
+def _check_key_reuse(job: Job, tenant_id: str | None, input_digest: str | None) -> Job:
+    """`job`, found by its key, if that key may return it: same tenant, and the same file when both
+    digests are known."""
     if job.tenant_id != tenant_id:
         raise ValueError("idempotency key already used by another tenant; choose another key")
+    if input_digest is not None and job.input_digest is not None and input_digest != job.input_digest:
+        raise IdempotencyKeyReused(job.id, job.idempotency_key or "", job.input_file)
     return job
 
 

@@ -11,6 +11,7 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 
+from pipeline.printable import printable
 from pipeline.progress import Progress, bar
 
 T = TypeVar("T")
@@ -20,7 +21,8 @@ QuietOption = Annotated[bool, typer.Option("--quiet", "-q", help="No progress on
 
 
 def fail(message: str) -> typer.Exit:
-    typer.echo(f"error: {message}", err=True)
+    """The one `error:` line on stderr; what the message quotes from the input is shown `printable`."""
+    typer.echo(f"error: {printable(message)}", err=True)
     return typer.Exit(1)
 
 
@@ -68,19 +70,37 @@ def progress_line(summary: dict[str, Any]) -> str:
     return f"{bar(counts['completed'] + counts['failed'], counts['total'])} lines  {summary['status']}"
 
 
-def wait_for_job(factory, job_id: str, *, quiet: bool = False) -> dict[str, Any]:
-    """Poll the job until it ends; unless `quiet`, its progress on stderr."""
-    from pipeline.submit import job_summary
+def wait_for_job(factory, job_id: str, *, quiet: bool = False, notice_after_s: int | None = None) -> dict[str, Any]:
+    """Poll the job until it ends; unless `quiet`, its progress on stderr. When its counts have not
+    moved for `notice_after_s` seconds and no worker has taken any of its chunks, say so once (even
+    when quiet: it is a warning, not progress) and wait on: a worker may still come."""
+    from pipeline.submit import chunks_taken, job_summary
 
     progress = Progress(job_id, enabled=not quiet)
+    counts, since = None, time.monotonic()
+    noticed = notice_after_s is None
     while True:
         with factory() as session:
             summary = job_summary(session, job_id)
-        if summary["status"] in ("completed", "failed", "expired", "cancelled"):
-            progress.finish(progress_line(summary))
-            return summary
+            if summary["status"] in ("completed", "failed", "expired", "cancelled"):
+                progress.finish(progress_line(summary))
+                return summary
+            if summary["request_counts"] != counts:
+                counts, since = summary["request_counts"], time.monotonic()
+            elif not noticed and time.monotonic() - since >= notice_after_s and not chunks_taken(session, job_id):
+                noticed = True
+                progress.note(no_worker_notice(summary, notice_after_s))
         progress.update(progress_line(summary))
         time.sleep(POLL_S)
+
+
+def no_worker_notice(summary: dict[str, Any], waited_s: int) -> str:
+    """What to say when no worker has taken the job: what is likely wrong, and how to check."""
+    job_id, queue = summary["id"], summary["priority"]
+    return (f"{job_id}: no worker has taken this job in {waited_s}s; is a worker running against this database "
+            f"and broker, serving the {queue!r} queue (or busy with earlier jobs)? Check with `pipeline status "
+            f"{job_id}`, Flower, or `celery -A pipeline.celery_app inspect active_queues`; start one with "
+            "`pipeline worker`. Still waiting (Ctrl-C stops waiting, not the job).")
 
 
 def ingest_progress(file: Path, quiet: bool) -> tuple[Progress, Callable[[int, int], None]]:

@@ -19,6 +19,7 @@ from pipeline.commands.common import (
     sessions,
     wait_for_job,
 )
+from pipeline.printable import printable
 from pipeline.progress import Progress, bar
 
 
@@ -57,7 +58,8 @@ def submit(
     priority: Annotated[PriorityChoice, typer.Option(help="The queue its chunks go to.")] = PriorityChoice.normal,
     model: Annotated[str | None, typer.Option(help="Model of the job; default: PIPELINE_MODEL.")] = None,
     idempotency_key: Annotated[
-        str | None, typer.Option(help="Submitting again with this key returns the same job.")] = None,
+        str | None, typer.Option(help="Submitting the same file again with this key returns the same job; "
+                                      "another file under it is refused.")] = None,
     strict: Annotated[bool, typer.Option(help="Run nothing if any line is bad.")] = False,
     wait: Annotated[bool, typer.Option(help="Wait until the job is finished.")] = False,
     completion_window: WindowOption = None,
@@ -94,7 +96,9 @@ def submit(
             # stdout; but a job that runs nothing is a failed submit for scripts: exit 1.
             typer.echo(json.dumps(summary, indent=2) if as_json else summary["id"])
             raise failure
-        return wait_for_job(factory, summary["id"], quiet=quiet) if wait else summary
+        if not wait:
+            return summary
+        return wait_for_job(factory, summary["id"], quiet=quiet, notice_after_s=settings.no_worker_notice_after_s)
 
     _print_job(guarded(action), as_json)
 
@@ -110,9 +114,10 @@ def status(
     from pipeline.submit import job_summary
 
     def action() -> dict:
-        factory = sessions(load_settings().database_url)
+        settings = load_settings()
+        factory = sessions(settings.database_url)
         if watch:
-            return wait_for_job(factory, job_id, quiet=quiet)
+            return wait_for_job(factory, job_id, quiet=quiet, notice_after_s=settings.no_worker_notice_after_s)
         with factory() as session:
             return job_summary(session, job_id)
 
@@ -138,9 +143,9 @@ def results(
 
 
 def _report_export(counts, output: Path, errors: Path | None) -> None:
-    typer.echo(f"{counts.results} results written to {output}", err=True)
+    typer.echo(f"{counts.results} results written to {printable(str(output))}", err=True)
     if errors is not None:
-        typer.echo(f"{counts.errors} errors written to {errors}", err=True)
+        typer.echo(f"{counts.errors} errors written to {printable(str(errors))}", err=True)
     elif counts.errors:
         typer.echo(f"{counts.errors} lines failed; pass --errors FILE to see them", err=True)
 

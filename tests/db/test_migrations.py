@@ -45,7 +45,7 @@ def table_names(url: str) -> set[str]:
 def test_upgrade_to_head_matches_the_models(db_url):
     assert current(db_url) is None
     upgrade(db_url)
-    assert current(db_url) == head() == "0001"
+    assert current(db_url) == head() == "0002"
     assert table_names(db_url) == TABLES
     assert differences(db_url) == []
 
@@ -97,9 +97,42 @@ def test_downgrade_to_base_and_upgrade_again(db_url):
     assert table_names(db_url) == set()
 
     upgrade(db_url)
-    assert current(db_url) == "0001"
+    assert current(db_url) == head()
     assert table_names(db_url) == TABLES
     assert differences(db_url) == []
+
+
+def test_0002_adds_the_input_digest_to_existing_jobs_and_drops_it_again(db_url):
+    """A database of the first release migrates with its jobs kept (their digest unknown), and back."""
+    upgrade(db_url, "0001")
+    engine = make_engine(db_url)
+    try:
+        with engine.begin() as connection:
+            connection.execute(text(
+                "INSERT INTO jobs (id, status, input_file, model, priority, idempotency_key, strict, request_total, "
+                "request_completed, request_failed, errors, metadata, created_at) VALUES "
+                "('batch_1', 'completed', 'in.jsonl', 'tiny', 'normal', 'k', false, 0, 0, 0, '[]', '{}', "
+                "'2025-01-01 00:00:00')"))
+        upgrade(db_url, "0002")
+        with engine.connect() as connection:
+            assert connection.execute(text("SELECT id, idempotency_key, input_digest FROM jobs")).all() == [
+                ("batch_1", "k", None)]
+        assert differences(db_url) == []
+        downgrade(db_url, "0001")
+        assert current(db_url) == "0001"
+        columns = {c["name"] for c in inspect(engine).get_columns("jobs")}
+        assert "input_digest" not in columns and "idempotency_key" in columns
+        with engine.connect() as connection:
+            assert connection.execute(text("SELECT id, idempotency_key FROM jobs")).all() == [("batch_1", "k")]
+        # The copy SQLite's batch mode makes keeps the constraints: a second job with the key is refused.
+        with engine.connect() as connection, pytest.raises(IntegrityError, match="idempotency_key"):
+            connection.execute(text(
+                "INSERT INTO jobs (id, status, input_file, model, priority, idempotency_key, strict, request_total, "
+                "request_completed, request_failed, errors, metadata, created_at) VALUES "
+                "('batch_2', 'completed', 'in.jsonl', 'tiny', 'normal', 'k', false, 0, 0, 0, '[]', '{}', "
+                "'2025-01-01 00:00:00')"))
+    finally:
+        engine.dispose()
 
 
 def test_status_check_constraint_rejects_unknown_values(db_url):
@@ -131,7 +164,7 @@ def test_alembic_command_line_takes_the_url_from_x_or_the_environment(tmp_path):
         check=False,
     )
     assert run.returncode == 0, run.stderr
-    assert current(x_url) == "0001"
+    assert current(x_url) == head()
 
     env_url = f"sqlite:///{tmp_path / 'env.db'}"
     run = subprocess.run(
@@ -143,7 +176,7 @@ def test_alembic_command_line_takes_the_url_from_x_or_the_environment(tmp_path):
         check=False,
     )
     assert run.returncode == 0, run.stderr
-    assert current(env_url) == "0001"
+    assert current(env_url) == head()
 
     run = subprocess.run(
         [sys.executable, "-m", "alembic", "upgrade", "head"],

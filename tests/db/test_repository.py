@@ -14,6 +14,7 @@ from sqlalchemy.exc import IntegrityError
 from db import Chunk, ChunkStatus, ErrorEvent, Job, JobStatus, Priority, Request, RequestStatus
 from db.repository.chunks import ASSIGN_FETCH_SIZE
 from db.repository import (
+    IdempotencyKeyReused,
     JobCounts,
     RequestResult,
     add_requests,
@@ -147,6 +148,33 @@ def test_create_job_with_a_used_idempotency_key_returns_the_same_job(session, fa
     assert again.id == first.id and again.input_file == "a.jsonl"
     assert other.id != first.id
     assert session.scalar(select(func.count()).select_from(Job)) == 2
+
+
+def test_an_idempotency_key_returns_its_job_only_for_the_same_file(session):
+    first = create_job(session, input_file="/in/a.jsonl", model="tiny", idempotency_key="k", input_digest="a" * 64)
+    session.commit()
+    same = create_job(session, input_file="/in/copy.jsonl", model="tiny", idempotency_key="k", input_digest="a" * 64)
+    assert same.id == first.id  # the same bytes, wherever they lie
+    with pytest.raises(IdempotencyKeyReused) as refused:
+        create_job(session, input_file="/in/a.jsonl", model="tiny", idempotency_key="k", input_digest="b" * 64)
+    assert refused.value.job_id == first.id
+    assert str(refused.value) == (
+        f"idempotency key 'k' was used for job {first.id} with another file (/in/a.jsonl); submit this file with "
+        f"a new key (or none), or see the first job with `pipeline status {first.id}`")
+    assert isinstance(refused.value, ValueError)  # the CLI's one error line, beat's logged nightly-run error
+    session.rollback()
+    assert session.scalar(select(func.count()).select_from(Job)) == 1
+    stored = session.scalar(select(Job))
+    assert stored.input_digest == "a" * 64
+
+
+def test_a_job_stored_without_a_digest_is_returned_for_any_file(session):
+    """Jobs from before the digest (revision 0001) keep answering their key, as they did."""
+    first = create_job(session, input_file="/in/a.jsonl", model="tiny", idempotency_key="old")
+    session.commit()
+    assert first.input_digest is None
+    assert create_job(session, input_file="/in/b.jsonl", model="tiny", idempotency_key="old",
+                      input_digest="b" * 64).id == first.id
 
 
 def test_idempotency_key_of_another_tenant_is_refused(session):

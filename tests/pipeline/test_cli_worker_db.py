@@ -64,6 +64,44 @@ def test_db_upgrade_creates_the_schema(tmp_path):
         cwd=tmp_path, env=_env(PIPELINE_DATABASE_URL=url), capture_output=True, text=True, timeout=120,
     )
     assert result.returncode == 0, result.stderr
-    assert "is at revision 0001" in result.stderr
+    assert "is at revision 0002" in result.stderr
     tables = set(sa.inspect(sa.create_engine(url)).get_table_names())
     assert {"jobs", "chunks", "requests", "sessions", "error_history", "alembic_version"} <= tables
+
+
+def test_a_bad_database_url_is_one_masked_error_line(tmp_path):
+    for url in ("postgresq://pipeline:s3cret@127.0.0.1/pipeline",  # a mistyped driver: was a traceback
+                "pipeline:s3cret@127.0.0.1/pipeline"):  # no "://": was shown unmasked
+        for command in (["status", "batch_x"], ["db", "upgrade"]):
+            result = subprocess.run(
+                [sys.executable, "-m", "pipeline", *command],
+                cwd=tmp_path, env=_env(PIPELINE_DATABASE_URL=url), capture_output=True, text=True, timeout=120,
+            )
+            assert result.returncode == 1, (url, command)
+            assert result.stderr.startswith("error: environment variable PIPELINE_DATABASE_URL: "), result.stderr
+            assert len(result.stderr.splitlines()) == 1, result.stderr
+            assert "s3cret" not in result.stderr and "pipeline:***@127.0.0.1" in result.stderr
+
+
+def test_db_upgrade_of_a_database_that_is_down_is_one_error_line(tmp_path):
+    # Nothing listens on the discard port: the server is as good as stopped.
+    url = "postgresql+psycopg://postgres:s3cret@127.0.0.1:9/pipeline"
+    result = subprocess.run(
+        [sys.executable, "-m", "pipeline", "db", "upgrade"],
+        cwd=tmp_path, env=_env(PIPELINE_DATABASE_URL=url), capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 1
+    [line] = result.stderr.splitlines()  # was a traceback of hundreds of lines
+    assert line.startswith("error: cannot use the database (connection failed: ") and "port 9 failed" in line
+    assert line.endswith("; check PIPELINE_DATABASE_URL") and "s3cret" not in line
+
+
+def test_db_upgrade_to_an_unknown_revision_is_one_error_line(tmp_path):
+    url = f"sqlite:///{tmp_path / 'jobs.sqlite3'}"
+    result = subprocess.run(
+        [sys.executable, "-m", "pipeline", "db", "upgrade", "0999"],
+        cwd=tmp_path, env=_env(PIPELINE_DATABASE_URL=url), capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 1
+    assert result.stderr.splitlines() == [
+        "error: cannot migrate: Can't locate revision identified by '0999'; give `head` or a revision of this release"]

@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from datetime import timedelta
@@ -18,7 +19,7 @@ from sqlalchemy import select
 
 from db.enums import RequestStatus
 from db.migrate import upgrade
-from db.models import Chunk, Request
+from db.models import Chunk, Job, Request
 from db.repository import expire_jobs, get_job, job_errors
 from db.session import make_engine, session_factory
 from pipeline.settings import duration_s, load_settings
@@ -241,3 +242,55 @@ def test_submit_stores_the_completion_window_and_waits_with_progress(env, worker
         assert stored.expires_at - stored.created_at == timedelta(seconds=90)
     quiet = _cli(env, tmp_path, "submit", str(path), "--wait", "--quiet")
     assert quiet.stderr == "completed: 6 completed, 0 failed, 6 lines\n"  # the outcome, no progress
+
+
+def test_an_idempotency_key_returns_its_job_only_for_the_same_file(env, tmp_path: Path) -> None:
+    path = _write_jsonl(tmp_path / "in.jsonl", [{"text": "hi", "max_tokens": 2}])
+    first = _cli(env, tmp_path, "submit", str(path), "--idempotency-key", "k1").stdout.strip()
+    copy = tmp_path / "copy.jsonl"
+    copy.write_bytes(path.read_bytes())
+    assert _cli(env, tmp_path, "submit", str(copy), "--idempotency-key", "k1").stdout.strip() == first
+    _write_jsonl(path, [{"text": "another prompt", "max_tokens": 2}])  # the same name, another file
+    refused = _cli(env, tmp_path, "submit", str(path), "--idempotency-key", "k1", ok=False)
+    assert refused.returncode == 1 and refused.stdout == ""
+    assert refused.stderr == (
+        f"error: idempotency key 'k1' was used for job {first} with another file ({path.resolve()}); submit this "
+        f"file with a new key (or none), or see the first job with `pipeline status {first}`\n")
+    with _factory(env)() as session:
+        assert [job.id for job in session.scalars(select(Job))] == [first]
+    assert _cli(env, tmp_path, "submit", str(path), "--idempotency-key", "k2").stdout.strip() != first
+
+
+def test_submit_wait_with_no_worker_says_so_once_and_keeps_waiting(env, tmp_path: Path) -> None:
+    path = _write_jsonl(tmp_path / "in.jsonl", [{"text": f"Hi {i}", "max_tokens": 2} for i in range(2)])
+    env = env | {"PIPELINE_NO_WORKER_NOTICE_AFTER": "1s"}
+    submit = subprocess.Popen([sys.executable, "-m", "pipeline", "submit", str(path), "--wait"], cwd=tmp_path,
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    guard = threading.Timer(JOB_TIMEOUT_S, submit.kill)  # a guard against a hang, not a measurement
+    guard.start()
+    seen: list[str] = []
+    worker = None
+    try:
+        for line in submit.stderr:  # no worker yet: the job waits at 0/2 until the notice comes
+            seen.append(line)
+            if "no worker has taken" in line:
+                break
+        assert seen and "no worker has taken" in seen[-1], "".join(seen)
+        # The wait goes on: once a worker comes, the job finishes and submit exits 0.
+        worker = subprocess.Popen([sys.executable, "-m", "pipeline", "worker", "--concurrency", "1"], cwd=tmp_path,
+                                  env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        stdout, rest = submit.communicate()
+    finally:
+        guard.cancel()
+        submit.kill()
+        if worker is not None:
+            stop_process(worker)
+    job_id = stdout.strip()
+    assert submit.returncode == 0, "".join(seen) + rest
+    assert seen[-1] == (
+        f"{job_id}: no worker has taken this job in 1s; is a worker running against this database and broker, "
+        f"serving the 'normal' queue (or busy with earlier jobs)? Check with `pipeline status {job_id}`, Flower, "
+        "or `celery -A pipeline.celery_app inspect active_queues`; start one with `pipeline worker`. Still "
+        "waiting (Ctrl-C stops waiting, not the job).\n")
+    assert "no worker has taken" not in rest  # once
+    assert rest.splitlines()[-1] == "completed: 2 completed, 0 failed, 2 lines"

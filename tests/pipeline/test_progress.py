@@ -99,3 +99,19 @@ def test_submit_and_export_report_their_progress(tmp_path):
     engine.dispose()
     # Rejected line 1000 is written just before request line 1001, in the same step: 1,001 lines.
     assert written == [(1001, 2500), (2001, 2500)]
+
+
+def test_a_note_is_a_line_of_its_own_even_when_quiet(clock):
+    out = Terminal()
+    progress = Progress("batch_1", stream=out)
+    clock[0] += 0.25
+    progress.update("0/2 lines")
+    progress.note("no worker has taken this job")
+    clock[0] += 0.25
+    progress.update("0/2 lines")
+    # The note replaces the redrawn line; the progress is drawn again below it.
+    assert out.getvalue() == ("\rbatch_1: 0/2 lines\x1b[K\r\x1b[Kno worker has taken this job\n"
+                              "\rbatch_1: 0/2 lines\x1b[K")
+    log = io.StringIO()
+    Progress("batch_1", enabled=False, stream=log).note("a\x1b]0;x\x07")
+    assert log.getvalue() == "a\\x1b]0;x\\x07\n"

@@ -257,6 +257,10 @@ def test_settings_are_frozen() -> None:
      "postgresql://db/pipeline?user=u&password=***&sslmode=require"),
     ("redis://user@redis:6379/0", "redis://user@redis:6379/0"),  # no password
     ("sqlite:////srv/pipeline.sqlite3", "sqlite:////srv/pipeline.sqlite3"),
+    # Mistyped, with no "://": masked all the same, from the start up to the '@'.
+    ("pipeline:s3cret@db:5432/pipeline", "pipeline:***@db:5432/pipeline"),
+    ("postgresql+psycopg:/pipeline:s3cret@db/pipeline", "postgresql+psycopg:***@db/pipeline"),
+    ("postgresql//pipeline:s3cret@db/pipeline", "postgresql//pipeline:***@db/pipeline"),
 ])
 def test_mask_url(url: str, masked: str) -> None:
     assert mask_url(url) == masked
@@ -316,3 +320,24 @@ def test_to_toml_comments_out_unset_values_and_urls_with_passwords() -> None:
     assert "# database_url = \"postgresql+psycopg://u:***@db/p\"" in lines
     assert not any(line.startswith("database_url") for line in lines)
     assert "chunk_size = 64" in lines
+
+
+EXPECTED_URL = ("expected an SQLAlchemy URL such as sqlite:////srv/pipeline.sqlite3 or "
+                "postgresql+psycopg://user:password@host:5432/pipeline")
+
+
+@pytest.mark.parametrize(("url", "problem", "shown"), [
+    ("pipeline:s3cret@db/pipeline", EXPECTED_URL, "pipeline:***@db/pipeline"),
+    ("postgresql+psycopg:/pipeline:s3cret@db/pipeline", EXPECTED_URL, "postgresql+psycopg:***@db/pipeline"),
+    ("postgresq://pipeline:s3cret@db/pipeline", "unknown database driver 'postgresq'; use sqlite or "
+     "postgresql+psycopg", "postgresq://pipeline:***@db/pipeline"),
+    ("postgresql+psycopg3://pipeline:s3cret@db/pipeline", "unknown database driver 'postgresql+psycopg3'; use "
+     "sqlite or postgresql+psycopg", "postgresql+psycopg3://pipeline:***@db/pipeline"),
+    ("mysql+mysqldb://pipeline:s3cret@db/pipeline", "the driver of 'mysql+mysqldb' is not installed (no module "
+     "'MySQLdb'); use sqlite or postgresql+psycopg, or install it", "mysql+mysqldb://pipeline:***@db/pipeline"),
+    ("postgresql+psycopg://pipeline:s3cret@db:port/pipeline", f"{EXPECTED_URL} (this one cannot be parsed: is "
+     "the port a number?)", "postgresql+psycopg://pipeline:***@db:port/pipeline"),
+])
+def test_a_bad_database_url_is_one_masked_error(url: str, problem: str, shown: str) -> None:
+    assert error(env={"PIPELINE_DATABASE_URL": url}) == (
+        f"environment variable PIPELINE_DATABASE_URL: {problem}; got {shown!r}")
