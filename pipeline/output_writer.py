@@ -2,7 +2,9 @@
 
 A writer writes to a hidden temporary file beside the destination and renames it over the
 destination only when closed without error, so an interrupted export never leaves a half-written
-result file behind (nor clobbers an earlier complete one).
+result file behind (nor clobbers an earlier complete one). Only a regular file is ever replaced
+(`pipeline.output_paths.check_destination`, checked when the writer opens and again just before
+the rename). New files get the user's umask but never more than 0644 (rw-r--r--).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.errors import OutputError
+from pipeline.output_paths import check_destination
 from pipeline.request_spec import Endpoint
 
 _SURROGATE = re.compile("[\ud800-\udfff]")
@@ -94,9 +97,7 @@ class _AtomicWriter:
     Used as a context manager, an exception inside the block aborts."""
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
-        self.path = Path(path)
-        if self.path.is_dir():
-            raise OutputError(self.path, "is a directory; give a file name such as results.jsonl")
+        self.path = check_destination(path)
         self.tmp_path = self.path.with_name(f".{self.path.name}.{secrets.token_hex(4)}.tmp")
         try:
             # O_EXCL: never share a temporary file with another writer; 0o666 lets the umask decide
@@ -129,6 +130,7 @@ class _AtomicWriter:
             self._file.flush()
             os.fsync(self._file.fileno())  # the data must be on disk before the rename is
             self._file.close()
+            check_destination(self.path)  # it may have changed while the file was written
             os.replace(self.tmp_path, self.path)
             _fsync_folder(self.path.parent)  # makes the rename itself survive a crash
         except BaseException:
