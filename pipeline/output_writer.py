@@ -26,6 +26,9 @@ from pipeline.output_paths import check_destination
 from pipeline.request_spec import Endpoint
 
 _SURROGATE = re.compile("[\ud800-\udfff]")
+# JSON leaves these raw, but `str.splitlines` (and other Unicode-aware line readers) break a line on
+# them; every other line break it knows is a control character, which JSON always escapes.
+_UNICODE_LINE_BREAKS = {0x85: "\\u0085", 0x2028: "\\u2028", 0x2029: "\\u2029"}
 _W = TypeVar("_W", bound="_AtomicWriter")
 
 
@@ -163,7 +166,7 @@ class JsonlResultWriter(_AtomicWriter):
         obj = openai_output_line(rec)
         if self.include_line:
             obj["line"] = rec.line
-        line = json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
+        line = json.dumps(obj, ensure_ascii=False, separators=(",", ":")).translate(_UNICODE_LINE_BREAKS)
         # A lone surrogate in model text cannot be UTF-8; "backslashreplace" turns it into "\ud800",
         # which is that same character as a JSON escape, so the line stays valid JSON and exact.
         self._file.write(line.encode("utf-8", "backslashreplace") + b"\n")
