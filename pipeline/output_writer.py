@@ -30,6 +30,7 @@ _SURROGATE = re.compile("[\ud800-\udfff]")
 # them; every other line break it knows is a control character, which JSON always escapes.
 _UNICODE_LINE_BREAKS = {0x85: "\\u0085", 0x2028: "\\u2028", 0x2029: "\\u2029"}
 _W = TypeVar("_W", bound="_AtomicWriter")
+FILE_MODE = 0o644  # the widest a result file gets; the umask narrows it further
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,9 +104,10 @@ class _AtomicWriter:
         self.path = check_destination(path)
         self.tmp_path = self.path.with_name(f".{self.path.name}.{secrets.token_hex(4)}.tmp")
         try:
-            # O_EXCL: never share a temporary file with another writer; 0o666 lets the umask decide
-            # the final permissions, as for any file the user creates (mkstemp would force 0o600).
-            fd = os.open(self.tmp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+            # O_EXCL: never share a temporary file with another writer. The umask narrows FILE_MODE
+            # as for any file the user creates, but a umask of 0 never makes results (every
+            # prompt's answer) writable by others.
+            fd = os.open(self.tmp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE)
         except FileNotFoundError:
             raise OutputError(self.path, f"cannot create it: the folder {self.path.parent} does not exist") from None
         except OSError as e:

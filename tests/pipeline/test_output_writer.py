@@ -190,3 +190,16 @@ def test_jsonl_lines_survive_readers_that_split_on_unicode_line_breaks(tmp_path)
     assert len(lines) == 2 and content.count("\n") == 2
     assert not set(breaks) & set(content.replace("\n", ""))
     assert [json.loads(line) for line in lines] == [openai_output_line(rec) for rec in records]
+
+
+@pytest.mark.parametrize(("umask", "expected"), [(0o000, 0o644), (0o002, 0o644), (0o077, 0o600)])
+def test_result_files_follow_the_umask_but_never_wider_than_0644(tmp_path, umask, expected):
+    old = os.umask(umask)
+    try:
+        for out, writer_class in ((tmp_path / "out.jsonl", JsonlResultWriter),
+                                  (tmp_path / "out.parquet", ParquetResultWriter)):
+            with writer_class(out) as writer:
+                writer.write(DONE)
+            assert out.stat().st_mode & 0o777 == expected, writer_class
+    finally:
+        os.umask(old)
