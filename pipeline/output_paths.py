@@ -65,7 +65,7 @@ def check_output_paths(results: str | os.PathLike[str], errors: str | os.PathLik
     if input_file is not None:
         for path in (results_path, errors_path):
             if path is not None and same_file(path, Path(input_file)):
-                raise OutputError(path, "is the input file; give the results another name, the input is kept")
+                raise OutputError(path, "is the input file; name another file to write to (the input is left as it is)")
     if errors_path is not None and same_file(results_path, errors_path):
         raise OutputError(errors_path, "is also the results file (-o); give the errors another file")
     return OutputPaths(results_path, errors_path)
