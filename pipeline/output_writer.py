@@ -13,6 +13,7 @@ import json
 import os
 import re
 import secrets
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -112,6 +113,12 @@ class _AtomicWriter:
             raise OutputError(self.path, f"cannot create it: the folder {self.path.parent} does not exist") from None
         except OSError as e:
             raise OutputError(self.path, f"cannot create it ({e.strerror})") from None
+        try:  # a file being replaced keeps any narrower mode it had (a user's chmod 600 holds)
+            old_mode = stat.S_IMODE(os.stat(self.path).st_mode)
+        except FileNotFoundError:
+            pass
+        else:
+            os.fchmod(fd, stat.S_IMODE(os.fstat(fd).st_mode) & old_mode)
         self._file: BinaryIO = os.fdopen(fd, "wb")
         self.num_written = 0
         self._done = False

@@ -203,3 +203,19 @@ def test_result_files_follow_the_umask_but_never_wider_than_0644(tmp_path, umask
             assert out.stat().st_mode & 0o777 == expected, writer_class
     finally:
         os.umask(old)
+
+
+def test_a_replaced_file_keeps_a_narrower_mode(tmp_path):
+    private, shared = tmp_path / "private.jsonl", tmp_path / "shared.jsonl"
+    for path, mode in ((private, 0o600), (shared, 0o666)):
+        path.write_text("earlier export\n")
+        path.chmod(mode)
+    old = os.umask(0o022)
+    try:
+        for path in (private, shared):
+            with JsonlResultWriter(path) as writer:
+                writer.write(DONE)
+    finally:
+        os.umask(old)
+    assert (private.stat().st_mode & 0o777, shared.stat().st_mode & 0o777) == (0o600, 0o644)
+    assert json.loads(private.read_text())["custom_id"] == "a"
