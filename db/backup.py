@@ -1,5 +1,10 @@
 """Database backups: SQLite through the sqlite3 online backup API (a consistent copy while other
-processes write), PostgreSQL through `pg_dump -Fc`. Files are named `pipeline-<UTC time>.<ext>`."""
+processes write), PostgreSQL through `pg_dump -Fc`. Files are named `pipeline-<UTC time>.<ext>`.
+
+A backup holds every prompt and answer: the files are created owner-only (0600), and so is the
+backups folder when this module creates it (0700). The database password reaches `pg_dump` through
+its environment (`PGPASSWORD`), never its command line, which every local user can read.
+"""
 
 from __future__ import annotations
 
@@ -11,9 +16,12 @@ from contextlib import closing
 from datetime import datetime
 from pathlib import Path
 
-from sqlalchemy import make_url
+from sqlalchemy import URL, make_url
 
 from db.base import utcnow
+
+FILE_MODE = 0o600
+FOLDER_MODE = 0o700
 
 
 class BackupError(RuntimeError):
@@ -25,22 +33,27 @@ def backup_database(database_url: str, backups_dir: Path, *, now: datetime | Non
     file. The file appears under its final name only once complete. Raises BackupError."""
     url = make_url(database_url)
     stamp = (now or utcnow()).strftime("%Y%m%dT%H%M%SZ")
-    backups_dir.mkdir(parents=True, exist_ok=True)
+    backups_dir.mkdir(mode=FOLDER_MODE, parents=True, exist_ok=True)
     backend = url.get_backend_name()
     if backend == "sqlite":
         if not url.database or url.database == ":memory:":
             raise BackupError("an in-memory SQLite database cannot be backed up; use a file database")
         target = backups_dir / f"pipeline-{stamp}.sqlite3"
-        partial = target.with_name(target.name + ".partial")
-        with closing(sqlite3.connect(url.database)) as source, closing(sqlite3.connect(partial)) as copy:
-            source.backup(copy)
     elif backend == "postgresql":
         target = backups_dir / f"pipeline-{stamp}.dump"
-        partial = target.with_name(target.name + ".partial")
-        _pg_dump(database_url, partial)
     else:
         raise BackupError(f"cannot back up a {backend} database; SQLite and PostgreSQL are supported")
-    partial.replace(target)
+    partial = _private_file(target.with_name(target.name + ".partial"))
+    try:
+        if backend == "sqlite":
+            with closing(sqlite3.connect(url.database)) as source, closing(sqlite3.connect(partial)) as copy:
+                source.backup(copy)
+        else:
+            _pg_dump(database_url, partial)
+        partial.replace(target)
+    except BaseException:
+        partial.unlink(missing_ok=True)  # no half backup left beside the complete ones
+        raise
     return target
 
 
@@ -49,15 +62,36 @@ def _pg_dump(database_url: str, target: Path) -> None:
     if pg_dump is None:
         raise BackupError("pg_dump is not on PATH; install the PostgreSQL client tools (same major version "
                           "as the server) where beat runs")
-    url = make_url(database_url)
-    # The password goes through the environment, not the command line (visible to `ps`).
+    conninfo, password = libpq_conninfo(database_url)
     env = dict(os.environ)
-    if url.password is not None:
-        env["PGPASSWORD"] = str(url.password)
-    conninfo = url.set(drivername="postgresql", password=None).render_as_string(hide_password=False)
+    if password is not None:
+        env["PGPASSWORD"] = password
     result = subprocess.run([pg_dump, "-Fc", "--file", str(target), "--dbname", conninfo], env=env,
                             capture_output=True, text=True, check=False)
     if result.returncode != 0:
-        target.unlink(missing_ok=True)
         detail = (result.stderr.strip().splitlines() or ["no message"])[-1]
         raise BackupError(f"pg_dump exited with {result.returncode}: {detail}")
+
+
+def libpq_conninfo(database_url: str) -> tuple[str, str | None]:
+    """(a libpq connection URI for `database_url` without its password, the password or None).
+
+    The password may sit in the URL's user part or in a `?password=` query parameter; it is taken
+    out of both. (`URL.set(password=None)` would keep it: None there means "unchanged".)"""
+    url = make_url(database_url)
+    query = dict(url.query)
+    in_query = query.pop("password", None)
+    if isinstance(in_query, tuple):  # ?password=a&password=b: libpq would take the last one
+        in_query = in_query[-1] if in_query else None
+    password = url.password if url.password is not None else in_query
+    clean = URL.create("postgresql", username=url.username, host=url.host, port=url.port,
+                       database=url.database, query=query)
+    return clean.render_as_string(hide_password=False), None if password is None else str(password)
+
+
+def _private_file(path: Path) -> Path:
+    """`path` created empty and owner-only (a leftover from a crashed backup is replaced), so the
+    copy written into it is never readable by others, whatever the umask."""
+    path.unlink(missing_ok=True)
+    os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE))
+    return path

@@ -21,6 +21,7 @@ from db.records import ErrorEvent
 from db.repository import iter_requests, job_errors
 from db.repository.jobs import CLOSED_ERRORS
 from pipeline.errors import PipelineError
+from pipeline.output_paths import check_output_paths
 from pipeline.output_writer import JsonlResultWriter, ParquetResultWriter, ResultRecord
 from pipeline.request_spec import URL_ENDPOINTS
 from pipeline.submit import VALIDATION_KIND, require_job, split_validation_message
@@ -48,27 +49,29 @@ def export_results(
     ordered: bool = True,
     on_progress: Callable[[int, int], None] | None = None,
 ) -> ExportCounts:
-    """Write job `job_id`'s results to `out_path` (.parquet: flat columns; anything else: JSONL)
-    and its failures to `errors_path` (JSONL) when given. Output is always in input order, so
-    `ordered` costs nothing and is accepted for the CLI's sake.
+    """Write job `job_id`'s results to `out_path` (.jsonl: OpenAI batch lines; .parquet: flat
+    columns) and its failures to `errors_path` (.jsonl) when given. Output is always in input
+    order, so `ordered` costs nothing and is accepted for the CLI's sake.
 
     Raises ValueError for an unknown job, JobNotFinished for one that is not finished, OutputError
-    when a file cannot be created. Files are written atomically (never half a file).
+    for a path `check_output_paths` refuses (checked before anything is read) or a file that cannot
+    be created. Files are written atomically (never half a file).
     `on_progress(lines written, lines of the job)` is called as the files are written.
     """
     del ordered  # always in order: see the docstring
     with session_factory() as session:
         job = require_job(session, job_id)
+        paths = check_output_paths(out_path, errors_path, input_file=job.input_file)
         if not job.status.is_terminal:
             raise JobNotFinished(f"job {job_id} is {job.status.value} ({job.request_completed + job.request_failed}"
                                  f"/{job.request_total} lines done); wait for it with `pipeline status {job_id}`")
         # Bad lines are few next to the file; held in memory to merge them into input order.
         rejected = job_errors(session, job_id, kind=VALIDATION_KIND)
         rejected.sort(key=lambda e: e.line or 0)
-        out_cls = ParquetResultWriter if Path(out_path).suffix.lower() == ".parquet" else JsonlResultWriter
+        out_cls = ParquetResultWriter if paths.results_format == "parquet" else JsonlResultWriter
         results, errors = 0, 0
-        with out_cls(out_path) as out:
-            err = JsonlResultWriter(errors_path, include_line=True) if errors_path is not None else None
+        with out_cls(paths.results) as out:
+            err = JsonlResultWriter(paths.errors, include_line=True) if paths.errors is not None else None
             try:
                 pos = 0
                 next_report = PROGRESS_EVERY  # rejected lines join in bulk: a threshold, not a modulo

@@ -2,7 +2,9 @@
 
 A writer writes to a hidden temporary file beside the destination and renames it over the
 destination only when closed without error, so an interrupted export never leaves a half-written
-result file behind (nor clobbers an earlier complete one).
+result file behind (nor clobbers an earlier complete one). Only a regular file is ever replaced
+(`pipeline.output_paths.check_destination`, checked when the writer opens and again just before
+the rename). New files get the user's umask but never more than 0644 (rw-r--r--).
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import json
 import os
 import re
 import secrets
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -20,10 +23,15 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.errors import OutputError
+from pipeline.output_paths import check_destination
 from pipeline.request_spec import Endpoint
 
 _SURROGATE = re.compile("[\ud800-\udfff]")
+# JSON leaves these raw, but `str.splitlines` (and other Unicode-aware line readers) break a line on
+# them; every other line break it knows is a control character, which JSON always escapes.
+_UNICODE_LINE_BREAKS = {0x85: "\\u0085", 0x2028: "\\u2028", 0x2029: "\\u2029"}
 _W = TypeVar("_W", bound="_AtomicWriter")
+FILE_MODE = 0o644  # the widest a result file gets; the umask narrows it further
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,18 +102,23 @@ class _AtomicWriter:
     Used as a context manager, an exception inside the block aborts."""
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
-        self.path = Path(path)
-        if self.path.is_dir():
-            raise OutputError(self.path, "is a directory; give a file name such as results.jsonl")
+        self.path = check_destination(path)
         self.tmp_path = self.path.with_name(f".{self.path.name}.{secrets.token_hex(4)}.tmp")
         try:
-            # O_EXCL: never share a temporary file with another writer; 0o666 lets the umask decide
-            # the final permissions, as for any file the user creates (mkstemp would force 0o600).
-            fd = os.open(self.tmp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+            # O_EXCL: never share a temporary file with another writer. The umask narrows FILE_MODE
+            # as for any file the user creates, but a umask of 0 never makes results (every
+            # prompt's answer) writable by others.
+            fd = os.open(self.tmp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE)
         except FileNotFoundError:
             raise OutputError(self.path, f"cannot create it: the folder {self.path.parent} does not exist") from None
         except OSError as e:
             raise OutputError(self.path, f"cannot create it ({e.strerror})") from None
+        try:  # a file being replaced keeps any narrower mode it had (a user's chmod 600 holds)
+            old_mode = stat.S_IMODE(os.stat(self.path).st_mode)
+        except FileNotFoundError:
+            pass
+        else:
+            os.fchmod(fd, stat.S_IMODE(os.fstat(fd).st_mode) & old_mode)
         self._file: BinaryIO = os.fdopen(fd, "wb")
         self.num_written = 0
         self._done = False
@@ -129,6 +142,7 @@ class _AtomicWriter:
             self._file.flush()
             os.fsync(self._file.fileno())  # the data must be on disk before the rename is
             self._file.close()
+            check_destination(self.path)  # it may have changed while the file was written
             os.replace(self.tmp_path, self.path)
             _fsync_folder(self.path.parent)  # makes the rename itself survive a crash
         except BaseException:
@@ -161,7 +175,7 @@ class JsonlResultWriter(_AtomicWriter):
         obj = openai_output_line(rec)
         if self.include_line:
             obj["line"] = rec.line
-        line = json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
+        line = json.dumps(obj, ensure_ascii=False, separators=(",", ":")).translate(_UNICODE_LINE_BREAKS)
         # A lone surrogate in model text cannot be UTF-8; "backslashreplace" turns it into "\ud800",
         # which is that same character as a JSON escape, so the line stays valid JSON and exact.
         self._file.write(line.encode("utf-8", "backslashreplace") + b"\n")

@@ -132,11 +132,13 @@ def results(
     quiet: QuietOption = False,
 ) -> None:
     """Write a finished job's results (and, with --errors, its failed lines)."""
+    from pipeline.output_paths import check_output_paths
     from pipeline.settings import load_settings
 
     del ordered  # results are always in input order (`export_results`)
 
     def action():
+        check_output_paths(output, errors)  # the export checks them against the job's input too
         return export_with_progress(sessions(load_settings().database_url), job_id, output, errors, quiet)
 
     _report_export(guarded(action), output, errors)
@@ -162,10 +164,14 @@ def run(
     When nothing can run (every line rejected, or one with --strict) it exits 1 and writes no file."""
     from db.migrate import upgrade
     from pipeline.commands.rejections import find_rejections, print_rejections
+    from pipeline.output_paths import check_output_paths
     from pipeline.settings import load_settings
     from pipeline.submit import submit_file
 
     def action():
+        # Before anything runs: a path that cannot take the results would fail only at the end.
+        # (The export checks them again, as they may change while the job runs.)
+        check_output_paths(output, errors, input_file=file)
         settings = load_settings()
         upgrade(settings.database_url)
         factory = sessions(settings.database_url)

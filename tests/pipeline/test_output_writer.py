@@ -167,3 +167,55 @@ def test_output_path_errors_are_one_clean_line(tmp_path):
         JsonlResultWriter(tmp_path / "nope" / "out.jsonl")
     with pytest.raises(OutputError, match="is a directory"):
         ParquetResultWriter(tmp_path)
+
+
+def test_jsonl_lines_survive_readers_that_split_on_unicode_line_breaks(tmp_path):
+    """`str.splitlines` also breaks on U+0085, U+2028 and U+2029, which JSON leaves raw: the
+    writer escapes them, so each record stays one line for every reader."""
+    breaks = "".join(chr(c) for c in range(0x110000) if len(f"a{chr(c)}b".splitlines()) == 2)
+    assert set(breaks) >= {"\n", "\r", "\x85", "\u2028", "\u2029"}
+    text = f"x{breaks}y"
+    records = [
+        ResultRecord(custom_id=f"id{breaks}", line=1, request_id="r1", endpoint="completions", model="m",
+                     created=0, text=text, finish_reason="stop"),
+        ResultRecord(custom_id="e", line=2, request_id="r2", endpoint="chat.completions", model="m", created=0,
+                     error_code="engine_error", error_message=text),
+    ]
+    out = tmp_path / "out.jsonl"
+    with JsonlResultWriter(out) as writer:
+        for rec in records:
+            writer.write(rec)
+    content = out.read_text(encoding="utf-8")
+    lines = content.splitlines()
+    assert len(lines) == 2 and content.count("\n") == 2
+    assert not set(breaks) & set(content.replace("\n", ""))
+    assert [json.loads(line) for line in lines] == [openai_output_line(rec) for rec in records]
+
+
+@pytest.mark.parametrize(("umask", "expected"), [(0o000, 0o644), (0o002, 0o644), (0o077, 0o600)])
+def test_result_files_follow_the_umask_but_never_wider_than_0644(tmp_path, umask, expected):
+    old = os.umask(umask)
+    try:
+        for out, writer_class in ((tmp_path / "out.jsonl", JsonlResultWriter),
+                                  (tmp_path / "out.parquet", ParquetResultWriter)):
+            with writer_class(out) as writer:
+                writer.write(DONE)
+            assert out.stat().st_mode & 0o777 == expected, writer_class
+    finally:
+        os.umask(old)
+
+
+def test_a_replaced_file_keeps_a_narrower_mode(tmp_path):
+    private, shared = tmp_path / "private.jsonl", tmp_path / "shared.jsonl"
+    for path, mode in ((private, 0o600), (shared, 0o666)):
+        path.write_text("earlier export\n")
+        path.chmod(mode)
+    old = os.umask(0o022)
+    try:
+        for path in (private, shared):
+            with JsonlResultWriter(path) as writer:
+                writer.write(DONE)
+    finally:
+        os.umask(old)
+    assert (private.stat().st_mode & 0o777, shared.stat().st_mode & 0o777) == (0o600, 0o644)
+    assert json.loads(private.read_text())["custom_id"] == "a"
