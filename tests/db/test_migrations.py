@@ -45,7 +45,7 @@ def table_names(url: str) -> set[str]:
 def test_upgrade_to_head_matches_the_models(db_url):
     assert current(db_url) is None
     upgrade(db_url)
-    assert current(db_url) == head() == "0001"
+    assert current(db_url) == head() == "0002"
     assert table_names(db_url) == TABLES
     assert differences(db_url) == []
 
@@ -97,7 +97,7 @@ def test_downgrade_to_base_and_upgrade_again(db_url):
     assert table_names(db_url) == set()
 
     upgrade(db_url)
-    assert current(db_url) == "0001"
+    assert current(db_url) == "0002"
     assert table_names(db_url) == TABLES
     assert differences(db_url) == []
 
@@ -131,7 +131,7 @@ def test_alembic_command_line_takes_the_url_from_x_or_the_environment(tmp_path):
         check=False,
     )
     assert run.returncode == 0, run.stderr
-    assert current(x_url) == "0001"
+    assert current(x_url) == "0002"
 
     env_url = f"sqlite:///{tmp_path / 'env.db'}"
     run = subprocess.run(
@@ -143,7 +143,7 @@ def test_alembic_command_line_takes_the_url_from_x_or_the_environment(tmp_path):
         check=False,
     )
     assert run.returncode == 0, run.stderr
-    assert current(env_url) == "0001"
+    assert current(env_url) == "0002"
 
     run = subprocess.run(
         [sys.executable, "-m", "alembic", "upgrade", "head"],

@@ -64,6 +64,6 @@ def test_db_upgrade_creates_the_schema(tmp_path):
         cwd=tmp_path, env=_env(PIPELINE_DATABASE_URL=url), capture_output=True, text=True, timeout=120,
     )
     assert result.returncode == 0, result.stderr
-    assert "is at revision 0001" in result.stderr
+    assert "is at revision 0002" in result.stderr
     tables = set(sa.inspect(sa.create_engine(url)).get_table_names())
     assert {"jobs", "chunks", "requests", "sessions", "error_history", "alembic_version"} <= tables
