@@ -54,10 +54,13 @@ def batch_object(job: Job, usage: JobUsage | None) -> dict[str, Any]:
 
 def completion_window(created_at: datetime, expires_at: datetime | None) -> str:
     """The window as `--completion-window` takes it ("24h", "90m", "7d", "30s"), in the largest
-    unit it is a whole number of; "none" for a job that never expires."""
+    unit it is a whole number of, except that one day is "24h" (OpenAI's only window); "none" for
+    a job that never expires."""
     if expires_at is None:
         return NO_WINDOW
     seconds = max(1, round((expires_at - created_at).total_seconds()))
+    if seconds == 86400:
+        return "24h"
     for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
         if seconds % size == 0:
             return f"{seconds // size}{unit}"
