@@ -20,12 +20,14 @@ from openai.types.shared import ErrorObject
 from pydantic import BaseModel
 from typer.testing import CliRunner
 
+from db.base import utcnow
 from db.migrate import upgrade
 from db.repository import cancel_job, expire_jobs
 from db.session import make_engine, session_factory
-from db.base import utcnow
+from pipeline.batch_object import completion_window
 from pipeline.cli import app
 from pipeline.export import export_results
+from pipeline.request_parser import BODY_KEYS, IGNORED_BODY_KEYS, NEUTRAL_BODY_VALUES
 from pipeline.settings import Settings
 from pipeline.submit import job_summary, submit_file
 
@@ -219,3 +221,21 @@ def test_a_strict_rejection_lists_its_errors_as_openai_batch_errors(submitted) -
     [error] = batch.errors.data
     assert (error.code, error.line, error.param) == ("out_of_range", 3, None)
     assert error.message is not None and "max_tokens" in error.message
+
+
+def test_the_readme_lists_every_refused_and_ignored_body_field() -> None:
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
+    section = readme.split("### OpenAI compatibility", 1)[1].split("\n#", 1)[0]
+    refused = section.split("**Refused**", 1)[1].split("**Accepted and ignored**", 1)[0]
+    ignored = section.split("**Accepted and ignored**", 1)[1].split("\n- ", 1)[0]
+    assert all(f"`{key}`" in refused for key in NEUTRAL_BODY_VALUES), refused
+    assert all(f"`{key}`" in ignored for key in IGNORED_BODY_KEYS), ignored
+    assert all(f"`{key}`" in section for key in BODY_KEYS)
+
+
+@pytest.mark.parametrize(("seconds", "window"), [(86400, "24h"), (7 * 86400, "7d"), (2 * 3600, "2h"),
+                                                 (90 * 60, "90m"), (45, "45s")])
+def test_the_completion_window_is_written_as_submit_takes_it(seconds: int, window: str) -> None:
+    created = utcnow()
+    assert completion_window(created, created + timedelta(seconds=seconds)) == window
+    assert completion_window(created, None) == "none"
