@@ -22,6 +22,9 @@ class Job(Base):
     id: Mapped[str] = mapped_column(String(64), primary_key=True)
     status: Mapped[JobStatus] = mapped_column(str_enum(JobStatus, "status"), default=JobStatus.VALIDATING)
     input_file: Mapped[str] = mapped_column(Text)
+    # The URL its lines go to ("/v1/chat/completions"); both, comma-separated, for a file that
+    # mixes them; "" while no line is stored (or none was good).
+    endpoint: Mapped[str] = mapped_column(String(64), default="", server_default="")
     model: Mapped[str] = mapped_column(String(512))
     priority: Mapped[Priority] = mapped_column(str_enum(Priority, "priority"), default=Priority.NORMAL)
     idempotency_key: Mapped[str | None] = mapped_column(String(255), unique=True)
@@ -116,6 +119,8 @@ class Request(Base):
     dedupe_key: Mapped[str | None] = mapped_column(String(64), index=True)
     session_id: Mapped[str | None] = mapped_column(String(512))
     turn: Mapped[int | None]
+    # The line's own queue; None: its job's. A chunk holds requests of one priority only.
+    priority: Mapped[Priority | None] = mapped_column(str_enum(Priority, "priority"))
     status: Mapped[RequestStatus] = mapped_column(str_enum(RequestStatus, "status"), default=RequestStatus.PENDING)
     attempts: Mapped[int] = mapped_column(default=0)
 

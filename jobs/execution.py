@@ -195,7 +195,7 @@ def _run(
     served = loop.engine.config.model
     if job_model != served:
         message = f"this worker serves model {served!r}, the job asks for {job_model!r}; run a worker for it"
-        return [RequestResult(w.request_id, error_code="model_not_available", error_message=message)
+        return [RequestResult(w.request_id, error_code="model_not_found", error_message=message)
                 for w in work], []
     singles = [w for w in work if w.session_id is None]
     sessions: dict[str, list[_Work]] = {}

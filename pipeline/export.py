@@ -22,6 +22,7 @@ from db.repository import iter_requests, job_errors
 from db.repository.jobs import CLOSED_ERRORS
 from pipeline.errors import PipelineError
 from pipeline.output_paths import check_output_paths
+from pipeline.line_ids import rejected_line_ids, request_line_ids
 from pipeline.output_writer import JsonlResultWriter, ParquetResultWriter, ResultRecord
 from pipeline.request_spec import URL_ENDPOINTS
 from pipeline.submit import VALIDATION_KIND, require_job, split_validation_message
@@ -79,7 +80,7 @@ def export_results(
                     while pos < len(rejected) and (rejected[pos].line or 0) < request.line:
                         errors += _write_error(err, _rejected_record(job_id, job.model, rejected[pos]))
                         pos += 1
-                    record = _request_record(request, job.model)
+                    record = _request_record(request, job_id, job.model)
                     if record.ok:
                         out.write(record)
                         results += 1
@@ -105,26 +106,31 @@ def _write_error(writer: JsonlResultWriter | None, record: ResultRecord) -> int:
     return 1
 
 
-def _request_record(request: Request, model: str) -> ResultRecord:
+def _request_record(request: Request, job_id: str, model: str) -> ResultRecord:
     created = int(request.completed_at.timestamp()) if request.completed_at is not None else 0
-    common = dict(custom_id=request.custom_id, line=request.line, request_id=str(request.id),
+    common = dict(custom_id=request.custom_id, line=request.line, ids=request_line_ids(job_id, request.id),
                   endpoint=URL_ENDPOINTS[request.endpoint], model=model, created=created)
     if request.status == RequestStatus.COMPLETED:
         return ResultRecord(**common, text=request.text or "", finish_reason=request.finish_reason,
                             prompt_tokens=request.prompt_tokens or 0, cached_tokens=request.cached_tokens or 0,
                             completion_tokens=request.completion_tokens or 0)
-    if request.status in (RequestStatus.FAILED, *CLOSED_ERRORS):
+    if request.status == RequestStatus.FAILED:  # it ran (or was tried) and failed on its own
+        return ResultRecord(**common, error_code=request.error_code or "failed",
+                            error_message=request.error_message or "the request failed")
+    if request.status in CLOSED_ERRORS:
         # Cancel and expiry put their own code on the lines they close (`CLOSED_ERRORS`); rows
         # closed before they did carry none, and get the same code here.
-        code, message = CLOSED_ERRORS.get(request.status, ("failed", "the request failed"))
-        return ResultRecord(**common, error_code=request.error_code or code, error_message=request.error_message or message)
+        code, message = CLOSED_ERRORS[request.status]
+        return ResultRecord(**common, error_code=request.error_code or code,
+                            error_message=request.error_message or message, never_ran=True)
     # A job can only be finished with pending rows through cancel or expiry, which close them; a
     # pending row left here would be a bug, reported rather than dropped.
-    return ResultRecord(**common, error_code="not_run", error_message=f"the request was not run ({request.status.value})")
+    return ResultRecord(**common, error_code="not_run", error_message=f"the request was not run ({request.status.value})",
+                        never_ran=True)
 
 
 def _rejected_record(job_id: str, model: str, event: ErrorEvent) -> ResultRecord:
     code, message = split_validation_message(event.message)
-    return ResultRecord(custom_id=event.custom_id, line=event.line or 0, request_id=f"{job_id}_line_{event.line}",
+    return ResultRecord(custom_id=event.custom_id, line=event.line or 0, ids=rejected_line_ids(job_id, event.line or 0),
                         endpoint="completions", model=model, created=int(event.created_at.timestamp()),
-                        error_code=code, error_message=message)
+                        error_code=code, error_message=message, never_ran=True)

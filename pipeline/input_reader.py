@@ -23,9 +23,10 @@ from typing import Any, BinaryIO
 from pipeline.errors import InputError
 from pipeline.limits import DEFAULT_LIMITS, InputLimits, KiB, format_bytes
 from pipeline.parquet_input import open_parquet
-from pipeline.request_fields import InvalidField, decode_json
+from pipeline.request_fields import InvalidField, decode_json, show
 from pipeline.request_parser import parse_request
 from pipeline.request_spec import LineError, RequestSpec
+from pipeline.served_model import ServedModel
 
 JSONL_SUFFIXES = (".jsonl", ".ndjson", ".json")
 PARQUET_SUFFIXES = (".parquet",)
@@ -37,7 +38,7 @@ Row = dict[str, Any] | LineError
 
 
 def read_requests(path: str | os.PathLike[str], limits: InputLimits = DEFAULT_LIMITS,
-                  default_max_tokens: int = 16) -> Iterator[RequestSpec | LineError]:
+                  default_max_tokens: int = 16, served: ServedModel | None = None) -> Iterator[RequestSpec | LineError]:
     """Validate `path` as a whole now, then stream its requests.
 
     Raises InputError at once (not on the first `next`) for a missing path, a directory, an empty
@@ -45,7 +46,8 @@ def read_requests(path: str | os.PathLike[str], limits: InputLimits = DEFAULT_LI
     pretty-printed JSON object, UTF-16 text, and a Parquet file that is unreadable or has no prompt
     column. A Parquet file damaged inside its data raises InputError when the reader gets there.
     `default_max_tokens` applies to lines that set neither `max_tokens` nor `max_length`
-    (16, OpenAI's default for completions).
+    (16, OpenAI's default for completions). A line naming a model that is not `served` is
+    rejected (`model_not_found`); None (a file read, not submitted) checks no model.
     """
     if not 1 <= default_max_tokens <= limits.max_tokens:
         raise ValueError(f"default_max_tokens={default_max_tokens} must be in [1, {limits.max_tokens}]")
@@ -62,17 +64,20 @@ def read_requests(path: str | os.PathLike[str], limits: InputLimits = DEFAULT_LI
         hint = "decompress it first" if suffix in (".gz", ".zst", ".bz2", ".xz", ".zip") else "convert it"
         raise InputError(path, f"unsupported file type {suffix or '(no extension)'!r}; {hint}: use .jsonl "
                                "(one JSON object per line) or .parquet")
-    return _validated(str(path), rows, limits, default_max_tokens)
+    return _validated(str(path), rows, limits, default_max_tokens, served)
 
 
 def _validated(path: str, rows: Iterable[tuple[int, Row]], limits: InputLimits,
-               default_max_tokens: int) -> Iterator[RequestSpec | LineError]:
+               default_max_tokens: int, served: ServedModel | None) -> Iterator[RequestSpec | LineError]:
     first_line: dict[str, int] = {}  # custom_id -> the line that used it first
+    # session_id -> (its first line's priority, that line): a session runs in one chunk, on one queue.
+    session_priority: dict[str, tuple[str | None, int]] = {}
     for line, row in rows:
         if isinstance(row, LineError):
             yield row
             continue
-        result = parse_request(row, path=path, line=line, limits=limits, default_max_tokens=default_max_tokens)
+        result = parse_request(row, path=path, line=line, limits=limits, default_max_tokens=default_max_tokens,
+                               served=served)
         custom_id = result.custom_id
         if custom_id is not None:
             # Ids of rejected lines count too: their errors are reported under that id.
@@ -82,7 +87,22 @@ def _validated(path: str, rows: Iterable[tuple[int, Row]], limits: InputLimits,
                 result = LineError(path, line, "custom_id", "duplicate_custom_id",
                                    f"custom_id {custom_id!r}{implicit} already used on line {first}; "
                                    "give each request its own custom_id")
+        if isinstance(result, RequestSpec) and result.session_id is not None:
+            result = _check_session_priority(result, path, session_priority)
         yield result
+
+
+def _check_session_priority(spec: RequestSpec, path: str,
+                            first: dict[str, tuple[str | None, int]]) -> RequestSpec | LineError:
+    """`spec`, or an error when its session's first line asked for another priority: a session's
+    turns run in order in one chunk, and a chunk goes to one queue."""
+    priority, line = first.setdefault(spec.session_id, (spec.priority, spec.line))  # type: ignore[arg-type]
+    if priority == spec.priority:
+        return spec
+    return LineError(path, spec.line, "priority", "conflicting_fields",
+                     f"priority {show(spec.priority)} differs from {show(priority)} on line {line}, the first line of "
+                     f"session {show(spec.session_id)}; a session runs on one queue: give its lines the same priority",
+                     spec.custom_id)
 
 
 def _check_file(path: Path, limits: InputLimits) -> None:

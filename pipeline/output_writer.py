@@ -24,6 +24,7 @@ import pyarrow.parquet as pq
 
 from pipeline.errors import OutputError
 from pipeline.output_paths import check_destination
+from pipeline.line_ids import LineIds
 from pipeline.request_spec import Endpoint
 
 _SURROGATE = re.compile("[\ud800-\udfff]")
@@ -34,18 +35,24 @@ _W = TypeVar("_W", bound="_AtomicWriter")
 FILE_MODE = 0o644  # the widest a result file gets; the umask narrows it further
 
 
+# The HTTP status OpenAI answers a failed request with, by our error code; anything else is the
+# request's own fault (400). Server-side failures are 500s, as OpenAI reports its own.
+ERROR_STATUS: dict[str, int] = {"engine_error": 500, "worker_lost": 500, "model_not_found": 404}
+
+
 @dataclass(frozen=True, slots=True)
 class ResultRecord:
     """The outcome of one request: a completion, or an error (`error_code` set, `text` None).
 
-    `request_id` is unique per request (the result row's id); the output line's `"id"`
-    (`batch_req_...`), the response body's `"id"` and `"request_id"` are all derived from it, so
-    exporting twice gives the same file. `created` is in unix seconds.
+    `ids` are the line's opaque ids (`pipeline.line_ids`), derived from stored ids, so exporting
+    twice gives the same file. `created` is in unix seconds. `never_ran` marks an error of a line
+    that never ran (rejected at submit, cancelled, expired); an error without it is a request that
+    ran and failed (a prompt too long, say).
     """
 
     custom_id: str | None  # None only for an input line whose id could not be read (an error)
     line: int
-    request_id: str
+    ids: LineIds
     endpoint: Endpoint
     model: str
     created: int
@@ -56,10 +63,12 @@ class ResultRecord:
     completion_tokens: int = 0
     error_code: str | None = None
     error_message: str | None = None
+    never_ran: bool = False
 
     def __post_init__(self) -> None:
         assert (self.error_code is None) == (self.error_message is None), "an error has a code and a message"
         assert self.error_code is not None or self.text is not None, "a success has a text"
+        assert not self.never_ran or self.error_code is not None, "a line that never ran is an error"
 
     @property
     def ok(self) -> bool:
@@ -70,17 +79,26 @@ class ResultRecord:
 def openai_output_line(rec: ResultRecord) -> dict[str, Any]:
     """One line of an OpenAI batch output (or error) file for `rec`, as OpenAI's batch API writes it:
     a success carries `response` (status 200, a `text_completion` or `chat.completion` body with
-    usage) and `"error": null`; a failure carries `"response": null` and `error {code, message}`."""
-    line_id = f"batch_req_{rec.request_id}"
-    if not rec.ok:
-        return {"id": line_id, "custom_id": rec.custom_id, "response": None,
+    usage) and `"error": null`; a request that ran and failed carries `response` with its HTTP
+    status (`ERROR_STATUS`, else 400) and an OpenAI error body `{"error": {message, type, param,
+    code}}`; a line that never ran carries `"response": null` and `error {code, message}`."""
+    ids = rec.ids
+    if rec.never_ran:
+        return {"id": ids.line_id, "custom_id": rec.custom_id, "response": None,
                 "error": {"code": rec.error_code, "message": rec.error_message}}
+    if not rec.ok:
+        status = ERROR_STATUS.get(rec.error_code or "", 400)
+        error = {"message": rec.error_message, "type": "server_error" if status >= 500 else "invalid_request_error",
+                 "param": None, "code": rec.error_code}
+        return {"id": ids.line_id, "custom_id": rec.custom_id,
+                "response": {"status_code": status, "request_id": ids.request_id, "body": {"error": error}},
+                "error": None}
     if rec.endpoint == "chat.completions":
-        body: dict[str, Any] = {"id": f"chatcmpl-{rec.request_id}", "object": "chat.completion"}
+        body: dict[str, Any] = {"id": f"chatcmpl-{ids.completion_hex}", "object": "chat.completion"}
         choice: dict[str, Any] = {"index": 0, "message": {"role": "assistant", "content": rec.text},
                                   "logprobs": None, "finish_reason": rec.finish_reason}
     else:
-        body = {"id": f"cmpl-{rec.request_id}", "object": "text_completion"}
+        body = {"id": f"cmpl-{ids.completion_hex}", "object": "text_completion"}
         choice = {"index": 0, "text": rec.text, "logprobs": None, "finish_reason": rec.finish_reason}
     body.update({
         "created": rec.created,
@@ -93,8 +111,8 @@ def openai_output_line(rec: ResultRecord) -> dict[str, Any]:
             "prompt_tokens_details": {"cached_tokens": rec.cached_tokens},
         },
     })
-    return {"id": line_id, "custom_id": rec.custom_id,
-            "response": {"status_code": 200, "request_id": rec.request_id, "body": body}, "error": None}
+    return {"id": ids.line_id, "custom_id": rec.custom_id,
+            "response": {"status_code": 200, "request_id": ids.request_id, "body": body}, "error": None}
 
 
 class _AtomicWriter:

@@ -11,7 +11,8 @@ import re
 from typing import Any
 
 from pipeline.limits import InputLimits
-from pipeline.request_spec import PRIORITIES, ROLES
+from pipeline.served_model import ServedModel
+from pipeline.request_spec import PRIORITIES, ROLE_ALIASES, ROLES
 
 _SURROGATE = re.compile("[\ud800-\udfff]")
 
@@ -118,6 +119,21 @@ def check_priority(value: Any) -> str | None:
     return value
 
 
+def check_model(value: Any, field: str, limits: InputLimits, served: ServedModel | None) -> str | None:
+    """A line's model as the served name it stands for (None when absent). A name the workers do not
+    serve is `model_not_found`; with `served` None (a file only read, not submitted) any name passes."""
+    name = check_id(value, field, limits)
+    if name is None or served is None:
+        return name
+    resolved = served.resolve(name)
+    if resolved is None:
+        raise InvalidField(field, "model_not_found",
+                           f"model {show(name)} is not served here (the workers serve {show(served.name)}); "
+                           f'remove "{field.rpartition(".")[2]}", name that model, or add {show(name)} to the '
+                           "model_aliases setting (PIPELINE_MODEL_ALIASES)")
+    return resolved
+
+
 def check_prompt(value: Any, field: str, limits: InputLimits) -> str:
     """A completion prompt: one non-empty string of at most `max_prompt_chars`."""
     if isinstance(value, list) and value and all(isinstance(v, str) for v in value):
@@ -156,9 +172,11 @@ def check_messages(value: Any, field: str, limits: InputLimits) -> tuple[dict[st
         role = message.get("role")
         if role is None:
             raise InvalidField(f"{at}.role", "missing_field", 'add "role": "user" (or "system", "assistant")')
-        if check_string(role, f"{at}.role") not in ROLES:
+        role = ROLE_ALIASES.get(check_string(role, f"{at}.role"), role)
+        if role not in ROLES:
             raise InvalidField(f"{at}.role", "unknown_role",
-                               f'role {show(role)} is not supported; use "system", "user" or "assistant"')
+                               f'role {show(role)} is not supported; use "system", "user" or "assistant" '
+                               '("developer" counts as "system")')
         out.append({"role": role, "content": _content(message.get("content"), f"{at}.content")})
     total = sum(len(m["content"]) for m in out)
     if total > limits.max_prompt_chars:

@@ -22,10 +22,11 @@ from typing import Any
 
 from pipeline.limits import InputLimits
 from pipeline.request_fields import (
-    InvalidField, check_id, check_int, check_messages, check_priority, check_prompt, check_real, check_stop,
-    check_string, close_match, got, short, show,
+    InvalidField, check_id, check_int, check_messages, check_model, check_priority, check_prompt, check_real,
+    check_stop, check_string, close_match, got, short, show,
 )
 from pipeline.request_spec import DEFAULT_TEMPERATURE, DEFAULT_TOP_P, URL_ENDPOINTS, LineError, RequestSpec
+from pipeline.served_model import ServedModel
 
 OPENAI_KEYS = ("custom_id", "method", "url", "body")
 BODY_KEYS = ("model", "prompt", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "seed",
@@ -48,22 +49,23 @@ def is_openai_shape(obj: dict[str, Any]) -> bool:
 
 
 def parse_request(obj: dict[str, Any], *, path: str, line: int, limits: InputLimits,
-                  default_max_tokens: int) -> RequestSpec | LineError:
+                  default_max_tokens: int, served: ServedModel | None = None) -> RequestSpec | LineError:
     """Validate one line's object. `custom_id` defaults to `str(line)`; uniqueness across the file is
-    the reader's job. Never raises for bad input: every problem becomes a `LineError`."""
+    the reader's job. A model the line names must be `served` (`check_model`; None: not checked).
+    Never raises for bad input: every problem becomes a `LineError`."""
     custom_id: str | None = None
     try:
         custom_id = check_id(obj.get("custom_id"), "custom_id", limits)
         custom_id = str(line) if custom_id is None else custom_id
         if is_openai_shape(obj):
-            return _parse_openai(obj, line, custom_id, limits, default_max_tokens)
-        return _parse_simple(obj, line, custom_id, limits, default_max_tokens)
+            return _parse_openai(obj, line, custom_id, limits, default_max_tokens, served)
+        return _parse_simple(obj, line, custom_id, limits, default_max_tokens, served)
     except InvalidField as e:
         return LineError(path, line, e.field, e.code, e.message, custom_id)
 
 
 def _parse_openai(obj: dict[str, Any], line: int, custom_id: str, limits: InputLimits,
-                  default_max_tokens: int) -> RequestSpec:
+                  default_max_tokens: int, served: ServedModel | None) -> RequestSpec:
     _check_keys(obj, OPENAI_KEYS, "")
     method = obj.get("method")
     # OpenAI requires "method"; we default it to POST, the only method there is, to spare Parquet
@@ -100,12 +102,12 @@ def _parse_openai(obj: dict[str, Any], line: int, custom_id: str, limits: InputL
         line=line, custom_id=custom_id, endpoint=endpoint, prompt=prompt, messages=messages,  # type: ignore[arg-type]
         max_tokens=_max_tokens(body, "body.", ("max_tokens", "max_completion_tokens"), limits, default_max_tokens),
         **_sampling(body, "body.", limits),
-        model=check_id(body.get("model"), "body.model", limits),
+        model=check_model(body.get("model"), "body.model", limits, served),
     )
 
 
 def _parse_simple(obj: dict[str, Any], line: int, custom_id: str, limits: InputLimits,
-                  default_max_tokens: int) -> RequestSpec:
+                  default_max_tokens: int, served: ServedModel | None) -> RequestSpec:
     _check_keys(obj, SIMPLE_KEYS, "")
     given = [k for k in ("text", "prompt", "messages") if obj.get(k) is not None]
     if not given:
@@ -121,7 +123,7 @@ def _parse_simple(obj: dict[str, Any], line: int, custom_id: str, limits: InputL
         **_sampling(obj, "", limits),
         session_id=check_id(obj.get("session_id"), "session_id", limits),
         priority=check_priority(obj.get("priority")),
-        model=check_id(obj.get("model"), "model", limits),
+        model=check_model(obj.get("model"), "model", limits, served),
     )
 
 

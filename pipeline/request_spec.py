@@ -20,6 +20,8 @@ ENDPOINT_URLS: dict[str, str] = {"completions": COMPLETIONS_URL, "chat.completio
 URL_ENDPOINTS: dict[str, str] = {url: name for name, url in ENDPOINT_URLS.items()}
 PRIORITIES: tuple[str, ...] = QUEUE_NAMES  # a line's priority names the queue its chunk goes to
 ROLES: tuple[str, ...] = ("system", "user", "assistant")
+# Other names of a role, as OpenAI accepts them: "developer" is its newer name for "system".
+ROLE_ALIASES: dict[str, str] = {"developer": "system"}
 
 # OpenAI's defaults for a request that does not set them.
 DEFAULT_TEMPERATURE = 1.0
@@ -35,6 +37,8 @@ LINE_ERROR_CODES: frozenset[str] = frozenset({
     # field values
     "invalid_type", "invalid_value", "out_of_range", "too_long", "too_many",
     "empty_prompt", "multiple_prompts", "empty_messages", "unknown_role", "unsupported_content",
+    # what the line asks of the workers
+    "model_not_found",
 })
 
 
@@ -44,8 +48,10 @@ class RequestSpec:
 
     `line` is the 1-based physical line of a JSONL file (blank lines count) or the row number + 1
     of a Parquet file. Exactly one of `prompt` (completions) and `messages` (chat.completions) is
-    set; `messages` holds `{"role", "content"}` dicts with the content already joined to one string.
-    `max_tokens` counts generated tokens only.
+    set; `messages` holds `{"role", "content"}` dicts with the content already joined to one string
+    (and a role alias such as "developer" already made "system"). `max_tokens` counts generated
+    tokens only. `priority` is the line's own queue (None: the job's). `model` is the served name
+    the line's model resolved to (`ServedModel.resolve`), None when the line names none.
     """
 
     line: int

@@ -119,6 +119,12 @@ class Settings:
     timezone: str = field(default="UTC", metadata=_doc("IANA time zone of the nightly run crons."))
     # Engine
     model: str = field(default="tiny", metadata=_doc("'tiny' (built in, gibberish) or a local Hugging Face folder."))
+    model_aliases: tuple[str, ...] = field(
+        default=(),
+        metadata=_doc("Other names that request lines (a line's model, an OpenAI body.model) and --model may use "
+                      "for `model`, such as an OpenAI model name; any other name is refused (model_not_found). "
+                      "A TOML list, or comma-separated in the environment.", '["gpt-4o-mini"]'),
+    )
     device: str = field(default="cpu", metadata=_doc("'cpu', 'cuda' or 'cuda:N'."))
     dtype: str = field(default="auto", metadata=_doc(
         f"Model dtype: {', '.join(DTYPES)}; 'auto': bfloat16 on CUDA and on CPUs with AVX512-BF16 or AMX, "
@@ -309,6 +315,13 @@ def _check_price(value: float) -> str | None:
     return None if math.isfinite(value) and value >= 0 else "expected a price of 0 or more"
 
 
+def _check_aliases(aliases: tuple[str, ...]) -> str | None:
+    for alias in aliases:
+        if not alias.strip() or alias != alias.strip() or "," in alias or len(alias) > 512:
+            return f"{alias!r} is not a model name: expected non-empty names without commas or outer spaces"
+    return None
+
+
 def _check_nightly_runs(runs: tuple[NightlyRun, ...]) -> str | None:
     names = [run.name for run in runs]
     duplicates = sorted({name for name in names if names.count(name) > 1})
@@ -339,6 +352,7 @@ _CHECKS: dict[str, typing.Callable[[Any], str | None]] = {
         "expected a duration such as '1m', '30s' or '1h'"),
     "timezone": _check_timezone,
     "model": lambda v: None if v.strip() else "expected 'tiny' or the path of a local Hugging Face model folder",
+    "model_aliases": _check_aliases,
     "device": _check_device,
     "dtype": _choice(DTYPES),
     "attention_backend": _choice(ATTENTION_BACKENDS),
@@ -385,13 +399,14 @@ def _type_problem(name: str, value: Any) -> str | None:
         int | None: lambda: value is None or (isinstance(value, int) and not isinstance(value, bool)),
         str | None: lambda: value is None or isinstance(value, str),
         tuple[NightlyRun, ...]: lambda: isinstance(value, tuple) and all(isinstance(r, NightlyRun) for r in value),
+        tuple[str, ...]: lambda: isinstance(value, tuple) and all(isinstance(v, str) for v in value),
     }[hint]()
     return None if ok else f"expected {_KIND_NAMES[hint]}"
 
 
 _KIND_NAMES = {str: "a string", int: "an integer", float: "a number", bool: "true or false", Path: "a path",
                int | None: "an integer or nothing", str | None: "a string or nothing",
-               tuple[NightlyRun, ...]: "a list of nightly runs"}
+               tuple[NightlyRun, ...]: "a list of nightly runs", tuple[str, ...]: "a list of strings"}
 
 
 def field_problem(name: str, value: Any) -> str | None:
@@ -408,6 +423,8 @@ def _jsonable(name: str, value: Any) -> Any:
         return mask_url(value)
     if isinstance(value, Path):
         return str(value)
+    if name == "model_aliases":
+        return list(value)
     if name == "nightly_runs":
         return [{"name": r.name, "cron": r.cron, "input_path": str(r.input_path), "priority": r.priority}
                 for r in value]

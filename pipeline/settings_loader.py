@@ -135,6 +135,8 @@ def _convert(name: str, hint: Any, raw: Any, from_env: bool) -> Any:
         return _size(raw)
     if hint == tuple[NightlyRun, ...]:
         return _nightly_runs(raw)
+    if hint == tuple[str, ...] and isinstance(raw, list):
+        return tuple(raw)  # the element types are the field check's business
     return raw
 
 
@@ -164,6 +166,8 @@ def _convert_env(name: str, hint: Any, raw: str) -> Any:
         return flags[text.lower()]
     if hint is Path:
         return _path(text)
+    if hint == tuple[str, ...]:
+        return tuple(part.strip() for part in text.split(",")) if text else ()
     if hint == tuple[NightlyRun, ...]:
         try:
             data = json.loads(text) if text else []

@@ -49,11 +49,13 @@ def render_toml(settings: Settings) -> str:
 
 
 def toml_value(value: Any) -> str:
-    """A TOML literal for a str, bool, int, float or Path."""
+    """A TOML literal for a str, bool, int, float, Path or a tuple of them (an array)."""
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, (int, float)):
         return repr(value)
+    if isinstance(value, tuple):
+        return "[" + ", ".join(toml_value(item) for item in value) + "]"
     if isinstance(value, Path):
         value = str(value)
     if isinstance(value, str):

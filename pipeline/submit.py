@@ -32,14 +32,17 @@ from db.repository import (
     assign_chunks,
     create_job,
     get_job,
+    get_usage,
     mark_chunks_queued,
     record_errors,
     set_status,
 )
+from pipeline.batch_object import batch_object
 from pipeline.errors import ChunksNotQueued, InputError
 from pipeline.input_reader import read_requests
 from pipeline.queues import queue_for
 from pipeline.request_spec import ENDPOINT_URLS, LineError, RequestSpec
+from pipeline.served_model import ServedModel
 from pipeline.settings import Settings
 
 SendChunk = Callable[[int, str], None]  # (chunk id, queue name)
@@ -77,15 +80,18 @@ def submit_file(
     Tasks are sent only after that commit, so no worker can look for rows that are not there yet.
     A key used before returns that job as it is now, sending nothing, when the file is the same
     (its SHA-256 is stored with the job); another file raises IdempotencyKeyReused, naming the job.
+    `model` (None: the settings' model) may be one of `settings.model_aliases`; a line naming a
+    model not served is rejected.
     Raises InputError when the file cannot be read at all, ValueError for a bad priority.
     """
     job_priority = Priority(queue_for(priority).value)  # queue_for raises ValueError naming the choices
     path = Path(path)
-    specs = read_requests(path)  # raises InputError now for an unreadable file
+    served = ServedModel.for_job(model, settings.model, settings.model_aliases)
+    specs = read_requests(path, served=served)  # raises InputError now for an unreadable file
     # One more read of the file, only with a key: its digest must be known before the job is looked up.
     digest = file_digest(path) if idempotency_key is not None else None
     with session_factory.begin() as session:
-        job = create_job(session, input_file=str(path.resolve()), model=model or settings.model,
+        job = create_job(session, input_file=str(path.resolve()), model=served.name,
                          priority=job_priority, idempotency_key=idempotency_key, input_digest=digest,
                          strict=strict, completion_window=completion_window)
         if job.status != JobStatus.VALIDATING or job.request_total > 0:  # an earlier submit with this key
@@ -145,26 +151,14 @@ def require_job(session: Session, job_id: str) -> Job:
 
 
 def job_summary(session: Session, job_id: str) -> dict[str, Any]:
-    """The job as `pipeline status --json` shows it (OpenAI's batch object, timestamps in unix
-    seconds). Raises ValueError for an unknown id."""
+    """The job as `pipeline status --json` shows it: OpenAI's batch object (`batch_object`),
+    timestamps in unix seconds. Raises ValueError for an unknown id."""
     job = require_job(session, job_id)
     session.refresh(job)
-    summary: dict[str, Any] = {
-        "id": job.id,
-        "object": "batch",
-        "status": job.status.value,
-        "input_file": job.input_file,
-        "model": job.model,
-        "priority": job.priority.value,
-        "request_counts": {"total": job.request_total, "completed": job.request_completed,
-                           "failed": job.request_failed},
-        "errors": list(job.errors),
-    }
-    for status in ("created", "in_progress", "finalizing", "completed", "failed", "expired", "cancelling",
-                   "cancelled"):
-        stamp = getattr(job, f"{status}_at")
-        summary[f"{status}_at"] = None if stamp is None else int(stamp.timestamp())
-    return summary
+    usage = get_usage(session, job_id)
+    if usage is not None:
+        session.refresh(usage)
+    return batch_object(job, usage)
 
 
 def chunks_taken(session: Session, job_id: str) -> bool:
@@ -188,6 +182,7 @@ def _ingest(session: Session, job_id: str, specs: Any, strict: bool,
     first_errors: list[dict[str, Any]] = []
     num_bad = 0
     turns: dict[str, int] = {}  # session_id -> turns seen: a session's lines run in file order
+    endpoints: set[str] = set()
     for num_read, item in enumerate(specs, 1):
         if on_progress is not None and num_read % PROGRESS_EVERY == 0:
             on_progress(num_read, num_bad)
@@ -198,6 +193,7 @@ def _ingest(session: Session, job_id: str, specs: Any, strict: bool,
             errors.append(_error_row(job_id, item))
         elif not (strict and num_bad):
             rows.append(_request_row(item, turns))
+            endpoints.add(rows[-1]["endpoint"])
         if len(rows) >= BATCH_SIZE:
             add_requests(session, job_id, rows)
             rows = []
@@ -214,10 +210,11 @@ def _ingest(session: Session, job_id: str, specs: Any, strict: bool,
         session.execute(delete(Request).where(Request.job_id == job_id))
         session.execute(update(Job).where(Job.id == job_id).values(request_total=0)
                         .execution_options(synchronize_session="fetch"))
-    elif num_bad:
+    else:
         session.execute(
             update(Job).where(Job.id == job_id)
-            .values(request_total=Job.request_total + num_bad, request_failed=Job.request_failed + num_bad)
+            .values(request_total=Job.request_total + num_bad, request_failed=Job.request_failed + num_bad,
+                    endpoint=",".join(sorted(endpoints)))
             .execution_options(synchronize_session="fetch")
         )
     return num_bad, first_errors
@@ -242,6 +239,7 @@ def _request_row(spec: RequestSpec, turns: dict[str, int]) -> dict[str, Any]:
         "dedupe_key": _dedupe_key(endpoint, body) if spec.session_id is None else None,
         "session_id": spec.session_id,
         "turn": turn,
+        "priority": spec.priority,
     }
 
 

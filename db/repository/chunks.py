@@ -9,7 +9,7 @@ from sqlalchemy import Select, and_, case, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from db.base import utcnow
-from db.enums import ChunkStatus, RequestStatus
+from db.enums import ChunkStatus, Priority, RequestStatus
 from db.models import Chunk, Job, Request
 from db.repository._locks import batches, write_lock
 from db.repository.jobs import finish_job_if_done
@@ -34,6 +34,9 @@ def assign_chunks(session: Session, job_id: str, max_requests: int, *, now: date
       chunk is never split; a larger one fills consecutive chunks. Small groups share chunks.
     - Groups are placed in order of their first input line; requests without a prefix key are
       groups of their own.
+    - A chunk holds requests of one priority (a request's own, else its job's) and gets that
+      priority, so each line goes to the queue it asked for; the highest priority is packed first.
+      (Submit makes a session's lines share one priority.)
 
     The grouping is done by the database (window functions, `_packing_order`), which streams the
     requests in packing order; Python only holds the chunk being filled, so a job of millions of
@@ -48,15 +51,22 @@ def assign_chunks(session: Session, job_id: str, max_requests: int, *, now: date
         raise ValueError(f"no job {job_id!r}")
     next_seq = session.scalar(select(func.coalesce(func.max(Chunk.seq) + 1, 0)).where(Chunk.job_id == job_id))
     chunks: list[Chunk] = []
+    priorities = list(Priority)  # a chunk's rank in `_packing_order` is its index here
 
     def close(ids: list[int]) -> None:
-        chunks.append(_new_chunk(session, job, next_seq + len(chunks), ids, now))
+        chunks.append(_new_chunk(session, job, next_seq + len(chunks), ids, priorities[rank], now))
 
     current: list[int] = []
+    rank: int = -1
     group: object = None
     unit: object = None
-    rows = session.execute(_packing_order(job_id).execution_options(yield_per=ASSIGN_FETCH_SIZE))
-    for request_id, group_key, group_size, unit_key, unit_size in rows:
+    rows = session.execute(_packing_order(job_id, job.priority).execution_options(yield_per=ASSIGN_FETCH_SIZE))
+    for request_id, row_rank, group_key, group_size, unit_key, unit_size in rows:
+        if row_rank != rank:  # a chunk goes to one queue: a new priority starts a new chunk
+            if current:
+                close(current)
+                current = []
+            rank, group, unit = row_rank, None, None
         if group_key != group:  # a new group goes whole into the current chunk if it fits
             group = group_key
             if current and len(current) + group_size > max_requests:
@@ -73,11 +83,14 @@ def assign_chunks(session: Session, job_id: str, max_requests: int, *, now: date
     return chunks
 
 
-def _packing_order(job_id: str) -> Select:
-    """The job's pending, unassigned requests in packing order, each with (id, group key, group
-    size, unit key, unit size): groups by their first line, units within a group by their first
-    line, a session's turns in turn order."""
+def _packing_order(job_id: str, job_priority: Priority) -> Select:
+    """The job's pending, unassigned requests in packing order, each with (id, priority rank, group
+    key, group size, unit key, unit size): by priority (rank: index in `Priority`, highest first),
+    then groups by their first line, units within a group by their first line, a session's turns in
+    turn order. Groups never span two priorities."""
     pending = and_(Request.job_id == job_id, Request.status == RequestStatus.PENDING, Request.chunk_id.is_(None))
+    rank = case(*((Request.priority == p, i) for i, p in enumerate(Priority)),
+                else_=list(Priority).index(job_priority))
     # A unit is a session, or a request on its own: (session_id, NULL) or (NULL, id).
     unit = (Request.session_id, case((Request.session_id.is_(None), Request.id)))
     turn_order = (Request.turn.asc().nulls_first(), Request.line)
@@ -86,6 +99,7 @@ def _packing_order(job_id: str) -> Select:
             Request.id,
             Request.line,
             Request.turn,
+            rank.label("rank"),
             func.min(Request.line).over(partition_by=unit).label("unit_line"),
             func.count().over(partition_by=unit).label("unit_size"),
             # A session is placed by its first turn's prefix key.
@@ -94,26 +108,28 @@ def _packing_order(job_id: str) -> Select:
         .where(pending)
         .subquery()
     )
-    # A group is the units of one prefix key, or a keyless unit on its own.
-    group = (units.c.unit_prefix, case((units.c.unit_prefix.is_(None), units.c.unit_line)))
+    # A group is the units of one priority and prefix key, or a keyless unit on its own.
+    group = (units.c.rank, units.c.unit_prefix, case((units.c.unit_prefix.is_(None), units.c.unit_line)))
     grouped = select(
         units.c.id,
         units.c.line,
         units.c.turn,
+        units.c.rank,
         units.c.unit_line,
         units.c.unit_size,
         func.min(units.c.unit_line).over(partition_by=group).label("group_line"),
         func.count().over(partition_by=group).label("group_size"),
     ).subquery()
-    return select(grouped.c.id, grouped.c.group_line, grouped.c.group_size, grouped.c.unit_line,
-                  grouped.c.unit_size).order_by(grouped.c.group_line, grouped.c.unit_line,
+    return select(grouped.c.id, grouped.c.rank, grouped.c.group_line, grouped.c.group_size, grouped.c.unit_line,
+                  grouped.c.unit_size).order_by(grouped.c.rank, grouped.c.group_line, grouped.c.unit_line,
                                                 grouped.c.turn.asc().nulls_first(), grouped.c.line)
 
 
-def _new_chunk(session: Session, job: Job, seq: int, request_ids: list[int], now: datetime) -> Chunk:
+def _new_chunk(session: Session, job: Job, seq: int, request_ids: list[int], priority: Priority,
+               now: datetime) -> Chunk:
     # Every column is given, None included: the ORM treats a column never set on a new object as
     # NULL for good, and a later bulk UPDATE of the row would not refresh it on this object.
-    chunk = Chunk(job_id=job.id, seq=seq, priority=job.priority, status=ChunkStatus.PENDING,
+    chunk = Chunk(job_id=job.id, seq=seq, priority=priority, status=ChunkStatus.PENDING,
                   num_requests=len(request_ids), attempts=0, created_at=now, enqueued_at=None,
                   lease_expires_at=None, worker=None, finished_at=None)
     session.add(chunk)

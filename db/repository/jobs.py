@@ -262,7 +262,7 @@ def _lock_job(session: Session, job_id: str) -> Job:
 
 def _close_job_work(session: Session, job_id: str, request_status: RequestStatus, now: datetime) -> int:
     """Unfinished chunks of the job -> done; pending requests -> `request_status`, with its error
-    (`CLOSED_ERRORS`) on the row. Returns the count. Chunks before requests: the lock order of
+    (`CLOSED_ERRORS`) on the row, counted in `request_failed`. Returns the count. Chunks before requests: the lock order of
     every writer (job -> chunk -> requests)."""
     code, message = CLOSED_ERRORS[request_status]
     session.execute(
@@ -271,9 +271,17 @@ def _close_job_work(session: Session, job_id: str, request_status: RequestStatus
         .values(status=ChunkStatus.DONE, finished_at=now, lease_expires_at=None)
         .execution_options(synchronize_session="evaluate")
     )
-    return session.execute(
+    closed = session.execute(
         update(Request)
         .where(Request.job_id == job_id, Request.status == RequestStatus.PENDING)
         .values(status=request_status, error_code=code, error_message=message, completed_at=now)
         .execution_options(synchronize_session="evaluate")
     ).rowcount
+    if closed:
+        # A line closed unrun counts as failed, as OpenAI counts it: a closed job's counts add up
+        # (completed + failed == total).
+        session.execute(
+            update(Job).where(Job.id == job_id).values(request_failed=Job.request_failed + closed)
+            .execution_options(synchronize_session="fetch")
+        )
+    return closed

@@ -18,7 +18,8 @@ from db.repository._locks import batches, lock_rows, write_lock
 from db.results import RecordOutcome, RequestResult, storable_text
 
 INSERT_BATCH_SIZE = 5_000
-REQUEST_FIELDS = ("line", "custom_id", "endpoint", "body", "prefix_key", "dedupe_key", "session_id", "turn")
+REQUEST_FIELDS = ("line", "custom_id", "endpoint", "body", "prefix_key", "dedupe_key", "session_id", "turn",
+                  "priority")
 _REQUIRED_FIELDS = ("line", "custom_id", "endpoint", "body")
 
 

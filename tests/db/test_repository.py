@@ -50,7 +50,8 @@ T0 = datetime(2025, 1, 1, 12, 0, tzinfo=timezone.utc)
 MINUTE = timedelta(minutes=1)
 
 
-def line(n: int, *, prefix: str | None = None, session_id: str | None = None, turn: int | None = None) -> dict:
+def line(n: int, *, prefix: str | None = None, session_id: str | None = None, turn: int | None = None,
+         priority: Priority | None = None) -> dict:
     return {
         "line": n,
         "custom_id": f"req-{n}",
@@ -59,6 +60,7 @@ def line(n: int, *, prefix: str | None = None, session_id: str | None = None, tu
         "prefix_key": prefix,
         "session_id": session_id,
         "turn": turn,
+        "priority": priority,
     }
 
 
@@ -382,6 +384,32 @@ def test_a_session_longer_than_a_chunk_stays_whole(session):
         assign_chunks(session, job.id, 0)
 
 
+def test_assign_chunks_gives_each_line_its_own_priority_and_never_mixes_them(session):
+    """A line's priority (None: the job's) decides its chunk's queue: chunks hold one priority each,
+    highest first, and a prefix group that spans priorities is split between them."""
+    job = new_job(session, status=JobStatus.VALIDATING, priority=Priority.NORMAL)
+    add_requests(
+        session,
+        job.id,
+        [
+            line(1, prefix="P"),
+            line(2, prefix="P", priority=Priority.LOW),
+            line(3, prefix="P", priority=Priority.CRITICAL),
+            line(4, priority=Priority.NORMAL),  # the job's priority, given: shares the job's chunks
+            line(5, prefix="P"),
+            line(6, priority=Priority.LOW),
+            line(7, priority=Priority.CRITICAL, session_id="s", turn=0),
+            line(8, priority=Priority.CRITICAL, session_id="s", turn=1),
+        ],
+    )
+    chunks = assign_chunks(session, job.id, 10, now=T0)
+    assert [(c.seq, c.priority, [r.custom_id for r in chunk_requests(session, c.id)]) for c in chunks] == [
+        (0, Priority.CRITICAL, ["req-3", "req-7", "req-8"]),
+        (1, Priority.NORMAL, ["req-1", "req-4", "req-5"]),
+        (2, Priority.LOW, ["req-2", "req-6"]),
+    ]
+
+
 def test_claim_chunk_leases_once_until_the_lease_expires(session, factory):
     job = new_job(session, 2)
     chunk = chunk_of(session, job.id)
@@ -624,7 +652,8 @@ def test_cancel_keeps_finished_results(session, factory):
     session.commit()
     stored = reread(factory, Job, job.id)
     assert (stored.status, stored.cancelling_at, stored.cancelled_at) == (JobStatus.CANCELLED, T0 + MINUTE, T0 + MINUTE)
-    assert (stored.request_total, stored.request_completed, stored.request_failed) == (4, 1, 1)
+    # The cancelled lines count as failed, as OpenAI counts them: completed + failed == total.
+    assert (stored.request_total, stored.request_completed, stored.request_failed) == (4, 1, 3)
     statuses = {c: reread(factory, Request, i).status for c, i in rid.items()}
     assert statuses == {
         "req-1": RequestStatus.COMPLETED,
@@ -676,6 +705,8 @@ def test_expire_jobs_expires_only_due_unfinished_jobs(session, factory):
         finished.id: JobStatus.COMPLETED,
     }
     assert reread(factory, Job, due.id).expired_at == now
+    # The expired line counts as failed: completed + failed == total.
+    assert (reread(factory, Job, due.id).request_completed, reread(factory, Job, due.id).request_failed) == (1, 1)
     assert job_counts(session, due.id) == JobCounts(total=2, pending=0, completed=1, failed=0, cancelled=0, expired=1)
     assert reread(factory, Chunk, chunk.id).status == ChunkStatus.DONE
 

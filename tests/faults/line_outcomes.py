@@ -68,12 +68,18 @@ def line_outcomes(services: Services, job_id: str, custom_ids: list[str], *,
     results, errors = _read_jsonl(out), _read_jsonl(err)
     assert [x["custom_id"] for x in results] == [i for i in custom_ids if outcomes[i] == COMPLETED]
     assert all(x["response"]["status_code"] == 200 and x["error"] is None for x in results)
-    assert [(e["custom_id"], e["error"]["code"]) for e in errors] == [
+    assert [(e["custom_id"], line_error(e)["code"]) for e in errors] == [
         (i, outcomes[i]) for i in custom_ids if outcomes[i] != COMPLETED]
     return outcomes
+
+
+def line_error(line: dict) -> dict:
+    """The error of an errors-file line: `error` for a line that never ran, the response body's
+    error for a request that ran and failed (OpenAI's shape for each)."""
+    return line["error"] if line["response"] is None else line["response"]["body"]["error"]
 
 
 def error_messages(services: Services, job_id: str) -> dict[str, str]:
     """custom id -> the error message the errors file gives, for the job's failed lines."""
     err = services.cwd / f"{job_id}.errors.jsonl"
-    return {e["custom_id"]: e["error"]["message"] for e in _read_jsonl(err)}
+    return {e["custom_id"]: line_error(e)["message"] for e in _read_jsonl(err)}

@@ -16,7 +16,7 @@ import pytest
 from sqlalchemy import func, select
 
 from db.enums import RequestStatus
-from db.models import Job, Request
+from db.models import Chunk, Job, Request
 from db.session import make_engine, session_factory
 from jobs.worker_process import delete_prefixed_keys, stop_process
 
@@ -105,3 +105,36 @@ def _wait(condition, worker: subprocess.Popen, log: Path, what: str) -> None:
             pytest.fail(f"the worker exited with {worker.returncode} while waiting for {what}:\n{log.read_text()}")
         time.sleep(0.05)
     pytest.fail(f"timed out after {JOB_TIMEOUT_S} s waiting for {what}:\n{log.read_text()}")
+
+
+def test_a_line_s_own_priority_sends_it_to_that_queue(pg_url: str, redis_client, tmp_path: Path) -> None:
+    """Lines marked `critical` in a `low` job run on a worker that consumes `critical` only; the
+    job's other lines wait on `low`, which nobody consumes."""
+    prefix = f"pipeline-test-{uuid.uuid4().hex[:12]}:"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PIPELINE_")}
+    env.update(PYTHONPATH=str(REPO_ROOT), PIPELINE_DATABASE_URL=pg_url, PIPELINE_BROKER_URL=BROKER_URL,
+               PIPELINE_REDIS_KEY_PREFIX=prefix, PIPELINE_CHUNK_SIZE=str(CHUNK_SIZE))
+    _cli(env, tmp_path, "db", "upgrade")
+    lines = [{"custom_id": f"l{i}", "text": f"line {i}", "max_tokens": 2,
+              **({"priority": "critical"} if i % 2 else {})} for i in range(6)]
+    path = tmp_path / "mixed.jsonl"
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    job_id = json.loads(_cli(env, tmp_path, "submit", str(path), "--priority", "low", "--json"))["id"]
+    engine = make_engine(pg_url)
+    factory = session_factory(engine)
+    log_path = tmp_path / "worker.log"
+    with log_path.open("w") as log:
+        worker = subprocess.Popen([sys.executable, "-m", "pipeline", "worker", "--queues", "critical"], cwd=tmp_path,
+                                  env=env, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            _wait(lambda: _done(factory, job_id) >= 3, worker, log_path, "the critical lines")
+        finally:
+            stop_process(worker)
+            delete_prefixed_keys(redis_client, prefix)
+    with factory() as session:
+        statuses = dict(session.execute(select(Request.custom_id, Request.status).where(Request.job_id == job_id)).all())
+        chunks = [(c.priority.value, c.num_requests) for c in session.scalars(select(Chunk).where(
+            Chunk.job_id == job_id).order_by(Chunk.seq))]
+    engine.dispose()
+    assert statuses == {f"l{i}": RequestStatus.COMPLETED if i % 2 else RequestStatus.PENDING for i in range(6)}
+    assert chunks == [("critical", 2), ("critical", 1), ("low", 2), ("low", 1)]  # the highest first

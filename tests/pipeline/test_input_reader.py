@@ -15,6 +15,7 @@ from pipeline.errors import InputError
 from pipeline.input_reader import CHUNK_BYTES, read_requests
 from pipeline.limits import InputLimits, MiB
 from pipeline.request_spec import LineError, RequestSpec
+from pipeline.served_model import ServedModel
 
 GOOD = '{"text": "ok"}'
 
@@ -363,3 +364,60 @@ def test_reading_and_writing_never_import_torch():
     modules = "pipeline.input_reader, pipeline.output_writer, pipeline.errors"
     code = f"import sys, {modules}; assert 'torch' not in sys.modules, 'torch was imported'"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parents[2])
+
+
+# ---- what a line asks of the workers: its model, its priority ----
+
+SERVED = ServedModel("tiny", aliases=("gpt-4o-mini",))
+
+
+def test_a_model_the_workers_do_not_serve_is_model_not_found_unless_it_is_an_alias(tmp_path):
+    path = write_lines(tmp_path, [
+        json.dumps({"text": "a", "model": "tiny"}),
+        json.dumps(openai({"prompt": "b", "model": "gpt-4o-mini"})),
+        json.dumps(openai({"prompt": "c", "model": "gpt-4o"}, custom_id="d")),
+        json.dumps({"text": "e", "model": "llama"}),
+        GOOD,
+    ])
+    served, alias, unknown_body, unknown, absent = read_requests(path, served=SERVED)
+    assert (served.model, alias.model, absent.model) == ("tiny", "tiny", None)  # an alias is the served name
+    assert (unknown_body.line, unknown_body.field, unknown_body.code, unknown_body.custom_id) == (
+        3, "body.model", "model_not_found", "d")
+    assert unknown_body.message == ('model "gpt-4o" is not served here (the workers serve "tiny"); remove "model", '
+                                    'name that model, or add "gpt-4o" to the model_aliases setting '
+                                    "(PIPELINE_MODEL_ALIASES)")
+    assert (unknown.field, unknown.code) == ("model", "model_not_found")
+
+
+def test_aliases_hold_only_for_a_job_of_the_settings_model():
+    assert ServedModel.for_job(None, "tiny", ("gpt-4o-mini",)) == SERVED
+    assert ServedModel.for_job("gpt-4o-mini", "tiny", ("gpt-4o-mini",)) == SERVED  # --model may be an alias
+    other = ServedModel.for_job("/models/llama", "tiny", ("gpt-4o-mini",))
+    assert other == ServedModel("/models/llama") and other.resolve("gpt-4o-mini") is None
+
+
+def test_developer_is_openai_s_newer_name_for_system(tmp_path):
+    messages = [{"role": "developer", "content": "be brief"}, {"role": "user", "content": "hi"}]
+    path = write_lines(tmp_path, [json.dumps({"messages": messages}),
+                                  json.dumps(openai({"messages": messages}, url="/v1/chat/completions"))])
+    plain, batch = read_requests(path)
+    assert plain.messages == batch.messages == ({"role": "system", "content": "be brief"},
+                                                 {"role": "user", "content": "hi"})
+
+
+def test_a_line_keeps_its_priority_and_a_session_keeps_one(tmp_path):
+    path = write_lines(tmp_path, [
+        json.dumps({"text": "a", "priority": "high"}),
+        json.dumps({"text": "b", "session_id": "s", "priority": "low"}),
+        json.dumps({"text": "c", "session_id": "s", "priority": "low"}),
+        json.dumps({"text": "d", "session_id": "s", "custom_id": "x"}),
+        json.dumps({"text": "e", "session_id": "t"}),
+        json.dumps({"text": "f", "session_id": "t", "priority": "critical"}),
+    ])
+    a, b, c, d, e, f = read_requests(path)
+    assert (a.priority, b.priority, c.priority, e.priority) == ("high", "low", "low", None)
+    assert (d.line, d.field, d.code, d.custom_id) == (4, "priority", "conflicting_fields", "x")
+    assert d.message == ('priority null differs from "low" on line 2, the first line of session "s"; a session runs '
+                         "on one queue: give its lines the same priority")
+    assert (f.code, f.message.split(";")[0]) == (
+        "conflicting_fields", 'priority "critical" differs from null on line 5, the first line of session "t"')

@@ -115,7 +115,9 @@ def test_cancel_while_a_worker_is_busy_keeps_finished_results(env, worker, tmp_p
     assert 4 <= completed < 120
     assert cancelled.stderr.strip() == f"{120 - completed} lines cancelled"
     time.sleep(3)  # a chunk still running on the worker ends, and must write nothing
-    assert _status(env, tmp_path, job_id)["request_counts"] == {"total": 120, "completed": completed, "failed": 0}
+    # The cancelled lines count as failed, as OpenAI counts them.
+    assert _status(env, tmp_path, job_id)["request_counts"] == {"total": 120, "completed": completed,
+                                                                "failed": 120 - completed}
 
     _cli(env, tmp_path, "results", job_id, "-o", "out.jsonl", "--errors", "err.jsonl")
     out, err = _read_jsonl(tmp_path / "out.jsonl"), _read_jsonl(tmp_path / "err.jsonl")
@@ -162,7 +164,9 @@ def test_retry_runs_only_the_failed_lines_again(env, worker, tmp_path: Path) -> 
     assert sorted(engine_errors) == ["long1", "long1", "long2", "long2"]  # each failed once per run
     _cli(env, tmp_path, "results", job_id, "-o", "out.jsonl", "--errors", "err.jsonl")
     assert [e["custom_id"] for e in _read_jsonl(tmp_path / "err.jsonl")] == ["long1", "long2"]
-    assert {e["error"]["code"] for e in _read_jsonl(tmp_path / "err.jsonl")} == {"prompt_too_long"}
+    # Lines that ran and failed are OpenAI's failed requests: a 400 response with an error body.
+    assert {(e["response"]["status_code"], e["response"]["body"]["error"]["code"])
+            for e in _read_jsonl(tmp_path / "err.jsonl")} == {(400, "prompt_too_long")}
     assert len(_read_jsonl(tmp_path / "out.jsonl")) == 4
 
 
@@ -183,7 +187,7 @@ def test_list_filters_by_status(env, tmp_path: Path) -> None:
     assert [job["id"] for job in json.loads(_cli(env, tmp_path, "list", "--status", "in_progress", "--json").stdout)
             ] == [third, first]
     text = _cli(env, tmp_path, "list", "--status", "cancelled").stdout.splitlines()
-    assert text == [f"{second}  cancelled  0 completed, 0 failed, 1 lines"]
+    assert text == [f"{second}  cancelled  0 completed, 1 failed, 1 lines"]
     assert _cli(env, tmp_path, "list", "--status", "completed").stdout == ""
     bad = _cli(env, tmp_path, "list", "--status", "done", ok=False)
     assert bad.returncode == 1 and bad.stderr.startswith("error: unknown status 'done'")
@@ -216,7 +220,7 @@ def test_expired_job_shows_in_status_and_its_lines_in_the_errors(env, tmp_path: 
         assert expire_jobs(session, now=created + timedelta(hours=1)) == [job_id]
 
     status = _cli(env, tmp_path, "status", job_id)
-    assert status.stdout == f"{job_id}  expired  0 completed, 1 failed, 3 lines\n"
+    assert status.stdout == f"{job_id}  expired  0 completed, 3 failed, 3 lines\n"
     watched = _cli(env, tmp_path, "status", job_id, "--watch")  # an ended job: returns at once
     assert watched.stdout == status.stdout and "3 lines  expired" in watched.stderr
     assert _cli(env, tmp_path, "status", job_id, "--watch", "--quiet").stderr == ""

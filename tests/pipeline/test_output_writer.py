@@ -11,6 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.errors import OutputError
+from pipeline.line_ids import LineIds
 from pipeline.output_writer import (
     RESULT_SCHEMA,
     JsonlResultWriter,
@@ -19,11 +20,12 @@ from pipeline.output_writer import (
     openai_output_line,
 )
 
-DONE = ResultRecord(custom_id="a", line=1, request_id="r1", endpoint="completions", model="tiny", created=1700000000,
+IDS_1, IDS_2, IDS_3 = (LineIds(f"batch_req_{n}", f"req_{n}", f"{n}") for n in ("r1", "r2", "r3"))
+DONE = ResultRecord(custom_id="a", line=1, ids=IDS_1, endpoint="completions", model="tiny", created=1700000000,
                     text="Hello", finish_reason="stop", prompt_tokens=5, cached_tokens=4, completion_tokens=2)
-CHAT = ResultRecord(custom_id="b", line=2, request_id="r2", endpoint="chat.completions", model="tiny",
+CHAT = ResultRecord(custom_id="b", line=2, ids=IDS_2, endpoint="chat.completions", model="tiny",
                     created=1700000001, text="Hi!", finish_reason="length", prompt_tokens=9, completion_tokens=3)
-FAILED = ResultRecord(custom_id="c", line=3, request_id="r3", endpoint="completions", model="tiny", created=1700000002,
+FAILED = ResultRecord(custom_id="c", line=3, ids=IDS_3, endpoint="completions", model="tiny", created=1700000002,
                       error_code="prompt_too_long", error_message="the prompt is 9000 tokens; the model takes 8192")
 USAGE_DONE = {"prompt_tokens": 5, "completion_tokens": 2, "total_tokens": 7,
               "prompt_tokens_details": {"cached_tokens": 4}}
@@ -32,7 +34,7 @@ USAGE_DONE = {"prompt_tokens": 5, "completion_tokens": 2, "total_tokens": 7,
 def test_completion_line():
     assert openai_output_line(DONE) == {
         "id": "batch_req_r1", "custom_id": "a", "error": None,
-        "response": {"status_code": 200, "request_id": "r1", "body": {
+        "response": {"status_code": 200, "request_id": "req_r1", "body": {
             "id": "cmpl-r1", "object": "text_completion", "created": 1700000000, "model": "tiny",
             "choices": [{"index": 0, "text": "Hello", "logprobs": None, "finish_reason": "stop"}],
             "usage": USAGE_DONE,
@@ -51,20 +53,46 @@ def test_chat_line():
     }
 
 
-def test_error_line():
+CANCELLED = ResultRecord(custom_id="d", line=4, ids=IDS_3, endpoint="completions", model="tiny", created=0,
+                         error_code="batch_cancelled", error_message="the job was cancelled", never_ran=True)
+
+
+def test_a_request_that_failed_on_its_own_is_a_400_response_with_an_openai_error_body():
     assert openai_output_line(FAILED) == {
-        "id": "batch_req_r3", "custom_id": "c", "response": None,
-        "error": {"code": "prompt_too_long", "message": "the prompt is 9000 tokens; the model takes 8192"},
+        "id": "batch_req_r3", "custom_id": "c", "error": None,
+        "response": {"status_code": 400, "request_id": "req_r3", "body": {"error": {
+            "message": "the prompt is 9000 tokens; the model takes 8192", "type": "invalid_request_error",
+            "param": None, "code": "prompt_too_long"}}},
     }
     assert not FAILED.ok and DONE.ok
 
 
+@pytest.mark.parametrize(("code", "status", "kind"), [
+    ("engine_error", 500, "server_error"), ("worker_lost", 500, "server_error"),
+    ("model_not_found", 404, "invalid_request_error"), ("invalid_prompt", 400, "invalid_request_error"),
+])
+def test_the_status_of_a_failed_request_follows_whose_fault_it_was(code, status, kind):
+    line = openai_output_line(ResultRecord(custom_id="c", line=3, ids=IDS_3, endpoint="chat.completions", model="m",
+                                           created=0, error_code=code, error_message="why"))
+    assert (line["response"]["status_code"], line["response"]["body"]["error"]["type"]) == (status, kind)
+
+
+def test_a_line_that_never_ran_has_no_response_and_an_error():
+    assert openai_output_line(CANCELLED) == {
+        "id": "batch_req_r3", "custom_id": "d", "response": None,
+        "error": {"code": "batch_cancelled", "message": "the job was cancelled"},
+    }
+
+
 def test_record_invariants():
     with pytest.raises(AssertionError):
-        ResultRecord(custom_id="x", line=1, request_id="r", endpoint="completions", model="m", created=0)
+        ResultRecord(custom_id="x", line=1, ids=IDS_1, endpoint="completions", model="m", created=0)
     with pytest.raises(AssertionError):
-        ResultRecord(custom_id="x", line=1, request_id="r", endpoint="completions", model="m", created=0,
+        ResultRecord(custom_id="x", line=1, ids=IDS_1, endpoint="completions", model="m", created=0,
                      error_code="e")
+    with pytest.raises(AssertionError):
+        ResultRecord(custom_id="x", line=1, ids=IDS_1, endpoint="completions", model="m", created=0, text="t",
+                     never_ran=True)
 
 
 def leftovers(folder: Path) -> list[str]:
@@ -86,7 +114,7 @@ def test_jsonl_writer_renames_on_close(tmp_path):
 
 def test_jsonl_keeps_non_ascii_and_escapes_lone_surrogates(tmp_path):
     out = tmp_path / "out.jsonl"
-    odd = ResultRecord(custom_id="é", line=1, request_id="r", endpoint="completions", model="m", created=0,
+    odd = ResultRecord(custom_id="é", line=1, ids=IDS_1, endpoint="completions", model="m", created=0,
                        text="caf\u00e9 \ud800", finish_reason="stop")
     with JsonlResultWriter(out) as writer:
         writer.write(odd)
@@ -157,7 +185,7 @@ def test_parquet_writer_with_no_rows_and_a_lone_surrogate(tmp_path):
     assert pq.read_table(empty).num_rows == 0
     odd = tmp_path / "odd.parquet"
     with ParquetResultWriter(odd) as writer:
-        writer.write(ResultRecord(custom_id="x", line=1, request_id="r", endpoint="completions", model="m",
+        writer.write(ResultRecord(custom_id="x", line=1, ids=IDS_1, endpoint="completions", model="m",
                                   created=0, text="a\ud800b", finish_reason="stop"))
     assert pq.read_table(odd).column("text").to_pylist() == ["a\ufffdb"]
 

@@ -102,6 +102,9 @@ def test_environment_values_of_every_type(in_tmp: Path) -> None:
     assert (s.device, s.timezone) == ("cuda:1", "Europe/Paris")
     assert s.nightly_runs == (NightlyRun("evals", "0 2 * * *", in_tmp / "evals.jsonl", "low"),)
     assert load_settings(env={"PIPELINE_KV_CACHE_MEMORY_BYTES": "auto"}).kv_cache_memory_bytes is None
+    assert load_settings(env={"PIPELINE_MODEL_ALIASES": "gpt-4o-mini, gpt-4.1"}).model_aliases == (
+        "gpt-4o-mini", "gpt-4.1")
+    assert load_settings(env={"PIPELINE_MODEL_ALIASES": ""}).model_aliases == ()
     assert load_settings(env={"PIPELINE_KV_CACHE_MEMORY_BYTES": "1048576"}).kv_cache_memory_bytes == 2**20
 
 
@@ -190,6 +193,8 @@ def test_an_unknown_preset_names_its_source(in_tmp: Path) -> None:
      "nightly_runs[0]: cron '0 2 * *': expected 5 fields, 'minute hour day-of-month month day-of-week'"),
     ("PIPELINE_NIGHTLY_RUNS", '[{"name": "a", "cron": "0 2 * * *", "input_path": "x", "priority": "top"}]',
      "nightly_runs[0]: priority 'top': expected one of critical, high, normal, low"),
+    ("PIPELINE_MODEL_ALIASES", "gpt-4o,,o1",
+     "'' is not a model name: expected non-empty names without commas or outer spaces"),
 ])
 def test_a_bad_environment_value_names_the_variable(variable: str, value: str, expected: str) -> None:
     assert error(env={variable: value}) == f"environment variable {variable}: {expected}; got {value!r}"
@@ -303,7 +308,7 @@ def test_to_toml_reads_back_to_the_same_settings(name: str | None, in_tmp: Path)
 def test_to_toml_round_trips_every_kind_of_value(in_tmp: Path) -> None:
     s = dataclasses.replace(
         Settings(), model='/models/"odd" name\\ü\t', kv_cache_memory_bytes=3 * 2**30, enable_prefix_caching=False,
-        price_per_1k_prompt_tokens=1e-05, results_dir=Path("/srv/results"),
+        price_per_1k_prompt_tokens=1e-05, results_dir=Path("/srv/results"), model_aliases=("gpt-4o-mini", 'a"b'),
         nightly_runs=(NightlyRun("evals", "30 2 * * 1-5", Path("/data/evals.jsonl"), "normal"),
                       NightlyRun("labels", "0 4 1 * *", Path("/data/labels.parquet"))))
     text = s.to_toml()
