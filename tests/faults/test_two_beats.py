@@ -11,6 +11,8 @@ import time
 from collections import Counter
 from pathlib import Path
 
+import pytest
+
 from jobs.worker_process import stop_process
 
 from fault_deployment import Services
@@ -37,6 +39,7 @@ def _sweeps(log: Path) -> tuple[list[int], int, int]:
     return ran, skipped, received
 
 
+@pytest.mark.workers
 def test_two_beats_run_each_periodic_task_once_per_slot(services) -> None:
     s = services(PIPELINE_SWEEP_INTERVAL="2s")
     worker = s.start_worker("w1")
