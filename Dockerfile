@@ -2,7 +2,9 @@
 #   docker build -t llm-batch-pipeline .                                         # CPU PyTorch
 #   docker build --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cu124 -t llm-batch-pipeline:cuda .
 # The `flower` target adds Flower on top (it is not a dependency of the package).
-FROM python:3.11-slim AS pipeline
+# Debian trixie: its postgresql-client (17) is at least the server's major version (postgres:16 in
+# docker-compose.yml), which pg_dump needs for the nightly backups.
+FROM python:3.11-slim-trixie AS pipeline
 
 # PyPI's default torch wheel is a multi-GB CUDA build; the CPU index keeps the default image small.
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
@@ -12,6 +14,10 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 
 WORKDIR /app
+# pg_dump for the nightly database backup that beat runs (db/backup.py).
+RUN apt-get update \
+    && apt-get install --yes --no-install-recommends postgresql-client \
+    && rm -rf /var/lib/apt/lists/*
 RUN pip install --index-url "${TORCH_INDEX_URL}" "torch>=2.5,<3"
 COPY . .
 RUN pip install . \

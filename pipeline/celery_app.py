@@ -56,6 +56,7 @@ def periodic_tasks(settings: Settings) -> dict[str, tuple[str, timedelta | cront
     }
 
 NIGHTLY_RUN_TASK = "jobs.maintenance.start_nightly_run"
+BEAT_SCHEDULER = "pipeline.beat_scheduler:RedisStateScheduler"
 
 
 def chunk_sender(app: Celery) -> Callable[[int, str], None]:
@@ -149,6 +150,8 @@ def make_celery(settings: Settings) -> Celery:
         timezone=settings.timezone,
         enable_utc=True,
         beat_schedule=beat_schedule(settings),
+        # Beat's state (last run times) as JSON in Redis, not Celery's default shelve (pickle) file.
+        beat_scheduler=BEAT_SCHEDULER,
     )
     return app
 

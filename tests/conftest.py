@@ -17,7 +17,27 @@ import pytest
 from sqlalchemy import Engine, create_engine, make_url, text
 from sqlalchemy.exc import OperationalError
 
-sys.path.insert(0, str(Path(__file__).parent))  # `import hf_models` from any test folder
+sys.path.insert(0, str(Path(__file__).parent))  # `import hf_models`, `support` from any test folder
+
+from support.markers import markers_for, require_marker, track  # noqa: E402
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Marks each test `postgres`, `redis` or `workers` from the fixtures it uses (support/markers.py)."""
+    for item in items:
+        for name in sorted(markers_for(item)):
+            if item.get_closest_marker(name) is None:
+                item.add_marker(name)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    track(item)  # before its fixtures: they may start services that need a marker
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_runtest_teardown(item: pytest.Item) -> None:
+    track(None)
 
 
 @pytest.fixture(scope="session")
@@ -55,6 +75,7 @@ def pg_admin() -> Iterator[Engine]:
 
 @pytest.fixture
 def pg_url(pg_admin: Engine) -> Iterator[str]:
+    require_marker("postgres")
     name = f"pipeline_test_{os.getpid()}_{secrets.token_hex(4)}"
     with pg_admin.connect() as connection:
         connection.execute(text(f'CREATE DATABASE "{name}"'))
@@ -73,10 +94,9 @@ def pg_url(pg_admin: Engine) -> Iterator[str]:
 @pytest.fixture
 def redis_client():
     """The real Redis the tests use; a missing one fails the test (it is part of the test setup)."""
-    import os
-
     import redis
 
+    require_marker("redis")
     url = os.environ.get("PIPELINE_BROKER_URL", "redis://127.0.0.1:6379/0")
     client = redis.Redis.from_url(url)
     try:

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 
+if TYPE_CHECKING:
+    from pipeline.settings import Settings
 
 
 def register(app: typer.Typer) -> None:
@@ -48,11 +49,13 @@ def worker(
 
 
 def beat(
-    schedule: Annotated[Path, typer.Option(help="Beat's state file (last run times); its folder must be writable.")]
-    = Path("celerybeat-schedule"),
+    check: Annotated[bool, typer.Option(
+        "--check", help="Do not start beat: exit 0 if a running beat has sent the lost-chunk sweep "
+                        "lately (its state in Redis), else 1. For container health checks.")] = False,
 ) -> None:
     """Celery beat: sends the periodic maintenance tasks (lost-chunk sweep, job expiry, session
-    cleanup, database backup) and the nightly runs. Run one per deployment."""
+    cleanup, database backup) and the nightly runs. Run one per deployment. It writes no file: the
+    last run times live in Redis as JSON (pipeline/beat_scheduler.py)."""
     from pipeline.celery_app import make_celery
     from pipeline.settings import load_settings
 
@@ -61,12 +64,30 @@ def beat(
     except ValueError as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(1) from None
-    schedule = schedule.resolve()
-    if not os.access(schedule.parent, os.W_OK):
-        typer.echo(f"error: cannot write beat's schedule file in {schedule.parent}; "
-                   "pass --schedule in a writable folder", err=True)
+    if check:
+        _check_beat(settings)
+        return
+    make_celery(settings).start(["beat", "--loglevel=INFO"])
+
+
+def _check_beat(settings: Settings) -> None:
+    import redis
+
+    from pipeline.beat_scheduler import beat_is_alive
+    from pipeline.settings import mask_url
+
+    client = redis.Redis.from_url(settings.broker_url, socket_timeout=10, socket_connect_timeout=10)
+    try:
+        alive, why = beat_is_alive(client, settings.redis_key_prefix, settings.sweep_interval_s)
+    except redis.RedisError as e:
+        typer.echo(f"error: cannot reach Redis at {mask_url(settings.broker_url)}: {e}", err=True)
+        raise typer.Exit(1) from None
+    finally:
+        client.close()
+    if not alive:
+        typer.echo(f"error: {why}", err=True)
         raise typer.Exit(1)
-    make_celery(settings).start(["beat", f"--schedule={schedule}", "--loglevel=INFO"])
+    typer.echo(why, err=True)
 
 
 # -- jobs -----------------------------------------------------------------------------------------

@@ -3,13 +3,13 @@ database of its own; and look at what it left behind (files, job rows)."""
 
 from __future__ import annotations
 
-import os
 import sqlite3
 import subprocess
-import sys
 from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
+
+from support.processes import PIPELINE, pipeline_env
 
 # Nothing listens on the discard port: a command that tried to reach this broker would fail with
 # "cannot reach the broker", so seeing any other outcome proves it never tried.
@@ -37,12 +37,9 @@ def run_pipeline(args: list[str], *, cwd: Path, db_file: Path, broker_url: str =
                  settings: dict[str, str] | None = None) -> CliResult:
     """`python -m pipeline ARGS` in `cwd`, with no PIPELINE_ setting from this environment except the
     database, the broker and `settings`, so no config of the machine running the tests leaks in."""
-    env = {key: value for key, value in os.environ.items() if not key.startswith("PIPELINE_")}
-    env["PIPELINE_DATABASE_URL"] = database_url(db_file)
-    env["PIPELINE_BROKER_URL"] = broker_url
-    env.update(settings or {})
-    done = subprocess.run([sys.executable, "-m", "pipeline", *args], cwd=cwd, env=env, capture_output=True,
-                          encoding="utf-8", timeout=CHILD_TIMEOUT_S, check=False)
+    env = pipeline_env(PIPELINE_DATABASE_URL=database_url(db_file), PIPELINE_BROKER_URL=broker_url, **(settings or {}))
+    done = subprocess.run([*PIPELINE, *args], cwd=cwd, env=env, capture_output=True, encoding="utf-8",
+                          timeout=CHILD_TIMEOUT_S, check=False)
     return CliResult(done.returncode, done.stdout, done.stderr)
 
 

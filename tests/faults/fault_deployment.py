@@ -7,10 +7,8 @@ Workers are told apart by node name (`--name`), which is what the chunks table r
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
-import uuid
 from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -31,9 +29,8 @@ from pipeline.celery_app import chunk_sender, make_celery
 from pipeline.settings import Settings, load_settings
 
 from fault_checks import PRICES
-from fault_processes import DEADLINE_S, cli_ok, pipeline_env, wait_until, worker
+from support.processes import BROKER_URL, DEADLINE_S, cli_ok, key_prefix, pipeline_env, wait_until, worker
 
-BROKER_URL = os.environ.get("PIPELINE_BROKER_URL", "redis://127.0.0.1:6379/0")
 T = TypeVar("T")
 
 
@@ -57,7 +54,7 @@ class Services:
     def __init__(self, database_url: str, cwd: Path, stack: ExitStack, **env_vars: str) -> None:
         self.database_url = database_url
         self.cwd = cwd
-        self.prefix = f"pipeline-fault-{uuid.uuid4().hex[:12]}:"
+        self.prefix = key_prefix("fault")
         # Chunks of 2 and a visibility timeout (also the chunk lease) of 5 s: a killed worker's chunk
         # comes back within seconds. Prices make a line billed twice show in the cost too.
         self.env_vars = {"PIPELINE_DATABASE_URL": database_url, "PIPELINE_BROKER_URL": BROKER_URL,

@@ -13,6 +13,7 @@ import json
 from datetime import timedelta
 from pathlib import Path
 
+import pytest
 from sqlalchemy import select
 
 from db.base import utcnow
@@ -20,8 +21,8 @@ from db.enums import ChunkStatus, JobStatus, RequestStatus
 from db.models import Chunk, Request
 from db.repository import expire_jobs
 
-from fault_processes import assert_one_error_line, cli
 from line_outcomes import COMPLETED, line_outcomes
+from support.processes import assert_one_error_line, cli
 
 FAST = [{"custom_id": f"fast-{i}", "text": f"Fast line {i}", "max_tokens": 4, "temperature": 0} for i in range(2)]
 # Long enough that the retry and the expiry below happen while it runs (seconds on the tiny model).
@@ -45,6 +46,7 @@ def _chunk_status(s, job_id: str, custom_id: str) -> ChunkStatus:
             Request.job_id == job_id, Request.custom_id == custom_id))
 
 
+@pytest.mark.workers
 def test_expiry_and_retry_while_the_worker_is_busy(services) -> None:
     s = services()  # chunks of 2: [fast-0, fast-1], [slow-0, slow-1], [later-0, later-1], [later-2, later-3]
     worker = s.start_worker("w1")

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from workers import EngineConfig, LLMEngine, SamplingParams
 
 from line_outcomes import COMPLETED, error_messages, line_outcomes
@@ -33,6 +35,7 @@ def test_this_pool_is_too_small_for_the_work_at_once() -> None:
     assert engine.stats()["num_preemptions"] > 0
 
 
+@pytest.mark.workers
 def test_memory_pressure_preempts_and_every_line_matches_a_large_pool(services) -> None:
     s = services(PIPELINE_KV_CACHE_MEMORY_BYTES=str(SMALL_POOL), PIPELINE_MAX_NUM_BATCHED_TOKENS=str(STEP_TOKENS))
     lines = [*LONG[:3], TOO_LONG, *LONG[3:]]

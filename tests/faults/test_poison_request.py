@@ -41,6 +41,7 @@ def _texts(path) -> dict[str, str]:
             for x in map(json.loads, path.read_text().splitlines())}
 
 
+@pytest.mark.workers
 def test_a_poison_request_fails_alone_and_its_chunk_and_step_mates_complete(services, corrupted_model) -> None:
     assert torch.isnan(load_file(corrupted_model / "model.safetensors")["model.embed_tokens.weight"]).any()
     s = services(PIPELINE_CHUNK_SIZE="3", PIPELINE_MODEL=str(corrupted_model))

@@ -11,10 +11,10 @@ outage visible in the worker log as retries, not as a failed task.
 
 from __future__ import annotations
 
-import uuid
 from pathlib import Path
 
 import psycopg
+import pytest
 from sqlalchemy import select, text
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.pool import NullPool
@@ -25,11 +25,11 @@ from db.models import Chunk
 from jobs.worker_process import delete_prefixed_keys
 
 from fault_checks import PRICES, assert_every_line_once, chunk_statuses, job_status, write_lines
-from fault_processes import assert_one_error_line, cli, cli_ok, log_count, pipeline_env, wait_until, worker
 from fault_services import PrivatePostgres
+from support.processes import (BROKER_URL, assert_one_error_line, cli, cli_ok, key_prefix, log_count, pipeline_env,
+                               wait_until, worker)
 
 NUM_LINES = 16  # 8 chunks of 2
-BROKER_URL = "redis://127.0.0.1:6379/0"  # the shared Redis, under a key prefix of this test's own
 RETRIED_WRITE = "database unavailable while trying to write the results of chunk"
 
 
@@ -49,10 +49,12 @@ def _waiting_on_a_lock(factory) -> bool:
                                    "AND datname = current_database()")) > 0
 
 
+@pytest.mark.postgres
+@pytest.mark.workers
 def test_postgres_restart_during_a_result_write_is_retried_and_every_line_written_once(
         tmp_path: Path, redis_client) -> None:
     pg = PrivatePostgres()
-    prefix = f"pipeline-fault-{uuid.uuid4().hex[:12]}:"
+    prefix = key_prefix("fault")  # the shared Redis, under a key prefix of this test's own
     env = pipeline_env(PIPELINE_DATABASE_URL=pg.url, PIPELINE_BROKER_URL=BROKER_URL, PIPELINE_CHUNK_SIZE="2",
                        PIPELINE_REDIS_KEY_PREFIX=prefix, **PRICES)
     # A connection per check, so that the test's own reads ride out the restart.

@@ -13,20 +13,23 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import pytest
+
 from db import make_engine, session_factory
 from db.enums import ChunkStatus, JobStatus
 from pipeline.celery_app import make_celery
 from pipeline.settings import load_settings
 
 from fault_checks import PRICES, assert_every_line_once, chunk_statuses, job_status, write_lines
-from fault_processes import assert_one_error_line, cli, cli_ok, log_count, pipeline_env, wait_until, worker
 from fault_services import PrivateRedis
+from support.processes import assert_one_error_line, cli, cli_ok, log_count, pipeline_env, wait_until, worker
 
 NUM_LINES = 40  # 20 chunks of 2: the outage lands with most of them still queued
 SWEEP_TASK = "jobs.maintenance.sweep_lost_chunks"
 CONNECTED = "Connected to redis://"
 
 
+@pytest.mark.workers
 def test_redis_restart_mid_job_loses_the_queues_and_the_sweep_completes_the_job_once(pg_url: str,
                                                                                       tmp_path: Path) -> None:
     redis = PrivateRedis()

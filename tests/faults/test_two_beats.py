@@ -6,14 +6,16 @@ from __future__ import annotations
 
 import re
 import subprocess
-import sys
 import time
 from collections import Counter
 from pathlib import Path
 
+import pytest
+
 from jobs.worker_process import stop_process
 
 from fault_deployment import Services
+from support.processes import PIPELINE
 
 SWEEP = "jobs.maintenance.sweep_lost_chunks"
 
@@ -23,8 +25,7 @@ def _start_beat(s: Services, name: str) -> tuple[subprocess.Popen, Path]:
     folder.mkdir()
     log = folder / "beat.log"
     with log.open("w") as out:
-        process = subprocess.Popen([sys.executable, "-m", "pipeline", "beat", "--schedule", str(folder / "schedule")],
-                                   cwd=folder, env=s.env(), stdout=out, stderr=subprocess.STDOUT)
+        process = subprocess.Popen([*PIPELINE, "beat"], cwd=folder, env=s.env(), stdout=out, stderr=subprocess.STDOUT)
     return process, log
 
 
@@ -37,6 +38,7 @@ def _sweeps(log: Path) -> tuple[list[int], int, int]:
     return ran, skipped, received
 
 
+@pytest.mark.workers
 def test_two_beats_run_each_periodic_task_once_per_slot(services) -> None:
     s = services(PIPELINE_SWEEP_INTERVAL="2s")
     worker = s.start_worker("w1")

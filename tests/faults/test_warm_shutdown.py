@@ -7,10 +7,13 @@ from __future__ import annotations
 import json
 import signal
 
+import pytest
+
 from line_outcomes import COMPLETED, line_outcomes
 from test_worker_kill import FAST, SLOW, _pending, _slow_chunk_holder
 
 
+@pytest.mark.workers
 def test_sigterm_mid_chunk_finishes_it_and_another_worker_runs_the_rest(services) -> None:
     s = services()
     lines = [*SLOW, *FAST, *({**line, "custom_id": f"more-{i}"} for i, line in enumerate(FAST))]

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 from sqlalchemy import select
 
 from db.enums import JobStatus, RequestStatus
@@ -62,6 +63,7 @@ def _ended(services: Services, job_id: str) -> bool:
     return job_status(services.factory, job_id) == JobStatus.COMPLETED  # the database: polls stay quick
 
 
+@pytest.mark.workers
 def test_a_chunk_killed_mid_run_is_finished_by_another_worker_once(services) -> None:
     s = services()
     ids = _write(s.cwd / "in.jsonl", SLOW + FAST)
@@ -84,6 +86,7 @@ def test_a_chunk_killed_mid_run_is_finished_by_another_worker_once(services) -> 
     assert second.process.poll() is None
 
 
+@pytest.mark.workers
 def test_a_chunk_that_kills_every_worker_fails_after_the_redelivery_cap(services) -> None:
     s = services(PIPELINE_TASK_MAX_REDELIVERIES="1")
     ids = _write(s.cwd / "in.jsonl", SLOW + FAST)

@@ -6,13 +6,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import sqlite3
-import subprocess
-import sys
 import threading
 import time
-import uuid
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
@@ -33,11 +29,10 @@ from pipeline.celery_app import chunk_sender, make_celery
 from pipeline.queues import QUEUE_NAMES
 from pipeline.settings import Settings, load_settings
 from pipeline.submit import job_summary, submit_file
-from jobs.worker_process import delete_prefixed_keys, stop_process
+from jobs.worker_process import delete_prefixed_keys
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-BROKER_URL = os.environ.get("PIPELINE_BROKER_URL", "redis://127.0.0.1:6379/0")
-JOB_TIMEOUT_S = 120
+from support.processes import BROKER_URL, key_prefix, pipeline_env, wait_until, worker
+
 T0 = datetime(2026, 1, 5, 12, 0, 0, tzinfo=timezone.utc)
 
 
@@ -45,7 +40,7 @@ T0 = datetime(2026, 1, 5, 12, 0, 0, tzinfo=timezone.utc)
 @pytest.fixture
 def prefix(redis_client) -> str:
     """A Redis key prefix of this test's own; its keys are deleted after."""
-    prefix = f"pipeline-test-{uuid.uuid4().hex[:12]}:"
+    prefix = key_prefix()
     yield prefix
     delete_prefixed_keys(redis_client, prefix)
 
@@ -76,6 +71,7 @@ def _write_lines(path: Path, n: int) -> list[str]:
 # -- the lost-chunk sweep ---------------------------------------------------------------------------
 
 
+@pytest.mark.workers
 def test_sweep_resends_lost_chunks_and_the_job_completes_once(pg_url: str, prefix: str, redis_client,
                                                               tmp_path: Path) -> None:
     env_vars = {"PIPELINE_DATABASE_URL": pg_url, "PIPELINE_BROKER_URL": BROKER_URL,
@@ -101,24 +97,14 @@ def test_sweep_resends_lost_chunks_and_the_job_completes_once(pg_url: str, prefi
         assert redis_client.llen(f"{prefix}high") == 3  # on the job's priority queue again
         assert resend_lost_chunks(factory, chunk_sender(app), now=later) == []  # marked queued at `later`
 
-        env = {k: v for k, v in os.environ.items() if not k.startswith("PIPELINE_")}
-        env.update(PYTHONPATH=str(REPO_ROOT), **env_vars)
-        log_path = tmp_path / "worker.log"
-        with log_path.open("w") as log:
-            worker = subprocess.Popen([sys.executable, "-m", "pipeline", "worker", "--concurrency", "2"],
-                                      cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT)
-            try:
-                deadline = time.monotonic() + JOB_TIMEOUT_S
-                while True:
-                    with factory() as session:
-                        summary = job_summary(session, job_id)
-                    if summary["status"] == "completed":
-                        break
-                    assert worker.poll() is None, log_path.read_text()
-                    assert time.monotonic() < deadline, f"not completed:\n{log_path.read_text()}"
-                    time.sleep(0.3)
-            finally:
-                stop_process(worker)
+        def completed() -> dict | None:
+            with factory() as session:
+                summary = job_summary(session, job_id)
+            return summary if summary["status"] == "completed" else None
+
+        log = tmp_path / "worker.log"
+        with worker(pipeline_env(**env_vars), tmp_path, log, "--concurrency", "2") as process:
+            summary = wait_until(completed, f"job {job_id} completed", log, process=process)
         assert summary["request_counts"] == {"total": 5, "completed": 5, "failed": 0}
         with factory() as session:
             rows = session.execute(select(Request.custom_id, Request.status, Request.text)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import re
 
+import pytest
 from typer.testing import CliRunner
 
 from pipeline.cli import app
@@ -28,6 +29,7 @@ def test_bench_submit_stores_every_line(pg_admin) -> None:
     assert re.search(r"peak growth at 2000 lines is [0-9.]+x that at 200", result.output)
 
 
+@pytest.mark.workers  # the bench starts its own worker processes
 def test_bench_pipeline_completes_every_request(pg_admin) -> None:
     result = CliRunner().invoke(app, ["bench", "pipeline", "--scale", "small", "--requests", "16"])
     assert result.exit_code == 0, result.output
@@ -39,6 +41,7 @@ def test_bench_pipeline_completes_every_request(pg_admin) -> None:
     assert "load average (1 min)" in result.output
 
 
+@pytest.mark.workers  # the bench starts its own worker processes
 def test_bench_load_accounts_for_every_line_once(pg_admin) -> None:
     result = CliRunner().invoke(app, ["bench", "load", "--lines", "80", "--workers", "2", "--concurrency", "1",
                                       "--chunk-size", "8", "--max-tokens", "2"])

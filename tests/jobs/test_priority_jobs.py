@@ -5,11 +5,6 @@ process with one task at a time, so the order in which it takes chunks is the or
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-import time
-import uuid
 from pathlib import Path
 
 import pytest
@@ -18,21 +13,14 @@ from sqlalchemy import func, select
 from db.enums import RequestStatus
 from db.models import Chunk, Job, Request
 from db.session import make_engine, session_factory
-from jobs.worker_process import delete_prefixed_keys, stop_process
+from jobs.worker_process import delete_prefixed_keys
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-BROKER_URL = os.environ.get("PIPELINE_BROKER_URL", "redis://127.0.0.1:6379/0")
+from support.processes import BROKER_URL, cli_ok, key_prefix, pipeline_env, wait_until, worker
+
 CHUNK_SIZE = 2
 LOW_LINES = 60  # 30 chunks: the worker is still on the low job when the critical one arrives
 CRITICAL_LINES = 8  # 4 chunks: round-robin polling would run a low chunk between each two
 JOB_TIMEOUT_S = 180
-
-
-def _cli(env: dict[str, str], cwd: Path, *args: str) -> str:
-    result = subprocess.run([sys.executable, "-m", "pipeline", *args], cwd=cwd, env=env, capture_output=True,
-                            text=True, timeout=120)
-    assert result.returncode == 0 and "Traceback" not in result.stderr, f"pipeline {' '.join(args)}:\n{result.stderr}"
-    return result.stdout
 
 
 def _jsonl(path: Path, prefix: str, n: int, max_tokens: int) -> Path:
@@ -42,29 +30,28 @@ def _jsonl(path: Path, prefix: str, n: int, max_tokens: int) -> Path:
     return path
 
 
+@pytest.mark.workers
 def test_a_critical_job_behind_a_large_low_job_finishes_first(pg_url: str, redis_client, tmp_path: Path) -> None:
-    prefix = f"pipeline-test-{uuid.uuid4().hex[:12]}:"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PIPELINE_")}
-    env.update(PYTHONPATH=str(REPO_ROOT), PIPELINE_DATABASE_URL=pg_url, PIPELINE_BROKER_URL=BROKER_URL,
-               PIPELINE_REDIS_KEY_PREFIX=prefix, PIPELINE_CHUNK_SIZE=str(CHUNK_SIZE))
-    _cli(env, tmp_path, "db", "upgrade")
-    low_id = json.loads(_cli(env, tmp_path, "submit", str(_jsonl(tmp_path / "low.jsonl", "low", LOW_LINES, 16)),
-                             "--priority", "low", "--json"))["id"]
-    log_path = tmp_path / "worker.log"
+    prefix = key_prefix()
+    env = pipeline_env(PIPELINE_DATABASE_URL=pg_url, PIPELINE_BROKER_URL=BROKER_URL, PIPELINE_REDIS_KEY_PREFIX=prefix,
+                       PIPELINE_CHUNK_SIZE=str(CHUNK_SIZE))
+    cli_ok(env, tmp_path, "db", "upgrade")
+    low_id = json.loads(cli_ok(env, tmp_path, "submit", str(_jsonl(tmp_path / "low.jsonl", "low", LOW_LINES, 16)),
+                               "--priority", "low", "--json").stdout)["id"]
+    log = tmp_path / "worker.log"
     engine = make_engine(pg_url)
     factory = session_factory(engine)
-    with log_path.open("w") as log:
-        worker = subprocess.Popen([sys.executable, "-m", "pipeline", "worker", "--concurrency", "1"], cwd=tmp_path,
-                                  env=env, stdout=log, stderr=subprocess.STDOUT)
-        try:
+    try:
+        with worker(env, tmp_path, log, "--concurrency", "1") as process:
             # The critical job arrives once the worker is busy with the low one.
-            _wait(lambda: _done(factory, low_id) >= CHUNK_SIZE, worker, log_path, "the first low chunk")
-            critical_id = json.loads(_cli(env, tmp_path, "submit", str(_jsonl(tmp_path / "c.jsonl", "crit", CRITICAL_LINES, 4)),
-                                          "--priority", "critical", "--json"))["id"]
-            _wait(lambda: _status(factory, low_id) == "completed", worker, log_path, "the low job")
-        finally:
-            stop_process(worker)
-            delete_prefixed_keys(redis_client, prefix)
+            wait_until(lambda: _done(factory, low_id) >= CHUNK_SIZE, "the first low chunk", log,
+                       JOB_TIMEOUT_S, process)
+            critical_id = json.loads(cli_ok(env, tmp_path, "submit",
+                                            str(_jsonl(tmp_path / "c.jsonl", "crit", CRITICAL_LINES, 4)),
+                                            "--priority", "critical", "--json").stdout)["id"]
+            wait_until(lambda: _status(factory, low_id) == "completed", "the low job", log, JOB_TIMEOUT_S, process)
+    finally:
+        delete_prefixed_keys(redis_client, prefix)
     with factory() as session:
         critical = session.get(Job, critical_id)
         low_meanwhile = session.scalar(select(func.count()).where(
@@ -96,41 +83,27 @@ def _status(factory, job_id: str) -> str:  # the job's status, read from the dat
         return session.scalar(select(Job.status).where(Job.id == job_id)).value
 
 
-def _wait(condition, worker: subprocess.Popen, log: Path, what: str) -> None:
-    deadline = time.monotonic() + JOB_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if condition():
-            return
-        if worker.poll() is not None:
-            pytest.fail(f"the worker exited with {worker.returncode} while waiting for {what}:\n{log.read_text()}")
-        time.sleep(0.05)
-    pytest.fail(f"timed out after {JOB_TIMEOUT_S} s waiting for {what}:\n{log.read_text()}")
-
-
+@pytest.mark.workers
 def test_a_line_s_own_priority_sends_it_to_that_queue(pg_url: str, redis_client, tmp_path: Path) -> None:
     """Lines marked `critical` in a `low` job run on a worker that consumes `critical` only; the
     job's other lines wait on `low`, which nobody consumes."""
-    prefix = f"pipeline-test-{uuid.uuid4().hex[:12]}:"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PIPELINE_")}
-    env.update(PYTHONPATH=str(REPO_ROOT), PIPELINE_DATABASE_URL=pg_url, PIPELINE_BROKER_URL=BROKER_URL,
-               PIPELINE_REDIS_KEY_PREFIX=prefix, PIPELINE_CHUNK_SIZE=str(CHUNK_SIZE))
-    _cli(env, tmp_path, "db", "upgrade")
+    prefix = key_prefix()
+    env = pipeline_env(PIPELINE_DATABASE_URL=pg_url, PIPELINE_BROKER_URL=BROKER_URL, PIPELINE_REDIS_KEY_PREFIX=prefix,
+                       PIPELINE_CHUNK_SIZE=str(CHUNK_SIZE))
+    cli_ok(env, tmp_path, "db", "upgrade")
     lines = [{"custom_id": f"l{i}", "text": f"line {i}", "max_tokens": 2,
               **({"priority": "critical"} if i % 2 else {})} for i in range(6)]
     path = tmp_path / "mixed.jsonl"
     path.write_text("".join(json.dumps(line) + "\n" for line in lines))
-    job_id = json.loads(_cli(env, tmp_path, "submit", str(path), "--priority", "low", "--json"))["id"]
+    job_id = json.loads(cli_ok(env, tmp_path, "submit", str(path), "--priority", "low", "--json").stdout)["id"]
     engine = make_engine(pg_url)
     factory = session_factory(engine)
-    log_path = tmp_path / "worker.log"
-    with log_path.open("w") as log:
-        worker = subprocess.Popen([sys.executable, "-m", "pipeline", "worker", "--queues", "critical"], cwd=tmp_path,
-                                  env=env, stdout=log, stderr=subprocess.STDOUT)
-        try:
-            _wait(lambda: _done(factory, job_id) >= 3, worker, log_path, "the critical lines")
-        finally:
-            stop_process(worker)
-            delete_prefixed_keys(redis_client, prefix)
+    log = tmp_path / "worker.log"
+    try:
+        with worker(env, tmp_path, log, "--queues", "critical") as process:
+            wait_until(lambda: _done(factory, job_id) >= 3, "the critical lines", log, JOB_TIMEOUT_S, process)
+    finally:
+        delete_prefixed_keys(redis_client, prefix)
     with factory() as session:
         statuses = dict(session.execute(select(Request.custom_id, Request.status).where(Request.job_id == job_id)).all())
         chunks = [(c.priority.value, c.num_requests) for c in session.scalars(select(Chunk).where(

@@ -8,75 +8,54 @@ the Redis transport polls the queues.
 
 from __future__ import annotations
 
-import os
-import subprocess
 import sys
-import time
-import uuid
 from pathlib import Path
 
 import pytest
 from celery.exceptions import TimeoutError as CeleryTimeoutError
 
 from jobs.health import diagnostics_key, gate_key
+from jobs.worker_process import delete_prefixed_keys
 from pipeline.celery_app import make_celery
 from pipeline.queues import QUEUE_NAMES
 from pipeline.settings import load_settings
-from jobs.worker_process import delete_prefixed_keys, stop_process
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-BROKER_URL = os.environ.get("PIPELINE_BROKER_URL", "redis://127.0.0.1:6379/0")
+from support import processes
+from support.processes import BROKER_URL, key_prefix, pipeline_env, settings_vars, wait_until
 
+pytestmark = pytest.mark.workers
 
 
 @pytest.fixture
 def worker(redis_client, tmp_path, monkeypatch):
     """(app, worker process, key prefix): the worker is terminated and the prefix's keys deleted after."""
-    prefix = f"pipeline-test-{uuid.uuid4().hex[:12]}:"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PIPELINE_")}
-    env.update(PIPELINE_BROKER_URL=BROKER_URL, PIPELINE_REDIS_KEY_PREFIX=prefix, PYTHONPATH=str(REPO_ROOT))
+    prefix = key_prefix()
+    env = pipeline_env(PIPELINE_BROKER_URL=BROKER_URL, PIPELINE_REDIS_KEY_PREFIX=prefix)
     monkeypatch.chdir(tmp_path)  # no ./pipeline.toml for this process nor the worker
-    app = make_celery(load_settings(env={k: v for k, v in env.items() if k.startswith("PIPELINE_")}))
-    log = (tmp_path / "worker.log").open("w")
-    process = subprocess.Popen(
-        [sys.executable, "-m", "celery", "-A", "pipeline.celery_app", "worker", "--queues", ",".join(QUEUE_NAMES),
-         "--concurrency", "1", "--pool", "solo", "--prefetch-multiplier", "1", "--hostname", f"{prefix}@test",
-         "--without-gossip", "--without-mingle", "--loglevel", "INFO"],
-        cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT,
-    )
+    app = make_celery(load_settings(env=settings_vars(env)))
+    celery_worker = (sys.executable, "-m", "celery", "-A", "pipeline.celery_app", "worker")
     try:
-        yield app, process, prefix
+        with processes.worker(env, tmp_path, tmp_path / "worker.log", "--queues", ",".join(QUEUE_NAMES),
+                              "--concurrency", "1", "--pool", "solo", "--prefetch-multiplier", "1",
+                              "--hostname", f"{prefix}@test", "--without-gossip", "--without-mingle",
+                              "--loglevel", "INFO", command=celery_worker) as process:
+            yield app, process, prefix
     finally:
-        stop_process(process)
-        log.close()
         app.close()
         delete_prefixed_keys(redis_client, prefix)
         assert list(redis_client.scan_iter(match=f"{prefix}*")) == []
 
 
-def _wait_for(condition, timeout: float, process: subprocess.Popen, what: str, log: Path):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        if process.poll() is not None:
-            pytest.fail(f"the worker exited with {process.returncode} while waiting for {what}:\n{log.read_text()}")
-        time.sleep(0.05)
-    pytest.fail(f"timed out after {timeout} s waiting for {what}:\n{log.read_text()}")
-
-
-def _ping(app, process: subprocess.Popen, log: Path) -> dict:
+def _ping(app, process, log: Path) -> dict:
     result = app.send_task("jobs.health.ping")  # routed to `critical` by name
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            pytest.fail(f"the worker exited with {process.returncode} before answering ping:\n{log.read_text()}")
+
+    def answer() -> dict | None:
         try:
             return result.get(timeout=1)
         except CeleryTimeoutError:  # not the builtin TimeoutError: Celery has its own
-            continue
-    pytest.fail(f"the worker did not answer ping within 60 s:\n{log.read_text()}")
+            return None
+
+    return wait_until(answer, "the worker answering ping", log, 60, process)
 
 
 def test_worker_answers_ping_from_the_critical_queue(worker, tmp_path):
@@ -97,16 +76,16 @@ def _order_after_hold(app, redis_client, process, prefix: str, log: Path, sends:
     # The held task comes from `critical`: round-robin polling would now put `critical` last and take
     # from another queue next; strict priority must not.
     record("hold", "critical", hold_s=30.0)
-    _wait_for(lambda: redis_client.lrange(order_key, 0, -1) == [b"hold"], 30, process, "the holding task", log)
+    wait_until(lambda: redis_client.lrange(order_key, 0, -1) == [b"hold"], "the holding task", log, 30, process)
     for value, queue in sends:
         record(value, queue)
     for queue in {queue for _, queue in sends}:
         expected = sum(1 for _, q in sends if q == queue)
-        _wait_for(lambda: redis_client.llen(f"{prefix}{queue}") == expected, 10, process, f"the {queue} queue", log)
+        wait_until(lambda: redis_client.llen(f"{prefix}{queue}") == expected, f"the {queue} queue", log, 10, process)
     assert redis_client.lrange(order_key, 0, -1) == [b"hold"]  # nothing else was taken while held
     redis_client.rpush(gate_key(prefix, "order"), "go")
 
-    _wait_for(lambda: redis_client.llen(order_key) == len(sends) + 1, 30, process, "every task", log)
+    wait_until(lambda: redis_client.llen(order_key) == len(sends) + 1, "every task", log, 30, process)
     return [value.decode() for value in redis_client.lrange(order_key, 0, -1)]
 
 

@@ -1,9 +1,12 @@
-"""docker-compose.yml agrees with the code: its commands exist in the CLI (or are planned), its
-PIPELINE_* variables are settings, its queues are ours, and Flower asks for a password."""
+"""docker-compose.yml and the Dockerfile agree with the code: the commands (services and health
+checks) exist in the CLI, PIPELINE_* variables are settings, the queues are ours, Flower asks for a
+password, the image has the pg_dump the backups call, and workers get a chunk's lease to stop.
+Docker has no daemon here: the files are parsed, not run."""
 
 from __future__ import annotations
 
 import re
+import shlex
 from pathlib import Path
 
 import pytest
@@ -11,12 +14,15 @@ import typer.main
 
 from pipeline.cli import app as cli_app
 from pipeline.queues import QUEUE_NAMES
-from pipeline.settings import FIELD_NAMES, env_var, load_settings
+from pipeline.settings import FIELD_NAMES, Settings, env_var, load_settings
 
 yaml = pytest.importorskip("yaml", reason="PyYAML parses docker-compose.yml (it comes with transformers)")
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-SERVICES = {"redis", "postgres", "migrate", "worker", "worker-gpu", "beat", "flower"}
+SERVICES = {"redis", "postgres", "migrate", "worker", "worker-gpu", "beat", "flower", "cli"}
+WORKERS = ("worker", "worker-gpu")
+# The major version of postgresql-client in each Debian release a python:*-slim image may be based on.
+DEBIAN_PG_CLIENT = {"bookworm": 15, "trixie": 17}
 # Commands the compose file runs that the CLI does not have yet: the lead developer adds them.
 # Remove an entry when its command lands; it is then checked against the real CLI instead.
 PLANNED_COMMANDS: dict[tuple[str, ...], set[str]] = {}
@@ -36,6 +42,19 @@ def interpolate(value: str) -> str:
     """What compose makes of ${VAR:?message} (a dummy: the variable is required) and ${VAR:-default}."""
     value = re.sub(r"\$\{(\w+):\?[^}]*\}", lambda m: f"dummy-{m[1].lower()}", value)
     return re.sub(r"\$\{\w+:-([^}]*)\}", r"\1", value)
+
+
+def argv_of(service: dict) -> list[str]:
+    """What the container runs: its entrypoint (if set) followed by its command."""
+    return [*service.get("entrypoint", []), *service["command"]]
+
+
+def duration_s(value: str) -> float:
+    """A compose duration such as 1m30s, in seconds."""
+    parts = re.fullmatch(r"(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?", value)
+    assert parts and value, value
+    hours, minutes, seconds = (int(x or 0) for x in parts.groups())
+    return hours * 3600 + minutes * 60 + seconds
 
 
 def split_pipeline_argv(argv: list[str]) -> tuple[tuple[str, ...], list[str]]:
@@ -61,7 +80,7 @@ def test_services(services: dict) -> None:
     assert services["redis"]["image"] == "redis:7"
     assert services["postgres"]["image"] == "postgres:16"
     dockerfile = (REPO_ROOT / "Dockerfile").read_text()
-    assert re.search(r"^FROM python:3\.11-slim AS pipeline$", dockerfile, flags=re.M)
+    assert re.search(r"^FROM python:3\.11-slim-\w+ AS pipeline$", dockerfile, flags=re.M)
     for name in SERVICES - {"redis", "postgres"}:
         target = services[name]["build"]["target"]
         assert re.search(rf"^FROM \S+ AS {target}$", dockerfile, flags=re.M), name
@@ -75,7 +94,8 @@ def test_redis_persists_nothing(services: dict) -> None:
 def test_postgres_has_a_healthcheck_and_a_volume(services: dict) -> None:
     postgres = services["postgres"]
     assert postgres["healthcheck"]["test"][0] == "CMD-SHELL"
-    assert "pg_isready" in postgres["healthcheck"]["test"][1]
+    # Over TCP: the init-time server listens on the Unix socket only, and must not pass for the real one.
+    assert shlex.split(postgres["healthcheck"]["test"][1])[:3] == ["pg_isready", "-h", "127.0.0.1"]
     assert postgres["volumes"] == ["postgres-data:/var/lib/postgresql/data"]
     assert postgres["environment"]["POSTGRES_PASSWORD"] == "${POSTGRES_PASSWORD:?set POSTGRES_PASSWORD}"
 
@@ -83,14 +103,40 @@ def test_postgres_has_a_healthcheck_and_a_volume(services: dict) -> None:
 def test_start_order(services: dict) -> None:
     assert services["migrate"]["depends_on"] == {"postgres": {"condition": "service_healthy"}}
     assert services["migrate"]["restart"] == "no"
+    # It keeps trying while the server still refuses connections (a restart or a slow first start).
+    command = services["migrate"]["command"]
+    assert command[:3] == ["pipeline", "db", "upgrade"] and int(command[command.index("--wait") + 1]) >= 60
     for name in ("worker", "worker-gpu", "beat"):
         assert services[name]["depends_on"] == {
             "migrate": {"condition": "service_completed_successfully"}, "redis": {"condition": "service_healthy"}}
 
 
-@pytest.mark.parametrize("name", sorted(SERVICES - {"redis", "postgres", "flower"}))
-def test_pipeline_commands_exist_or_are_planned(services: dict, name: str) -> None:
-    path, args = split_pipeline_argv(services[name]["command"])
+def pipeline_commands(services: dict) -> list[tuple[str, list[str]]]:
+    """(where, argv) of every `pipeline ...` the compose file runs: service commands and health checks."""
+    found = []
+    for name, service in services.items():
+        if name not in {"redis", "postgres", "flower"}:
+            found.append((name, argv_of(service)))
+        test = service.get("healthcheck", {}).get("test", [])
+        if test[:2] == ["CMD", "pipeline"]:
+            found.append((f"{name} healthcheck", test[1:]))
+    return found
+
+
+PIPELINE_COMMANDS = pipeline_commands(yaml.safe_load((REPO_ROOT / "docker-compose.yml").read_text())["services"])
+
+
+def test_every_pipeline_command_is_checked() -> None:
+    assert [where for where, _ in PIPELINE_COMMANDS] == [
+        "migrate", "worker", "worker-gpu", "beat", "beat healthcheck", "cli"]
+
+
+@pytest.mark.parametrize(("name", "argv"), PIPELINE_COMMANDS, ids=[where for where, _ in PIPELINE_COMMANDS])
+def test_pipeline_commands_exist_or_are_planned(name: str, argv: list[str]) -> None:
+    path, args = split_pipeline_argv(argv)
+    if not path:  # the cli service's default: `docker compose run --rm cli` alone shows the help
+        assert args == ["--help"], name
+        return
     command = cli_command(path)
     if path in PLANNED_COMMANDS:
         assert command is None, f"`pipeline {' '.join(path)}` exists now: remove it from PLANNED_COMMANDS"
@@ -127,6 +173,51 @@ def test_environment_variables_are_settings_with_valid_values(services: dict, na
     settings = load_settings(env=pipeline_vars)
     assert settings.database_url == "postgresql+psycopg://pipeline:dummy-postgres_password@postgres:5432/pipeline"
     assert settings.broker_url == "redis://redis:6379/0"
+
+
+@pytest.mark.parametrize("name", WORKERS)
+def test_workers_stop_gracefully_within_a_chunk_lease_and_answer_a_ping(services: dict, name: str) -> None:
+    worker = services[name]
+    # SIGTERM finishes the running chunk; the grace period lets one run for as long as its lease.
+    assert duration_s(worker["stop_grace_period"]) >= Settings().visibility_timeout_s
+    kind, command = worker["healthcheck"]["test"]
+    words = shlex.split(command.replace("$$", "$"))  # compose's $$ is a literal $ for the shell
+    assert kind == "CMD-SHELL" and words[:5] == ["celery", "-A", "pipeline.celery_app", "inspect", "ping"]
+    # Its own node: `pipeline worker` without --name is celery@<hostname>, the container's $HOSTNAME.
+    assert "--name" not in worker["command"] and words[words.index("--destination") + 1] == "celery@$HOSTNAME"
+
+
+def test_beat_and_flower_have_real_health_checks(services: dict) -> None:
+    assert services["beat"]["healthcheck"]["test"] == ["CMD", "pipeline", "beat", "--check"]
+    flower = services["flower"]
+    kind, python, flag, code = flower["healthcheck"]["test"]
+    assert (kind, python, flag) == ("CMD", "python", "-c")
+    port = next(word.split("=", 1)[1] for word in flower["command"] if word.startswith("--port="))
+    assert f"'http://127.0.0.1:{port}/healthcheck'" in code and "b'OK'" in code  # Flower's unauthenticated check
+    for name in ("beat", "flower", *WORKERS):
+        assert set(services[name]["healthcheck"]) >= {"test", "interval", "timeout", "retries"}, name
+
+
+def test_the_image_has_the_pg_dump_that_backups_call(services: dict) -> None:
+    dockerfile = (REPO_ROOT / "Dockerfile").read_text()
+    assert 'shutil.which("pg_dump")' in (REPO_ROOT / "db" / "backup.py").read_text()
+    assert re.search(r"apt-get install [^\n]*\bpostgresql-client\b", dockerfile)
+    release = re.search(r"^FROM python:[\d.]+-slim-(\w+) AS pipeline$", dockerfile, flags=re.M)[1]
+    server_major = int(services["postgres"]["image"].split(":")[1].split(".")[0])
+    assert DEBIAN_PG_CLIENT[release] >= server_major  # pg_dump refuses a server newer than itself
+
+
+def test_the_host_reaches_the_stack_through_the_cli_service(services: dict) -> None:
+    cli = services["cli"]
+    assert cli["entrypoint"] == ["pipeline"] and cli["profiles"] == ["cli"]  # run on demand, not by `up`
+    assert cli["working_dir"] == "/work" and "${WORK_DIR:-.}:/work" in cli["volumes"]
+    assert cli["depends_on"] == {"postgres": {"condition": "service_healthy"},
+                                 "redis": {"condition": "service_healthy"}}
+    assert "ports" not in services["postgres"] and "ports" not in services["redis"]
+    readme = (REPO_ROOT / "README.md").read_text()
+    stack = readme[readme.index("## Running the stack"):]
+    stack = stack[:stack.index("\n## ", 1)]
+    assert "docker compose run --rm" in stack and "cli submit prompts.jsonl" in stack
 
 
 def test_flower_uses_the_app_and_requires_basic_auth(services: dict) -> None:

@@ -5,12 +5,10 @@ key prefix of our own and, where lines must run, a real `pipeline worker` proces
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import threading
 import time
-import uuid
 from datetime import timedelta
 from pathlib import Path
 
@@ -26,25 +24,10 @@ from pipeline.settings import duration_s, load_settings
 from pipeline.submit import submit_file
 from jobs.worker_process import delete_prefixed_keys, stop_process
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-BROKER_URL = os.environ.get("PIPELINE_BROKER_URL", "redis://127.0.0.1:6379/0")
-JOB_TIMEOUT_S = 120
+from support.processes import BROKER_URL, cli, cli_ok, key_prefix, pipeline_env, settings_vars, wait_until, worker
+
+JOB_TIMEOUT_S = 300  # a guard against a hang, generous for a loaded machine
 TOO_LONG = "a" * 5000  # byte tokens: longer than the tiny model's 4096-token context
-
-
-def _env(**pipeline_vars: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PIPELINE_")}
-    env.update(PYTHONPATH=str(REPO_ROOT), **pipeline_vars)
-    return env
-
-
-def _cli(env: dict[str, str], cwd: Path, *args: str, ok: bool = True) -> subprocess.CompletedProcess:
-    result = subprocess.run([sys.executable, "-m", "pipeline", *args], cwd=cwd, env=env, capture_output=True,
-                            text=True, timeout=120)
-    assert "Traceback" not in result.stderr, result.stderr
-    if ok:
-        assert result.returncode == 0, f"pipeline {' '.join(args)}:\n{result.stderr}"
-    return result
 
 
 def _write_jsonl(path: Path, lines: list[dict]) -> Path:
@@ -57,58 +40,51 @@ def _read_jsonl(path: Path) -> list[dict]:
 
 
 def _status(env: dict[str, str], cwd: Path, job_id: str) -> dict:
-    return json.loads(_cli(env, cwd, "status", job_id, "--json").stdout)
+    return json.loads(cli_ok(env, cwd, "status", job_id, "--json").stdout)
 
 
 @pytest.fixture
 def env(pg_url: str, tmp_path: Path, redis_client):
     """Env for CLI processes on a fresh, migrated database and a Redis key prefix (deleted after)."""
-    client = redis_client
-    prefix = f"pipeline-test-{uuid.uuid4().hex[:12]}:"
+    prefix = key_prefix()
     upgrade(pg_url)
-    yield _env(PIPELINE_DATABASE_URL=pg_url, PIPELINE_BROKER_URL=BROKER_URL, PIPELINE_REDIS_KEY_PREFIX=prefix,
-               PIPELINE_CHUNK_SIZE="4")
-    delete_prefixed_keys(client, prefix)
+    yield pipeline_env(PIPELINE_DATABASE_URL=pg_url, PIPELINE_BROKER_URL=BROKER_URL, PIPELINE_REDIS_KEY_PREFIX=prefix,
+                       PIPELINE_CHUNK_SIZE="4")
+    delete_prefixed_keys(redis_client, prefix)
 
 
 @pytest.fixture
-def worker(env: dict[str, str], tmp_path: Path):
-    log_path = tmp_path / "worker.log"
-    with log_path.open("w") as log:
-        process = subprocess.Popen([sys.executable, "-m", "pipeline", "worker", "--concurrency", "2"],
-                                   cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT)
-        try:
-            yield process, log_path
-        finally:
-            stop_process(process)
+def worker_log(env: dict[str, str], tmp_path: Path):
+    """(a running worker, its log)."""
+    log = tmp_path / "worker.log"
+    with worker(env, tmp_path, log, "--concurrency", "2") as process:
+        yield process, log
 
 
-def _wait_until(env: dict[str, str], cwd: Path, job_id: str, worker, done) -> dict:
-    process, log = worker
-    deadline = time.monotonic() + JOB_TIMEOUT_S
-    while time.monotonic() < deadline:
+def _wait_until(env: dict[str, str], cwd: Path, job_id: str, worker_log, done) -> dict:
+    process, log = worker_log
+
+    def reached() -> dict | None:
         status = _status(env, cwd, job_id)
-        if done(status):
-            return status
-        if process.poll() is not None:
-            pytest.fail(f"the worker exited with {process.returncode}:\n{log.read_text()}")
-        time.sleep(0.2)
-    pytest.fail(f"job {job_id} never got there: {status}\n{log.read_text()}")
+        return status if done(status) else None
+
+    return wait_until(reached, f"job {job_id} at the expected point", log, process=process)
 
 
 def _factory(env: dict[str, str]):
     return session_factory(make_engine(env["PIPELINE_DATABASE_URL"]))
 
 
-def test_cancel_while_a_worker_is_busy_keeps_finished_results(env, worker, tmp_path: Path) -> None:
+@pytest.mark.workers
+def test_cancel_while_a_worker_is_busy_keeps_finished_results(env, worker_log, tmp_path: Path) -> None:
     ids = [f"r{i}" for i in range(120)]
     path = _write_jsonl(tmp_path / "in.jsonl", [
         {"custom_id": c, "text": f"Story {i}: once upon a time", "max_tokens": 48, "temperature": 0}
         for i, c in enumerate(ids)])
-    job_id = _cli(env, tmp_path, "submit", str(path)).stdout.strip()
-    _wait_until(env, tmp_path, job_id, worker, lambda s: s["request_counts"]["completed"] >= 4)
+    job_id = cli_ok(env, tmp_path, "submit", str(path)).stdout.strip()
+    _wait_until(env, tmp_path, job_id, worker_log, lambda s: s["request_counts"]["completed"] >= 4)
 
-    cancelled = _cli(env, tmp_path, "cancel", job_id, "--json")
+    cancelled = cli_ok(env, tmp_path, "cancel", job_id, "--json")
     at_cancel = json.loads(cancelled.stdout)
     assert at_cancel["status"] == "cancelled"
     completed = at_cancel["request_counts"]["completed"]
@@ -119,24 +95,25 @@ def test_cancel_while_a_worker_is_busy_keeps_finished_results(env, worker, tmp_p
     assert _status(env, tmp_path, job_id)["request_counts"] == {"total": 120, "completed": completed,
                                                                 "failed": 120 - completed}
 
-    _cli(env, tmp_path, "results", job_id, "-o", "out.jsonl", "--errors", "err.jsonl")
+    cli_ok(env, tmp_path, "results", job_id, "-o", "out.jsonl", "--errors", "err.jsonl")
     out, err = _read_jsonl(tmp_path / "out.jsonl"), _read_jsonl(tmp_path / "err.jsonl")
     assert len(out) == completed and len(err) == 120 - completed
     assert all(line["response"]["status_code"] == 200 for line in out)
     assert {e["error"]["code"] for e in err} == {"batch_cancelled"}
     assert sorted([x["custom_id"] for x in out] + [e["custom_id"] for e in err]) == sorted(ids)
     # Cancelling twice touches nothing; the CLI says so without an error.
-    again = _cli(env, tmp_path, "cancel", job_id)
+    again = cli_ok(env, tmp_path, "cancel", job_id)
     assert again.stderr.strip() == "0 lines cancelled"
     assert again.stdout.split()[:2] == [job_id, "cancelled"]
 
 
-def test_retry_runs_only_the_failed_lines_again(env, worker, tmp_path: Path) -> None:
+@pytest.mark.workers
+def test_retry_runs_only_the_failed_lines_again(env, worker_log, tmp_path: Path) -> None:
     lines = [{"custom_id": f"ok{i}", "text": f"Hello {i}", "max_tokens": 4, "temperature": 0} for i in range(4)]
     lines[1:1] = [{"custom_id": "long1", "text": TOO_LONG, "max_tokens": 4}]
     lines.append({"custom_id": "long2", "text": TOO_LONG + "b", "max_tokens": 4})
-    job_id = _cli(env, tmp_path, "submit", str(_write_jsonl(tmp_path / "in.jsonl", lines))).stdout.strip()
-    first = _wait_until(env, tmp_path, job_id, worker, lambda s: s["status"] == "completed")
+    job_id = cli_ok(env, tmp_path, "submit", str(_write_jsonl(tmp_path / "in.jsonl", lines))).stdout.strip()
+    first = _wait_until(env, tmp_path, job_id, worker_log, lambda s: s["status"] == "completed")
     assert first["request_counts"] == {"total": 6, "completed": 4, "failed": 2}
     factory = _factory(env)
     with factory() as session:
@@ -144,10 +121,10 @@ def test_retry_runs_only_the_failed_lines_again(env, worker, tmp_path: Path) -> 
                   session.scalars(select(Request).where(Request.job_id == job_id))}
         num_chunks = len(session.scalars(select(Chunk).where(Chunk.job_id == job_id)).all())
 
-    retried = _cli(env, tmp_path, "retry", job_id, "--json")
+    retried = cli_ok(env, tmp_path, "retry", job_id, "--json")
     assert retried.stderr.strip() == "2 failed lines sent again"
     assert json.loads(retried.stdout)["request_counts"] == {"total": 6, "completed": 4, "failed": 0}
-    second = _wait_until(env, tmp_path, job_id, worker, lambda s: s["status"] == "completed")
+    second = _wait_until(env, tmp_path, job_id, worker_log, lambda s: s["status"] == "completed")
     assert second["request_counts"] == {"total": 6, "completed": 4, "failed": 2}
 
     with factory() as session:
@@ -162,7 +139,7 @@ def test_retry_runs_only_the_failed_lines_again(env, worker, tmp_path: Path) -> 
         assert after[custom_id][2] in {c.id for c in new_chunks}  # run again, in a new chunk
     assert sum(c.num_requests for c in new_chunks) == 2
     assert sorted(engine_errors) == ["long1", "long1", "long2", "long2"]  # each failed once per run
-    _cli(env, tmp_path, "results", job_id, "-o", "out.jsonl", "--errors", "err.jsonl")
+    cli_ok(env, tmp_path, "results", job_id, "-o", "out.jsonl", "--errors", "err.jsonl")
     assert [e["custom_id"] for e in _read_jsonl(tmp_path / "err.jsonl")] == ["long1", "long2"]
     # Lines that ran and failed are OpenAI's failed requests: a 400 response with an error body.
     assert {(e["response"]["status_code"], e["response"]["body"]["error"]["code"])
@@ -172,7 +149,7 @@ def test_retry_runs_only_the_failed_lines_again(env, worker, tmp_path: Path) -> 
 
 def _submit_here(env: dict[str, str], path: Path, window: timedelta | None = None) -> str:
     """Submit in this process with no broker: the chunks are not sent (no worker runs here)."""
-    settings = load_settings(env={k: v for k, v in env.items() if k.startswith("PIPELINE_")})
+    settings = load_settings(env=settings_vars(env))
     return submit_file(settings, _factory(env), path, completion_window=window,
                        send_chunk=lambda _chunk_id, _queue: None)["id"]
 
@@ -180,16 +157,16 @@ def _submit_here(env: dict[str, str], path: Path, window: timedelta | None = Non
 def test_list_filters_by_status(env, tmp_path: Path) -> None:
     path = _write_jsonl(tmp_path / "in.jsonl", [{"text": "hi", "max_tokens": 2}])
     first, second, third = (_submit_here(env, path) for _ in range(3))
-    _cli(env, tmp_path, "cancel", second)
+    cli_ok(env, tmp_path, "cancel", second)
 
-    listed = json.loads(_cli(env, tmp_path, "list", "--json").stdout)
+    listed = json.loads(cli_ok(env, tmp_path, "list", "--json").stdout)
     assert [job["id"] for job in listed] == [third, second, first]  # newest first
-    assert [job["id"] for job in json.loads(_cli(env, tmp_path, "list", "--status", "in_progress", "--json").stdout)
+    assert [job["id"] for job in json.loads(cli_ok(env, tmp_path, "list", "--status", "in_progress", "--json").stdout)
             ] == [third, first]
-    text = _cli(env, tmp_path, "list", "--status", "cancelled").stdout.splitlines()
+    text = cli_ok(env, tmp_path, "list", "--status", "cancelled").stdout.splitlines()
     assert text == [f"{second}  cancelled  0 completed, 1 failed, 1 lines"]
-    assert _cli(env, tmp_path, "list", "--status", "completed").stdout == ""
-    bad = _cli(env, tmp_path, "list", "--status", "done", ok=False)
+    assert cli_ok(env, tmp_path, "list", "--status", "completed").stdout == ""
+    bad = cli(env, tmp_path, "list", "--status", "done")
     assert bad.returncode == 1 and bad.stderr.startswith("error: unknown status 'done'")
 
 
@@ -202,7 +179,7 @@ def test_completion_window_parsing() -> None:
 
 def test_submit_refuses_a_bad_completion_window(tmp_path: Path) -> None:
     path = _write_jsonl(tmp_path / "in.jsonl", [{"text": "hi"}])
-    result = _cli(_env(), tmp_path, "submit", str(path), "--completion-window", "3w", ok=False)
+    result = cli(pipeline_env(), tmp_path, "submit", str(path), "--completion-window", "3w")
     assert result.returncode == 1
     assert result.stderr == "error: '3w': expected a duration such as '24h', '90m', '7d' or '30s'\n"
 
@@ -219,22 +196,23 @@ def test_expired_job_shows_in_status_and_its_lines_in_the_errors(env, tmp_path: 
         assert expire_jobs(session, now=created + timedelta(minutes=59)) == []
         assert expire_jobs(session, now=created + timedelta(hours=1)) == [job_id]
 
-    status = _cli(env, tmp_path, "status", job_id)
+    status = cli_ok(env, tmp_path, "status", job_id)
     assert status.stdout == f"{job_id}  expired  0 completed, 3 failed, 3 lines\n"
-    watched = _cli(env, tmp_path, "status", job_id, "--watch")  # an ended job: returns at once
+    watched = cli_ok(env, tmp_path, "status", job_id, "--watch")  # an ended job: returns at once
     assert watched.stdout == status.stdout and "3 lines  expired" in watched.stderr
-    assert _cli(env, tmp_path, "status", job_id, "--watch", "--quiet").stderr == ""
-    _cli(env, tmp_path, "results", job_id, "-o", "out.jsonl", "--errors", "err.jsonl")
+    assert cli_ok(env, tmp_path, "status", job_id, "--watch", "--quiet").stderr == ""
+    cli_ok(env, tmp_path, "results", job_id, "-o", "out.jsonl", "--errors", "err.jsonl")
     assert (tmp_path / "out.jsonl").read_text() == ""
     errors = [(e["custom_id"], e["line"], e["error"]["code"]) for e in _read_jsonl(tmp_path / "err.jsonl")]
     assert errors == [("a", 1, "batch_expired"), ("b", 2, "missing_field"), ("c", 3, "batch_expired")]
-    refused = _cli(env, tmp_path, "retry", job_id, ok=False)
+    refused = cli(env, tmp_path, "retry", job_id)
     assert refused.returncode == 1 and refused.stderr == f"error: job {job_id}: cannot retry a job that is expired\n"
 
 
-def test_submit_stores_the_completion_window_and_waits_with_progress(env, worker, tmp_path: Path) -> None:
+@pytest.mark.workers
+def test_submit_stores_the_completion_window_and_waits_with_progress(env, worker_log, tmp_path: Path) -> None:
     path = _write_jsonl(tmp_path / "in.jsonl", [{"text": f"Hi {i}", "max_tokens": 3} for i in range(6)])
-    result = _cli(env, tmp_path, "submit", str(path), "--completion-window", "90s", "--wait", "--json")
+    result = cli_ok(env, tmp_path, "submit", str(path), "--completion-window", "90s", "--wait", "--json")
     job = json.loads(result.stdout)
     assert job["status"] == "completed" and job["request_counts"] == {"total": 6, "completed": 6, "failed": 0}
     # Not a terminal: the lines read, then the job's last progress line (redrawing is for terminals,
@@ -244,27 +222,28 @@ def test_submit_stores_the_completion_window_and_waits_with_progress(env, worker
     with _factory(env)() as session:
         stored = get_job(session, job["id"])
         assert stored.expires_at - stored.created_at == timedelta(seconds=90)
-    quiet = _cli(env, tmp_path, "submit", str(path), "--wait", "--quiet")
+    quiet = cli_ok(env, tmp_path, "submit", str(path), "--wait", "--quiet")
     assert quiet.stderr == "completed: 6 completed, 0 failed, 6 lines\n"  # the outcome, no progress
 
 
 def test_an_idempotency_key_returns_its_job_only_for_the_same_file(env, tmp_path: Path) -> None:
     path = _write_jsonl(tmp_path / "in.jsonl", [{"text": "hi", "max_tokens": 2}])
-    first = _cli(env, tmp_path, "submit", str(path), "--idempotency-key", "k1").stdout.strip()
+    first = cli_ok(env, tmp_path, "submit", str(path), "--idempotency-key", "k1").stdout.strip()
     copy = tmp_path / "copy.jsonl"
     copy.write_bytes(path.read_bytes())
-    assert _cli(env, tmp_path, "submit", str(copy), "--idempotency-key", "k1").stdout.strip() == first
+    assert cli_ok(env, tmp_path, "submit", str(copy), "--idempotency-key", "k1").stdout.strip() == first
     _write_jsonl(path, [{"text": "another prompt", "max_tokens": 2}])  # the same name, another file
-    refused = _cli(env, tmp_path, "submit", str(path), "--idempotency-key", "k1", ok=False)
+    refused = cli(env, tmp_path, "submit", str(path), "--idempotency-key", "k1")
     assert refused.returncode == 1 and refused.stdout == ""
     assert refused.stderr == (
         f"error: idempotency key 'k1' was used for job {first} with another file ({path.resolve()}); submit this "
         f"file with a new key (or none), or see the first job with `pipeline status {first}`\n")
     with _factory(env)() as session:
         assert [job.id for job in session.scalars(select(Job))] == [first]
-    assert _cli(env, tmp_path, "submit", str(path), "--idempotency-key", "k2").stdout.strip() != first
+    assert cli_ok(env, tmp_path, "submit", str(path), "--idempotency-key", "k2").stdout.strip() != first
 
 
+@pytest.mark.workers
 def test_submit_wait_with_no_worker_says_so_once_and_keeps_waiting(env, tmp_path: Path) -> None:
     path = _write_jsonl(tmp_path / "in.jsonl", [{"text": f"Hi {i}", "max_tokens": 2} for i in range(2)])
     env = env | {"PIPELINE_NO_WORKER_NOTICE_AFTER": "1s"}
