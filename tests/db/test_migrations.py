@@ -113,7 +113,7 @@ def test_0002_adds_the_input_digest_to_existing_jobs_and_drops_it_again(db_url):
                 "request_completed, request_failed, errors, metadata, created_at) VALUES "
                 "('batch_1', 'completed', 'in.jsonl', 'tiny', 'normal', 'k', false, 0, 0, 0, '[]', '{}', "
                 "'2025-01-01 00:00:00')"))
-        upgrade(db_url, "0002")
+        upgrade(db_url)  # through 0002, to head
         with engine.connect() as connection:
             assert connection.execute(text("SELECT id, idempotency_key, input_digest FROM jobs")).all() == [
                 ("batch_1", "k", None)]

@@ -11,9 +11,10 @@ import pytest
 
 from pipeline.errors import OutputError
 from pipeline.output_paths import OutputPaths, check_destination, check_output_paths
+from pipeline.line_ids import LineIds
 from pipeline.output_writer import JsonlResultWriter, ParquetResultWriter, ResultRecord
 
-DONE = ResultRecord(custom_id="a", line=1, request_id="r1", endpoint="completions", model="tiny", created=0,
+DONE = ResultRecord(custom_id="a", line=1, ids=LineIds("batch_req_r1", "req_r1", "r1"), endpoint="completions", model="tiny", created=0,
                     text="Hello", finish_reason="stop")
 
 

@@ -24,7 +24,12 @@ class Sampler:
 
 
 def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator]) -> list[int]:
-    """logits [N, V] float32 -> N token ids."""
+    """logits [N, V] float32 -> N token ids. Raises RuntimeError when a row holds inf or NaN (a
+    corrupted weight, say): no token drawn from it would mean anything, and the engine loop then
+    finds the request at fault by running each alone."""
+    if not torch.isfinite(logits).all():
+        bad = (~torch.isfinite(logits).all(dim=-1)).nonzero().flatten().tolist()
+        raise RuntimeError(f"logits of rows {bad} hold inf or NaN; no token can be sampled from them")
     tokens = _argmax(logits)
     rows = [i for i, p in enumerate(params) if not p.greedy]
     if not rows:

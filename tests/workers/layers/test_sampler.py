@@ -42,3 +42,12 @@ def test_draws_follow_the_filtered_distribution() -> None:
     expected = torch.softmax(torch.tensor([2.0, 1.0, 0.5]), -1)
     assert counts[3:].sum() == 0
     torch.testing.assert_close(counts[:3], expected, atol=0.03, rtol=0)
+
+
+def test_non_finite_logits_raise_instead_of_drawing_garbage() -> None:
+    import pytest
+
+    logits = LOGITS.clone()
+    logits[1, 2] = float("nan")
+    with pytest.raises(RuntimeError, match=r"logits of rows \[1\] hold inf or NaN"):
+        sample(logits, [SamplingParams()] * 3, _gens(0, 1, 2))
