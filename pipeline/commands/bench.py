@@ -57,7 +57,8 @@ def bench_engine(
     vllm_python: Annotated[Optional[str], typer.Option(
         help="The python of vLLM's virtual environment, for --peer vllm; default: $PIPELINE_BENCH_VLLM_PYTHON.",
     )] = None,
-    dtype: Annotated[DtypeChoice, typer.Option(help="The dtype of our engine and of every peer.")] = DtypeChoice.float32,
+    dtype: Annotated[DtypeChoice, typer.Option(
+        help="The dtype of our engine and of every peer.")] = DtypeChoice.float32,
     json_path: Annotated[Optional[Path], typer.Option("--json", help="Also write the results to this file.")] = None,
     repeat: Annotated[int, typer.Option(min=1, help="Timed runs of each system; the report gives the median and "
                                                     "the range.")] = 1,

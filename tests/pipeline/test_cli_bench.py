@@ -52,7 +52,8 @@ def test_table_has_every_row_and_workload(small_run: tuple[str, dict]) -> None:
 
 def test_greedy_tokens_agree_with_transformers_on_every_prompt(small_run: tuple[str, dict]) -> None:
     stdout, result = small_run
-    agreement = {w["name"]: (w["systems"]["transformers"]["num_agreeing"], w["num_prompts"]) for w in result["workloads"]}
+    agreement = {w["name"]: (w["systems"]["transformers"]["num_agreeing"], w["num_prompts"])
+                 for w in result["workloads"]}
     assert agreement == {"shared-prefix": (8, 8), "distinct": (8, 8), "multi-turn": (12, 12), "skewed": (32, 32)}
     row = next(line for line in stdout.splitlines() if line.startswith("greedy agreement with transformers"))
     assert row.split()[4:] == ["8/8", "8/8", "12/12", "32/32"]
@@ -106,7 +107,8 @@ def test_int8_kv_section_is_measured(small_run: tuple[str, dict]) -> None:
     c = q["comparison"]
     assert c["workload"] == "shared-prefix"
     # small shape: 2 layers, 2 KV heads, head_dim 32, block 16 -> 4-byte floats vs 1 byte + a 4-byte scale per head
-    assert (q["bytes_per_block_full"], q["bytes_per_block_int8"]) == (2 * 2 * 16 * 2 * 32 * 4, 2 * 2 * 16 * 2 * (32 + 4))
+    full, int8 = 2 * 2 * 16 * 2 * 32 * 4, 2 * 2 * 16 * 2 * (32 + 4)
+    assert (q["bytes_per_block_full"], q["bytes_per_block_int8"]) == (full, int8)
     assert c["num_contexts"] == 24
     assert 0.0 < c["max_logit_error"] < c["logit_std"]
     assert "int8 KV cache against full precision (shared-prefix, weights at init range 0.02):" in output

@@ -178,7 +178,9 @@ def bench_bf16(workload: Workload, folder: Path) -> EngineComparison:
     return compare_engines(workload, make_engine(folder, "float32"), make_engine(folder, "bfloat16"))
 
 
-def bench_kv_quant_both_inits(workload: Workload, shape: ModelShape, bench_folder: Path, dtype: str) -> list[KVQuantResult]:
+def bench_kv_quant_both_inits(
+    workload: Workload, shape: ModelShape, bench_folder: Path, dtype: str,
+) -> list[KVQuantResult]:
     """int8 against full precision on the benchmark's weights and on weights at transformers'
     default init, whose activations are closer to a trained model's."""
     log("  shared-prefix: int8 KV cache against full precision, benchmark weights")

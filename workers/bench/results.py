@@ -45,7 +45,8 @@ def summarize(system: str, runs: list[TimedRun], num_tokens: int, **measured: fl
     if not runs:
         raise ValueError(f"{system}: no timed runs to summarize")
     rates = [num_tokens / run.seconds for run in runs]
-    return SystemResult(system, runs, statistics.median(rates), min(rates), max(rates), **measured)  # type: ignore[arg-type]
+    median = statistics.median(rates)
+    return SystemResult(system, runs, median, min(rates), max(rates), **measured)  # type: ignore[arg-type]
 
 
 @dataclass(slots=True)

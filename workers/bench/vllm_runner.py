@@ -94,6 +94,7 @@ def peer_env(site_dir: Path) -> dict[str, str]:
     env["VLLM_CPU_KVCACHE_SPACE"] = str(KV_CACHE_GIB)
     env["VLLM_CPU_OMP_THREADS_BIND"] = cpu_list(set(os.sched_getaffinity(0)))
     env.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+    env.setdefault("HF_HUB_OFFLINE", "1")  # the model is a local folder: nothing to look up
     for name in ("VIRTUAL_ENV", "PYTHONHOME"):
         env.pop(name, None)
     return env
@@ -111,8 +112,8 @@ def check_vllm_python(python: Path) -> str:
     with tempfile.TemporaryDirectory(prefix="bench-vllm-check-") as tmp:
         try:
             done = subprocess.run(
-                [str(python), "-c", "import vllm; print(vllm.__version__)"], env=peer_env(write_sitecustomize(Path(tmp))),
-                capture_output=True, text=True, timeout=CHECK_TIMEOUT_S,
+                [str(python), "-c", "import vllm; print(vllm.__version__)"],
+                env=peer_env(write_sitecustomize(Path(tmp))), capture_output=True, text=True, timeout=CHECK_TIMEOUT_S,
             )
         except (OSError, subprocess.TimeoutExpired) as e:
             raise PeerError(f"--vllm-python {python}: cannot run it: {e}") from None
