@@ -26,7 +26,7 @@ class EngineComparison:
     num_top1_agreeing: int
     num_prompts: int
     num_outputs_identical: int  # free-running greedy outputs identical to the reference's
-    tokens_per_s_ref: float  # one untimed-quality run each: indicative, not the benchmark's figure
+    tokens_per_s_ref: float  # one run each, no warm repeats: indicative, not the benchmark's figure
     tokens_per_s_got: float
 
 

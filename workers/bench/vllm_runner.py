@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -154,18 +155,25 @@ def run_vllm(python: Path, folder: Path, dtype: str, workloads: list[Workload], 
         proc = subprocess.Popen(
             [str(python), str(PEER_SCRIPT), str(request), str(result)], env=peer_env(write_sitecustomize(Path(tmp))),
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+            start_new_session=True,  # its own process group, so that its engine processes can be stopped with it
         )
         tail: deque[str] = deque(maxlen=20)
         assert proc.stderr is not None
-        for line in proc.stderr:
-            sys.stderr.write(f"  | {line}")
-            if line.strip():
-                tail.append(line.strip())
-        code = proc.wait()
+        try:
+            for line in proc.stderr:
+                sys.stderr.write(f"  | {line}")
+                if line.strip():
+                    tail.append(line.strip())
+            code = proc.wait()
+        except BaseException:  # interrupted: vLLM's engine processes must not outlive the bench
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            raise
         if code == EXIT_NO_VLLM:
             raise PeerError(f"--vllm-python {python}: {_last_line(chr(10).join(tail))}")
         if code != 0 or not result.is_file():
-            raise PeerError(f"the vLLM peer failed (exit {code}): {_last_line(chr(10).join(tail))}")
+            raise PeerError(f"the vLLM peer failed (exit {code}): {_last_line(chr(10).join(tail))} (its log, marked "
+                            "'|', is above)")
         return parse_result(result.read_text())
 
 
