@@ -17,8 +17,19 @@ bench_app = typer.Typer(help="Benchmarks that measure against a peer in the same
 class WorkloadChoice(str, enum.Enum):
     shared_prefix = "shared-prefix"
     distinct = "distinct"
+    multi_turn = "multi-turn"
     skewed = "skewed"
     all = "all"
+
+
+class PeerChoice(str, enum.Enum):
+    transformers = "transformers"
+    vllm = "vllm"
+
+
+class DtypeChoice(str, enum.Enum):
+    float32 = "float32"
+    bfloat16 = "bfloat16"
 
 
 class ScaleChoice(str, enum.Enum):
@@ -40,26 +51,37 @@ def bench() -> None:
 @bench_app.command("engine")
 def bench_engine(
     workload: Annotated[WorkloadChoice, typer.Option(help="Which workload to run.")] = WorkloadChoice.all,
+    peer: Annotated[Optional[list[PeerChoice]], typer.Option(
+        help="Peers besides transformers, which always runs; 'vllm' runs vLLM's CPU build in its own process "
+             "(repeatable).")] = None,
+    vllm_python: Annotated[Optional[str], typer.Option(
+        help="The python of vLLM's virtual environment, for --peer vllm; default: $PIPELINE_BENCH_VLLM_PYTHON.",
+    )] = None,
+    dtype: Annotated[DtypeChoice, typer.Option(
+        help="The dtype of our engine and of every peer.")] = DtypeChoice.float32,
     json_path: Annotated[Optional[Path], typer.Option("--json", help="Also write the results to this file.")] = None,
-    repeat: Annotated[int, typer.Option(min=1, help="Timed runs of each system; the best counts.")] = 1,
+    repeat: Annotated[int, typer.Option(min=1, help="Timed runs of each system; the report gives the median and "
+                                                    "the range.")] = 1,
     scale: Annotated[ScaleChoice, typer.Option(help="'small': a tiny model, few prompts.")] = ScaleChoice.full,
 ) -> None:
-    """Our engine against transformers generate (static batches of 32) on the same weights and prompts."""
+    """Our engine against transformers generate (static batches of 32) and, with --peer vllm, vLLM, on the
+    same weights and prompts."""
     from workers.bench.engine_bench import run_bench
     from workers.bench.report import format_report
+    from workers.bench.vllm_runner import PeerError, resolve_vllm_python
     from workers.bench.workloads import WORKLOADS
 
     names = list(WORKLOADS) if workload is WorkloadChoice.all else [workload.value]
     try:
-        result = run_bench(names, scale.value, repeat)
-    except ValueError as e:
+        python = resolve_vllm_python(vllm_python) if PeerChoice.vllm in (peer or []) else None
+        result = run_bench(names, scale.value, repeat, dtype.value, python)
+    except (ValueError, PeerError) as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(1) from None
     typer.echo(format_report(result))
     if json_path is not None:
         json_path.write_text(json.dumps(asdict(result), indent=2) + "\n")
         typer.echo(f"results written to {json_path}", err=True)
-
 
 
 @bench_app.command("submit")

@@ -26,7 +26,8 @@ class ModelShape:
 
 # The shape: a small Llama whose matmuls are big enough that kernels, not Python, dominate.
 FULL_SHAPE = ModelShape(32000, 512, 1408, 8, 8, 2)
-SMALL_SHAPE = ModelShape(512, 64, 160, 2, 4, 2, max_position_embeddings=512)
+# head_dim 32: the smallest vLLM's CPU attention takes (32, 64, 80, ...), so the smoke run can use it as a peer.
+SMALL_SHAPE = ModelShape(512, 128, 320, 2, 4, 2, max_position_embeddings=512)
 SHAPES = {"full": FULL_SHAPE, "small": SMALL_SHAPE}
 
 

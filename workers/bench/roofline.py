@@ -14,7 +14,7 @@ MATMUL_SHAPES = ((1024, 1024, 1024), (2048, 512, 1408))
 
 
 def measure_matmul_flops(repeats: int = 5, dtype: torch.dtype = torch.float32) -> float:
-    """Best FLOP/s of a few float32 matmuls on the CPU, with the threads torch uses for the model."""
+    """Best FLOP/s of a few `dtype` matmuls on the CPU, with the threads torch uses for the model."""
     best = 0.0
     for m, k, n in MATMUL_SHAPES:
         a, b = torch.randn(m, k, dtype=dtype), torch.randn(k, n, dtype=dtype)

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 
 FIRST_TOKEN = 3  # ids 0-2 are pad, EOS and BOS in the benchmark tokenizer
-WORKLOADS = ("shared-prefix", "distinct", "skewed")
+WORKLOADS = ("shared-prefix", "distinct", "multi-turn", "skewed")
 SCALES = ("full", "small")
 
 
@@ -103,6 +103,34 @@ def skewed(
     return Workload("skewed", prompts, max_tokens, prefix_ids, [prefix_len] * num_requests, waves, num_kv_blocks)
 
 
+def multi_turn(
+    vocab_size: int, num_conversations: int = 16, num_turns: int = 4, first_len: int = 200, assistant_len: int = 32,
+    user_len: int = 48, new_tokens: int = 32, seed: int = 3,
+) -> Workload:
+    """Conversations submitted turn by turn: wave t holds every conversation's turn t, run to
+    completion before the next. Turn 0 is `first_len` tokens; each later turn is the previous
+    turn's prompt plus `assistant_len` "assistant" tokens plus `user_len` new user tokens.
+
+    The assistant tokens are fixed seeded tokens, not the engine's own previous output: every
+    system (ours, transformers, vLLM) then sees identical prompts whatever it generated, so the
+    peers stay comparable and the workload is known before any run. A cache can reuse the previous
+    turn's prompt, not its generated tokens (they differ from the fixed ones)."""
+    rng = np.random.default_rng(seed)
+    prompts, prefix_ids, prefix_lens = [], [], []
+    history = [_tokens(rng, vocab_size, first_len) for _ in range(num_conversations)]
+    for turn in range(num_turns):
+        for c in range(num_conversations):
+            if turn > 0:
+                previous = history[c]
+                history[c] = previous + _tokens(rng, vocab_size, assistant_len) + _tokens(rng, vocab_size, user_len)
+            prompts.append(history[c])
+            prefix_ids.append(c)
+            prefix_lens.append(0 if turn == 0 else len(prompts[-1]) - assistant_len - user_len)
+    waves = [list(range(t * num_conversations, (t + 1) * num_conversations)) for t in range(num_turns)]
+    max_tokens = [new_tokens] * len(prompts)
+    return Workload("multi-turn", prompts, max_tokens, prefix_ids, prefix_lens, waves)
+
+
 def make_workload(name: str, scale: str, vocab_size: int, block_size: int) -> Workload:
     """The benchmark's workload `name` at `scale` ("full": the issue's sizes; "small": a smoke run)."""
     if name not in WORKLOADS:
@@ -118,6 +146,11 @@ def make_workload(name: str, scale: str, vocab_size: int, block_size: int) -> Wo
         if small:
             return distinct(vocab_size, num_prompts=8, prompt_len=(8, 40), new_tokens=(2, 16))
         return distinct(vocab_size)
+    if name == "multi-turn":
+        if small:
+            return multi_turn(vocab_size, num_conversations=4, num_turns=3, first_len=24, assistant_len=8, user_len=8,
+                              new_tokens=8)
+        return multi_turn(vocab_size)
     if small:
         return skewed(vocab_size, block_size, num_requests=32, num_hot=2, prefix_len=32, own_len=(2, 6), wave_size=4)
     return skewed(vocab_size, block_size)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from workers.bench.workloads import FIRST_TOKEN, Workload, make_workload, skewed
+from workers.bench.workloads import FIRST_TOKEN, WORKLOADS, Workload, make_workload, multi_turn, skewed
 
 VOCAB = 32000
 
@@ -33,7 +33,7 @@ def test_distinct_lengths_and_tokens_vary_within_the_ranges() -> None:
 
 
 def test_workloads_are_seeded() -> None:
-    for name in ("shared-prefix", "distinct", "skewed"):
+    for name in ("shared-prefix", "distinct", "multi-turn", "skewed"):
         assert make_workload(name, "full", VOCAB, 16) == make_workload(name, "full", VOCAB, 16)
 
 
@@ -56,3 +56,33 @@ def test_skewed_pool_is_the_largest_wave_plus_spare_hot_sets() -> None:
     w = skewed(64, 16, num_requests=2, num_hot=1, prefix_len=32, own_len=(2, 4), new_tokens=4, wave_size=2,
                spare_hot_sets=2.0)
     assert w.num_kv_blocks == 2 * 3 + 2 * 2
+
+
+def test_multi_turn_is_16_conversations_of_4_turns_submitted_turn_by_turn() -> None:
+    w = make_workload("multi-turn", "full", VOCAB, 16)
+    assert len(w.prompts) == 64 and w.max_tokens == [32] * 64
+    assert w.waves == [list(range(t * 16, (t + 1) * 16)) for t in range(4)]  # wave t: every conversation's turn t
+    turn = lambda t, c: w.prompts[t * 16 + c]  # noqa: E731
+    for c in range(16):
+        assert [len(turn(t, c)) for t in range(4)] == [200, 280, 360, 440]
+        for t in range(1, 4):
+            assert turn(t, c)[: len(turn(t - 1, c))] == turn(t - 1, c)  # the whole previous prompt, then 32 + 48 new
+    assert len({tuple(turn(0, c)[:16]) for c in range(16)}) == 16  # conversations share nothing
+    assert len({tuple(turn(1, c)[200:232]) for c in range(16)}) == 16  # each its own assistant tokens
+    assert w.prefix_ids == [c for _ in range(4) for c in range(16)]
+    assert w.ideal_cached_tokens() == [0] * 16 + [200] * 16 + [280] * 16 + [360] * 16
+    assert _ids_in_range(w)
+
+
+def test_multi_turn_sizes_are_arguments() -> None:
+    w = multi_turn(64, num_conversations=2, num_turns=3, first_len=5, assistant_len=2, user_len=3, new_tokens=4)
+    assert [len(p) for p in w.prompts] == [5, 5, 10, 10, 15, 15]
+    assert w.waves == [[0, 1], [2, 3], [4, 5]] and w.max_tokens == [4] * 6
+    assert w.ideal_cached_tokens() == [0, 0, 5, 5, 10, 10]
+
+
+def test_every_workload_has_a_small_preset() -> None:
+    for name in WORKLOADS:
+        small, full = make_workload(name, "small", VOCAB, 16), make_workload(name, "full", VOCAB, 16)
+        assert small.name == full.name == name
+        assert 0 < small.num_prompt_tokens < full.num_prompt_tokens
