@@ -204,9 +204,9 @@ def test_jsonl_lines_survive_readers_that_split_on_unicode_line_breaks(tmp_path)
     assert set(breaks) >= {"\n", "\r", "\x85", "\u2028", "\u2029"}
     text = f"x{breaks}y"
     records = [
-        ResultRecord(custom_id=f"id{breaks}", line=1, request_id="r1", endpoint="completions", model="m",
+        ResultRecord(custom_id=f"id{breaks}", line=1, ids=IDS_1, endpoint="completions", model="m",
                      created=0, text=text, finish_reason="stop"),
-        ResultRecord(custom_id="e", line=2, request_id="r2", endpoint="chat.completions", model="m", created=0,
+        ResultRecord(custom_id="e", line=2, ids=IDS_2, endpoint="chat.completions", model="m", created=0,
                      error_code="engine_error", error_message=text),
     ]
     out = tmp_path / "out.jsonl"
