@@ -8,7 +8,7 @@ import logging
 import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
 
 import torch
 
@@ -91,7 +91,7 @@ def build_model(cfg: ModelConfig, max_len: int, device: torch.device, dtype: tor
 def safetensors_files(folder: Path) -> list[Path]:
     index = folder / "model.safetensors.index.json"
     if index.is_file():
-        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        names = sorted(set(_shard_names(index)))
         files = [folder / n for n in names]
         missing = [f.name for f in files if not f.is_file()]
         if missing:
@@ -101,6 +101,30 @@ def safetensors_files(folder: Path) -> list[Path]:
     if not files:
         raise ValueError(f"{folder}: no *.safetensors weights (pickled .bin checkpoints are not loaded); {FOLDER_HINT}")
     return files
+
+
+def _shard_names(index: Path) -> list[str]:
+    """The shard file names `index` lists, each checked to name a file inside its folder: the index
+    is data, and a name such as `../../secret` or `/etc/passwd` must not make us open what it names.
+    The check is on the name only (no symlink is resolved): a Hugging Face cache folder's shards are
+    symlinks into its blob store, outside the folder, and are fine."""
+    raw = json.loads(index.read_text())
+    weight_map = raw.get("weight_map") if isinstance(raw, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise ValueError(f"{index}: 'weight_map' must map weight names to shard file names; re-save the checkpoint")
+    names = list(weight_map.values())
+    for name in names:
+        if not _inside_folder(name):
+            raise ValueError(f"{index}: shard name {json.dumps(name)} is not a file name inside the model folder; "
+                             "each shard must be a file of that folder, such as 'model-00001-of-00002.safetensors'")
+    return names
+
+
+def _inside_folder(name: object) -> bool:
+    if not isinstance(name, str) or not name or "\x00" in name or "\\" in name or PureWindowsPath(name).drive:
+        return False
+    path = PurePosixPath(name)
+    return not path.is_absolute() and ".." not in path.parts and bool(path.parts)
 
 
 def iter_safetensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
