@@ -39,7 +39,8 @@ class LLMEngine:
         if config.cpu_threads is not None:
             torch.set_num_threads(config.cpu_threads)
         self.device = _device(config)
-        self.loaded = load_model(config.model, self.device, config.dtype, config.max_model_len)
+        self.loaded = load_model(config.model, self.device, config.dtype, config.max_model_len,
+                                 chat_template_timeout_s=config.chat_template_timeout_s)
         cfg = self.loaded.config
         self.tokenizer = self.loaded.tokenizer
         self.max_model_len = self.loaded.max_model_len

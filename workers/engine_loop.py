@@ -52,6 +52,9 @@ class EngineLoop:
         self._incoming: list[_Submitted] = []
         self._in_flight: dict[str, _Submitted] = {}  # engine request id -> its request
         self._closed = False
+        # Engine steps completed (or failed): a caller's watchdog reads it to tell a busy engine from
+        # a hung one. Written by the loop thread only; reading an int from another thread is safe.
+        self.num_steps = 0
         built: Future = Future()
         self._thread = threading.Thread(target=self._run, args=(build_engine, built), name=name, daemon=True)
         self._thread.start()
@@ -113,7 +116,7 @@ class EngineLoop:
             if not self._in_flight:
                 continue
             try:
-                finished = self.engine.step()
+                finished = self._step()
             except Exception as e:  # noqa: BLE001 - isolated below, then the loop goes on
                 # One line: the request that breaks the step fails alone below, its traceback kept
                 # in its error (the error history), never on the user's terminal.
@@ -145,11 +148,17 @@ class EngineLoop:
                 request.future.set_exception(RequestEngineError(
                     f"the engine failed on this request run alone: {type(e).__name__}: {e}", traceback.format_exc()))
 
+    def _step(self) -> list[CompletionOutput]:
+        try:
+            return self.engine.step()
+        finally:
+            self.num_steps += 1
+
     def _run_alone(self, request: _Submitted) -> CompletionOutput:
         request_id = self.engine.add_request(request.prompt, request.params, cache_salt=request.cache_salt)
         try:
             while True:
-                for output in self.engine.step():
+                for output in self._step():
                     if output.request_id == request_id:
                         return output
         except BaseException:

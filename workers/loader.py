@@ -12,6 +12,7 @@ from pathlib import Path, PurePosixPath, PureWindowsPath
 
 import torch
 
+from workers.chat_template import RENDER_BUDGET_S
 from workers.layers.rotary import RotaryEmbedding
 from workers.models.config import ModelConfig
 from workers.models.llama import LlamaForCausalLM
@@ -34,7 +35,8 @@ class LoadedModel:
     is_demo: bool
 
 
-def load_model(name: str, device: torch.device, dtype: str, max_model_len: int | None) -> LoadedModel:
+def load_model(name: str, device: torch.device, dtype: str, max_model_len: int | None, *,
+               chat_template_timeout_s: float = RENDER_BUDGET_S) -> LoadedModel:
     if name == "tiny":
         log.warning(TINY_WARNING)
         cfg = ModelConfig.from_hf(TINY_CONFIG, "tiny")
@@ -52,7 +54,8 @@ def load_model(name: str, device: torch.device, dtype: str, max_model_len: int |
         cfg = ModelConfig.from_hf(raw, str(config_path))
         gen_path = folder / "generation_config.json"
         gen_eos = _as_ids(json.loads(gen_path.read_text()).get("eos_token_id")) if gen_path.is_file() else ()
-        tokenizer = HFTokenizer(folder, extra_eos_ids=cfg.eos_token_ids + gen_eos)
+        tokenizer = HFTokenizer(folder, extra_eos_ids=cfg.eos_token_ids + gen_eos,
+                                chat_template_budget_s=chat_template_timeout_s)
         files = safetensors_files(folder)
         fingerprint = fingerprint_folder(config_path, files)
         weights = iter_safetensors(files)
