@@ -3,8 +3,8 @@
 A worker whose engine hung on a chunk (`jobs.lease_keeper.Watchdog`) gave that chunk up, but the
 thread that hangs cannot be stopped, and the engine it shares with every other task may be what
 hangs. So the worker marks itself unhealthy for good, stops taking chunks from its queues, and says
-so to whoever asks: the `health` remote-control command (answered by the worker's consumer thread,
-which a hung task does not block). A restart is the cure, as after a crash.
+so to whoever asks: the `health` remote-control command (`pipeline.celery_app`; answered by the
+worker's consumer thread, which a hung task does not block). A restart is the cure, as after a crash.
 """
 
 from __future__ import annotations
@@ -13,8 +13,6 @@ import logging
 import threading
 from dataclasses import dataclass
 from typing import Any
-
-from celery.worker.control import inspect_command
 
 log = logging.getLogger(__name__)
 
@@ -51,9 +49,3 @@ def report_unhealthy(app: Any, node: str, reason: str) -> None:
     log.error("worker %s is unhealthy (%s); it stops consuming %s: restart it", node, reason, ", ".join(queues))
     for queue in queues:
         app.control.cancel_consumer(queue, destination=[node], reply=False)
-
-
-@inspect_command(name="health")
-def health_command(state: Any, **kwargs: Any) -> dict[str, Any]:
-    """`health` remote control: {"healthy": bool, "reason": str | None} of this worker process."""
-    return current().as_dict()
