@@ -1,7 +1,7 @@
 """The process-local warm engine, and the translation of a stored request into what it runs.
 
-A worker process builds its engine once, on the first chunk it runs, and keeps it (with its KV
-cache and prefix cache) for every later chunk: that is what makes shared prefixes cheap across
+A worker process builds its engine once, when it starts (`pipeline worker`), and keeps it (with
+its KV cache and prefix cache) for every chunk: that is what makes shared prefixes cheap across
 tasks and jobs. Several task threads share the one `EngineLoop`, which batches them together.
 """
 

@@ -23,8 +23,11 @@ larger than a chunk) are computed once per chunk.
 from __future__ import annotations
 
 import logging
+import sys
+import threading
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from datetime import timedelta
 from decimal import Decimal
@@ -49,10 +52,11 @@ from db.repository import (
 from db.retry import db_attempts
 from db.results import RecordOutcome, RequestResult, storable_text
 from jobs.engine_host import to_engine_request
-from jobs.lease_keeper import keep_lease
+from jobs.chunk_progress import ChunkProgress
+from jobs.lease_keeper import Watchdog, keep_lease
 from jobs.sessions import Message, turn_messages, with_history
 from workers.engine_loop import EngineLoop
-from workers.errors import PromptTooLongError, RequestEngineError
+from workers.errors import ChatTemplateError, PromptTooLongError, RequestEngineError
 from workers.outputs import CompletionOutput
 
 log = logging.getLogger(__name__)
@@ -111,6 +115,8 @@ def execute_chunk(
     prices: Prices = Prices(),
     lease: timedelta = DEFAULT_LEASE,
     max_redeliveries: int | None = None,
+    stall_timeout: timedelta | None = None,
+    on_unhealthy: Callable[[str], None] | None = None,
 ) -> None:
     """Run chunk `chunk_id` and record its results; finalize its job when nothing is left pending.
 
@@ -122,6 +128,11 @@ def execute_chunk(
     is recorded in the error history and re-raised: the chunk stays leased until `lease` runs out
     and the lost-chunk sweep resends it. While the chunk runs its lease is renewed (`keep_lease`),
     so only a dead or hung worker loses it.
+
+    With a `stall_timeout`, a chunk that makes no progress for that long (no prompt built, no engine
+    step while it waits for the engine: a hung template or engine) is given up: its lease is no longer
+    renewed, so it is taken over as a dead worker's chunk would be, the stall goes to the error
+    history with the stuck thread's stack, and `on_unhealthy(reason)` tells the worker.
 
     A chunk claimed more than 1 + `max_redeliveries` times (each earlier run died with its worker,
     or crashed) is not run again: its pending requests fail with `worker_lost` (None: no cap).
@@ -150,10 +161,13 @@ def execute_chunk(
                 histories[session_id] = [] if record is None else list(record.history)
 
     engine_tracebacks: dict[int, str] = {}  # request id -> the engine's traceback, for `engine_error`s
+    progress = ChunkProgress(lambda: loop.num_steps)
+    watchdog = None if stall_timeout is None else Watchdog(progress, stall_timeout, _stall_reporter(
+        session_factory, job_id, chunk_id, worker_name, threading.get_ident(), on_unhealthy))
     started = time.perf_counter()
     try:
-        with keep_lease(session_factory, chunk_id, worker_name, lease):
-            results, turns = _run(loop, work, job_model, histories, engine_tracebacks)
+        with keep_lease(session_factory, chunk_id, worker_name, lease, watchdog):
+            results, turns = _run(loop, work, job_model, histories, engine_tracebacks, progress)
     except Exception:
         for attempt in db_attempts(f"record the engine failure of chunk {chunk_id}"):
             with attempt, session_factory.begin() as session:
@@ -185,9 +199,28 @@ def execute_chunk(
             finish_job_if_done(session, job_id)
 
 
+def _stall_reporter(session_factory: sessionmaker[Session], job_id: str, chunk_id: int, worker_name: str,
+                    thread_id: int, on_unhealthy: Callable[[str], None] | None) -> Callable[[float], None]:
+    """What the watchdog calls when the chunk has stalled for `seconds` (on the lease keeper's thread)."""
+
+    def report(seconds: float) -> None:
+        frame = sys._current_frames().get(thread_id)
+        stack = None if frame is None else "".join(traceback.format_stack(frame))
+        reason = f"no progress on chunk {chunk_id} for {seconds:.0f} s"
+        message = (f"worker {worker_name} made {reason}; it gave the chunk up (another worker takes it over once "
+                   "its lease runs out) and reports itself unhealthy")
+        for attempt in db_attempts(f"record the stall of chunk {chunk_id}"):
+            with attempt, session_factory.begin() as session:
+                record_error(session, "stalled", message, job_id=job_id, chunk_id=chunk_id, traceback=stack)
+        if on_unhealthy is not None:
+            on_unhealthy(reason)
+
+    return report
+
+
 def _run(
     loop: EngineLoop, work: list[_Work], job_model: str, histories: dict[str, list[Message]],
-    engine_tracebacks: dict[int, str],
+    engine_tracebacks: dict[int, str], progress: ChunkProgress,
 ) -> tuple[list[RequestResult], list[_Turn]]:
     """Every request of `work` through the engine: (results in `work` order, session turns that
     succeeded in the order they ran). `histories` (session id -> messages) grows as turns finish;
@@ -209,7 +242,7 @@ def _run(
         batch = [*(singles if k == 0 else ()), *(ws[k] for ws in sessions.values() if k < len(ws))]
         if not batch:
             break
-        results.update(_generate(loop, batch, histories, engine_tracebacks))
+        results.update(_generate(loop, batch, histories, engine_tracebacks, progress))
         for w in batch:
             result = results[w.request_id]
             if w.session_id is not None and not result.failed:
@@ -221,7 +254,7 @@ def _run(
 
 
 def _generate(loop: EngineLoop, batch: list[_Work], histories: dict[str, list[Message]],
-              engine_tracebacks: dict[int, str]) -> dict[int, RequestResult]:
+              engine_tracebacks: dict[int, str], progress: ChunkProgress) -> dict[int, RequestResult]:
     """One engine call for `batch` (so its requests are batched together); each dedupe key once."""
     results: dict[int, RequestResult] = {}
     leaders: dict[str, int] = {}  # dedupe key -> request id of the one that runs
@@ -236,11 +269,17 @@ def _generate(loop: EngineLoop, batch: list[_Work], histories: dict[str, list[Me
         body = w.body if w.session_id is None else with_history(w.endpoint, w.body, histories[w.session_id])
         try:
             token_ids, params = to_engine_request(w.endpoint, body, loop.engine.tokenizer)
-        except ValueError as e:  # submit validated the line, so this is rare: a template that fails, say
+        except ChatTemplateError as e:  # the model's template cannot render this line's messages
+            results[w.request_id] = RequestResult(w.request_id, error_code="chat_template_error", error_message=str(e))
+            continue
+        except ValueError as e:  # submit validated the line, so this is rare
             results[w.request_id] = RequestResult(w.request_id, error_code="invalid_request", error_message=str(e))
             continue
+        finally:
+            progress.touch()  # a prompt built, or given up: the chunk is not stuck
         runnable.append((w, token_ids, params))
-    outputs = loop.generate([t for _, t, _ in runnable], [p for _, _, p in runnable]) if runnable else []
+    with progress.waiting_for_engine():
+        outputs = loop.generate([t for _, t, _ in runnable], [p for _, _, p in runnable]) if runnable else []
     for (w, _, _), out in zip(runnable, outputs, strict=True):
         results[w.request_id] = _result(w.request_id, out)
         if isinstance(out, RequestEngineError):

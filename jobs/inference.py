@@ -7,6 +7,7 @@ app-wide, so a worker killed mid-chunk gets the chunk redelivered; `execute_chun
 
 from __future__ import annotations
 
+import functools
 from datetime import timedelta
 from typing import Any
 
@@ -15,6 +16,7 @@ from celery import shared_task
 from jobs.engine_host import get_engine_loop
 from jobs.execution import Prices, execute_chunk
 from jobs.process_state import worker_sessions, worker_settings
+from jobs.worker_health import report_unhealthy
 from pipeline.celery_app import RUN_CHUNK_TASK
 
 
@@ -30,4 +32,8 @@ def run_chunk(self: Any, chunk_id: int) -> None:
         # chunk runs, so a redelivered copy of a chunk still running finds it leased and skips it.
         lease=timedelta(seconds=settings.visibility_timeout_s),
         max_redeliveries=settings.task_max_redeliveries,
+        # A chunk that makes no progress this long is given up and the worker reports itself
+        # unhealthy (jobs.worker_health): a hang is recovered as a crash is.
+        stall_timeout=timedelta(seconds=settings.stall_timeout_s),
+        on_unhealthy=functools.partial(report_unhealthy, self.app, self.request.hostname or "worker"),
     )

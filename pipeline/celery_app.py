@@ -19,6 +19,7 @@ from typing import Any
 
 from celery import Celery
 from celery.schedules import crontab
+from celery.worker.control import inspect_command
 from kombu import Exchange
 from kombu import Queue as KombuQueue
 
@@ -57,6 +58,15 @@ def periodic_tasks(settings: Settings) -> dict[str, tuple[str, timedelta | cront
 
 NIGHTLY_RUN_TASK = "jobs.maintenance.start_nightly_run"
 BEAT_SCHEDULER = "pipeline.beat_scheduler:RedisStateScheduler"
+
+
+@inspect_command(name="health")
+def health_command(state: Any, **kwargs: Any) -> dict[str, Any]:
+    """`celery -A pipeline.celery_app inspect health`: {"healthy": bool, "reason": str | None} of
+    each worker. Registered here so that the command line knows it too; it runs in the worker."""
+    from jobs.worker_health import current  # the worker process's own state
+
+    return current().as_dict()
 
 
 def chunk_sender(app: Celery) -> Callable[[int, str], None]:

@@ -15,6 +15,7 @@ from pipeline.served_model import ServedModel
 from pipeline.request_spec import PRIORITIES, ROLE_ALIASES, ROLES
 
 _SURROGATE = re.compile("[\ud800-\udfff]")
+MIN_TOP_P = 2.0**-126  # the engine's bound (workers/sampling.py): float32's smallest normal number
 
 
 class InvalidField(Exception):
@@ -83,6 +84,15 @@ def check_real(value: Any, field: str, low: float, high: float, default: float, 
         interval = f"{'(' if low_open else '['}{low:g}, {high:g}]"
         raise InvalidField(field, "out_of_range", f"must be in {interval}, got {value!r}")
     return float(value)
+
+
+def check_top_p(value: Any, field: str, default: float) -> float:
+    """A top_p in (0, 1] that the engine's float32 sampler does not round to 0; `default` when absent."""
+    top_p = check_real(value, field, 0.0, 1.0, default, low_open=True)
+    if top_p < MIN_TOP_P:
+        raise InvalidField(field, "out_of_range", f"is {top_p!r}, which the engine's float32 sampler rounds to 0 "
+                                                  f"(keeping no token); use at least {MIN_TOP_P:.3g}")
+    return top_p
 
 
 def check_string(value: Any, field: str) -> str:

@@ -23,7 +23,7 @@ from typing import Any
 from pipeline.limits import InputLimits
 from pipeline.request_fields import (
     InvalidField, check_id, check_int, check_messages, check_model, check_priority, check_prompt, check_real,
-    check_stop, check_string, close_match, got, short, show,
+    check_stop, check_string, check_top_p, close_match, got, short, show,
 )
 from pipeline.request_spec import DEFAULT_TEMPERATURE, DEFAULT_TOP_P, URL_ENDPOINTS, LineError, RequestSpec
 from pipeline.served_model import ServedModel
@@ -131,7 +131,7 @@ def _sampling(data: dict[str, Any], prefix: str, limits: InputLimits) -> dict[st
     seed = data.get("seed")
     return {
         "temperature": check_real(data.get("temperature"), prefix + "temperature", 0.0, 2.0, DEFAULT_TEMPERATURE),
-        "top_p": check_real(data.get("top_p"), prefix + "top_p", 0.0, 1.0, DEFAULT_TOP_P, low_open=True),
+        "top_p": check_top_p(data.get("top_p"), prefix + "top_p", DEFAULT_TOP_P),
         "seed": None if seed is None else check_int(seed, prefix + "seed", 0, MAX_SEED),
         "stop": check_stop(data.get("stop"), prefix + "stop", limits),
     }

@@ -98,6 +98,12 @@ class Settings:
         metadata=_doc("Seconds before a dead worker's chunk is redelivered: Redis's visibility timeout and the "
                       "chunk lease, which a worker renews while its chunk runs."),
     )
+    stall_timeout_s: int = field(
+        default=600,
+        metadata=_doc("Seconds a worker's engine may make no progress on a chunk (no step, no prompt built) "
+                      "before the worker gives the chunk up (stops renewing its lease) and reports itself "
+                      "unhealthy."),
+    )
     task_max_redeliveries: int = field(
         default=3, metadata=_doc("Deliveries of a chunk after the first before its requests are failed.")
     )
@@ -151,6 +157,10 @@ class Settings:
                                     "machine should split its cores (2 workers on 8 cores: 4 each).", "4"),
     )
     max_num_batched_tokens: int = field(default=2048, metadata=_doc("Token budget of one engine step."))
+    chat_template_timeout_s: float = field(
+        default=10.0, metadata=_doc("Seconds a model's chat template may take to render one conversation; "
+                                    "past it that line fails with chat_template_error.")
+    )
     # Cost table
     price_per_1k_prompt_tokens: float = field(default=0.0, metadata=_doc("Price of 1,000 uncached prompt tokens."))
     price_per_1k_cached_tokens: float = field(
@@ -183,8 +193,9 @@ class Settings:
 
     def engine_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for `workers.EngineConfig` (which validates them again)."""
-        names = ("model", "device", "dtype", "attention_backend", "block_size", "kv_cache_memory_bytes", "kv_cache_dtype",
-                 "eviction_policy", "enable_prefix_caching", "max_num_seqs", "max_num_batched_tokens", "cpu_threads")
+        names = ("model", "device", "dtype", "attention_backend", "block_size", "kv_cache_memory_bytes",
+                 "kv_cache_dtype", "eviction_policy", "enable_prefix_caching", "max_num_seqs", "max_num_batched_tokens",
+                 "cpu_threads", "chat_template_timeout_s")
         return {name: getattr(self, name) for name in names}
 
     @property
@@ -340,6 +351,7 @@ _CHECKS: dict[str, typing.Callable[[Any], str | None]] = {
     # is allowed, not only minutes, for deployments (and the fault tests, which kill workers) that
     # want a killed worker's chunk back soon; the cost is a renewal write every third of it.
     "visibility_timeout_s": _int_range(5, None, "seconds before a dead worker's chunk is redelivered"),
+    "stall_timeout_s": _int_range(1, None, "seconds without progress before a worker gives its chunk up"),
     "task_max_redeliveries": _int_range(0, 100, "redeliveries of a chunk"),
     "chunk_size": _int_range(1, 100_000, "requests per task"),
     "completion_window": lambda v: None if re.fullmatch(r"[1-9][0-9]*[mhd]", v) else (
@@ -363,6 +375,8 @@ _CHECKS: dict[str, typing.Callable[[Any], str | None]] = {
     "max_num_seqs": _int_range(1, None, "sequences per step"),
     "cpu_threads": lambda v: None if v is None or v >= 1 else "expected a positive number of threads, or unset",
     "max_num_batched_tokens": _int_range(1, None, "tokens per step"),
+    "chat_template_timeout_s": lambda v: None if math.isfinite(v) and 0 < v <= 3600 else (
+        "expected a number of seconds in (0, 3600]"),
     "price_per_1k_prompt_tokens": _check_price,
     "price_per_1k_cached_tokens": _check_price,
     "price_per_1k_completion_tokens": _check_price,

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from workers.chat_template import RENDER_BUDGET_S
+
 SUPPORTED_DTYPES = ("auto", "float32", "bfloat16", "float16")
 KV_CACHE_DTYPES = ("auto", "int8", "fp8")
 ATTENTION_BACKENDS = ("auto", "reference", "cpu", "triton")  # workers/attention
@@ -37,6 +39,9 @@ class EngineConfig:
     # workers on one machine must split the cores: two pools of all cores on the same cores made
     # a 2-worker job 8x slower here than with one thread each (OpenMP threads spin while they wait).
     cpu_threads: int | None = None
+    # Seconds a chat template may take to render one conversation; past it that request fails with
+    # `chat_template_error` (workers/chat_template.py). A normal template takes milliseconds.
+    chat_template_timeout_s: float = RENDER_BUDGET_S
 
     def __post_init__(self) -> None:
         if not self.model:
@@ -78,6 +83,10 @@ class EngineConfig:
         if self.cpu_threads is not None and (isinstance(self.cpu_threads, bool) or not isinstance(self.cpu_threads, int)
                                              or self.cpu_threads < 1):
             raise ValueError(f"cpu_threads={self.cpu_threads!r} must be a positive integer, or None for one per core")
+        if isinstance(self.chat_template_timeout_s, bool) or not isinstance(self.chat_template_timeout_s, (int, float)) \
+                or not 0 < self.chat_template_timeout_s <= 3600:
+            raise ValueError(f"chat_template_timeout_s={self.chat_template_timeout_s!r} must be a number of seconds "
+                             "in (0, 3600]")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**63:
             raise ValueError(f"seed={self.seed!r} must be an integer in [0, 2**63)")
 

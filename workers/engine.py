@@ -42,7 +42,8 @@ class LLMEngine:
             torch.set_num_threads(config.cpu_threads)
         self.device = _device(config)
         self.dtype = resolve_dtype(config.dtype, self.device)  # "auto" resolved; the config keeps what was asked
-        self.loaded = load_model(config.model, self.device, self.dtype, config.max_model_len)
+        self.loaded = load_model(config.model, self.device, self.dtype, config.max_model_len,
+                                 chat_template_timeout_s=config.chat_template_timeout_s)
         cfg = self.loaded.config
         self.tokenizer = self.loaded.tokenizer
         self.max_model_len = self.loaded.max_model_len

@@ -52,6 +52,9 @@ class EngineLoop:
         self._incoming: list[_Submitted] = []
         self._in_flight: dict[str, _Submitted] = {}  # engine request id -> its request
         self._closed = False
+        # Engine steps completed (or failed): a caller's watchdog reads it to tell a busy engine from
+        # a hung one. Written by the loop thread only; reading an int from another thread is safe.
+        self.num_steps = 0
         built: Future = Future()
         self._thread = threading.Thread(target=self._run, args=(build_engine, built), name=name, daemon=True)
         self._thread.start()
@@ -113,9 +116,13 @@ class EngineLoop:
             if not self._in_flight:
                 continue
             try:
-                finished = self.engine.step()
-            except Exception:  # noqa: BLE001 - isolated below, then the loop goes on
-                log.exception("engine step failed; running its %d requests again one at a time", len(self._in_flight))
+                finished = self._step()
+            except Exception as e:  # noqa: BLE001 - isolated below, then the loop goes on
+                # One line: the request that breaks the step fails alone below, its traceback kept
+                # in its error (the error history), never on the user's terminal.
+                log.warning("engine step failed (%s); running its %d requests again one at a time",
+                            _one_line(e), len(self._in_flight))
+                log.debug("the failed step's traceback", exc_info=True)
                 self._isolate()
                 continue
             for output in finished:
@@ -136,18 +143,30 @@ class EngineLoop:
             except ValueError as e:  # refused on re-admission: not expected, but it is the request's error
                 request.future.set_exception(e)
             except Exception as e:  # noqa: BLE001 - the request's own failure, reported to its caller
-                log.exception("a request failed alone in the engine; failing it")
+                log.warning("a request failed alone in the engine (%s); failing it", _one_line(e))
                 self.engine.scrub_kv_cache()
                 request.future.set_exception(RequestEngineError(
                     f"the engine failed on this request run alone: {type(e).__name__}: {e}", traceback.format_exc()))
+
+    def _step(self) -> list[CompletionOutput]:
+        try:
+            return self.engine.step()
+        finally:
+            self.num_steps += 1
 
     def _run_alone(self, request: _Submitted) -> CompletionOutput:
         request_id = self.engine.add_request(request.prompt, request.params, cache_salt=request.cache_salt)
         try:
             while True:
-                for output in self.engine.step():
+                for output in self._step():
                     if output.request_id == request_id:
                         return output
         except BaseException:
             self.engine.abort_request(request_id)
             raise
+
+
+def _one_line(error: BaseException) -> str:
+    """`Type: message` on one line, cut short: for a log line, not for the error history."""
+    text = " ".join(f"{type(error).__name__}: {error}".split())
+    return text if len(text) <= 200 else text[:197] + "..."

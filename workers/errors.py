@@ -1,7 +1,9 @@
 """Errors the engine gives for one request.
 
-`PromptTooLongError` (a ValueError) is the caller's mistake. `RequestEngineError` is not: the engine
-itself raised while running the request alone (see `EngineLoop`), so the request is what breaks it.
+`PromptTooLongError` and `ChatTemplateError` (ValueErrors) are the request's own: its prompt does
+not fit, or the model's chat template cannot render its messages. `RequestEngineError` is not: the
+engine itself raised while running the request alone (see `EngineLoop`), so the request is what
+breaks it.
 """
 
 from __future__ import annotations
@@ -18,3 +20,13 @@ class RequestEngineError(RuntimeError):
     def __init__(self, message: str, traceback: str) -> None:
         super().__init__(message)
         self.traceback = traceback
+
+
+class ChatTemplateError(ValueError):
+    """The model's chat template cannot render this request's messages: it refused them itself
+    (`raise_exception`), failed on them (an undefined method, say), broke the sandbox or ran out of
+    its time budget. `cause` says which: "refused", "render", "sandbox" or "budget"."""
+
+    def __init__(self, message: str, cause: str) -> None:
+        super().__init__(message)
+        self.cause = cause

@@ -8,10 +8,11 @@ import logging
 import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
 
 import torch
 
+from workers.chat_template import RENDER_BUDGET_S
 from workers.layers.rotary import RotaryEmbedding
 from workers.models.config import ModelConfig
 from workers.models.llama import LlamaForCausalLM
@@ -34,7 +35,8 @@ class LoadedModel:
     is_demo: bool
 
 
-def load_model(name: str, device: torch.device, dtype: str, max_model_len: int | None) -> LoadedModel:
+def load_model(name: str, device: torch.device, dtype: str, max_model_len: int | None, *,
+               chat_template_timeout_s: float = RENDER_BUDGET_S) -> LoadedModel:
     if name == "tiny":
         log.warning(TINY_WARNING)
         cfg = ModelConfig.from_hf(TINY_CONFIG, "tiny")
@@ -52,7 +54,8 @@ def load_model(name: str, device: torch.device, dtype: str, max_model_len: int |
         cfg = ModelConfig.from_hf(raw, str(config_path))
         gen_path = folder / "generation_config.json"
         gen_eos = _as_ids(json.loads(gen_path.read_text()).get("eos_token_id")) if gen_path.is_file() else ()
-        tokenizer = HFTokenizer(folder, extra_eos_ids=cfg.eos_token_ids + gen_eos)
+        tokenizer = HFTokenizer(folder, extra_eos_ids=cfg.eos_token_ids + gen_eos,
+                                chat_template_budget_s=chat_template_timeout_s)
         files = safetensors_files(folder)
         fingerprint = fingerprint_folder(config_path, files)
         weights = iter_safetensors(files)
@@ -91,7 +94,7 @@ def build_model(cfg: ModelConfig, max_len: int, device: torch.device, dtype: tor
 def safetensors_files(folder: Path) -> list[Path]:
     index = folder / "model.safetensors.index.json"
     if index.is_file():
-        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        names = sorted(set(_shard_names(index)))
         files = [folder / n for n in names]
         missing = [f.name for f in files if not f.is_file()]
         if missing:
@@ -101,6 +104,30 @@ def safetensors_files(folder: Path) -> list[Path]:
     if not files:
         raise ValueError(f"{folder}: no *.safetensors weights (pickled .bin checkpoints are not loaded); {FOLDER_HINT}")
     return files
+
+
+def _shard_names(index: Path) -> list[str]:
+    """The shard file names `index` lists, each checked to name a file inside its folder: the index
+    is data, and a name such as `../../secret` or `/etc/passwd` must not make us open what it names.
+    The check is on the name only (no symlink is resolved): a Hugging Face cache folder's shards are
+    symlinks into its blob store, outside the folder, and are fine."""
+    raw = json.loads(index.read_text())
+    weight_map = raw.get("weight_map") if isinstance(raw, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise ValueError(f"{index}: 'weight_map' must map weight names to shard file names; re-save the checkpoint")
+    names = list(weight_map.values())
+    for name in names:
+        if not _inside_folder(name):
+            raise ValueError(f"{index}: shard name {json.dumps(name)} is not a file name inside the model folder; "
+                             "each shard must be a file of that folder, such as 'model-00001-of-00002.safetensors'")
+    return names
+
+
+def _inside_folder(name: object) -> bool:
+    if not isinstance(name, str) or not name or "\x00" in name or "\\" in name or PureWindowsPath(name).drive:
+        return False
+    path = PurePosixPath(name)
+    return not path.is_absolute() and ".." not in path.parts and bool(path.parts)
 
 
 def iter_safetensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:

@@ -8,6 +8,11 @@ MAX_STOP_STRINGS = 16
 # Temperatures below this sample as greedy (vLLM draws the same line): dividing float32 logits by
 # 1e-300 overflows to inf and softmax turns that into NaN, which no sampler can draw from.
 GREEDY_BELOW = 1e-5
+# The sampler computes in float32, where a top_p below the smallest normal number (about 1.2e-38) is
+# subnormal or 0 (5e-324 is 0): a top_p of 0 keeps no token, and softmax over nothing is NaN. A
+# GPU may flush subnormals to 0 as well, hence the normal bound. Every top_p at or below the top
+# token's probability keeps that token alone, so this floor refuses nothing anyone can mean.
+MIN_TOP_P = 2.0**-126
 
 
 @dataclass(frozen=True, slots=True)
@@ -30,6 +35,9 @@ class SamplingParams:
             raise ValueError(f"temperature={self.temperature!r} must be between 0 (greedy) and 100")
         if not _is_real(self.top_p) or not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"top_p={self.top_p!r} must be in (0, 1]; 1 keeps every token")
+        if self.top_p < MIN_TOP_P:
+            raise ValueError(f"top_p={self.top_p!r} is 0 in the sampler's float32 arithmetic (it would keep no "
+                             f"token); use at least {MIN_TOP_P:.3g}")
         if self.top_k is not None and (not _is_int(self.top_k) or self.top_k < 1):
             raise ValueError(f"top_k={self.top_k!r} must be a positive integer, or None to keep every token")
         if self.seed is not None and (not _is_int(self.seed) or not 0 <= self.seed < 2**63):

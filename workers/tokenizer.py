@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import json
 from abc import ABC, abstractmethod
-from datetime import datetime
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from workers.chat_template import RENDER_BUDGET_S, ChatTemplate
+from workers.errors import ChatTemplateError
 
 Message = dict[str, Any]
 
@@ -24,7 +27,8 @@ class Tokenizer(ABC):
 
     @abstractmethod
     def render_chat(self, messages: list[Message]) -> str:
-        """The prompt text for a conversation, ending where the assistant's answer begins."""
+        """The prompt text for a conversation, ending where the assistant's answer begins. Raises
+        ChatTemplateError when it cannot be rendered (that request's error alone)."""
 
     def encode_chat(self, messages: list[Message]) -> list[int]:
         # The template writes any BOS itself, so the tokenizer must not add another.
@@ -57,7 +61,10 @@ class ByteTokenizer(Tokenizer):
 
 
 class HFTokenizer(Tokenizer):
-    def __init__(self, folder: Path, extra_eos_ids: tuple[int, ...] = ()) -> None:
+    def __init__(self, folder: Path, extra_eos_ids: tuple[int, ...] = (),
+                 chat_template_budget_s: float = RENDER_BUDGET_S) -> None:
+        """Raises ValueError for a folder without tokenizer.json or with a broken chat template
+        (`ChatTemplate` compiles it here, so a broken one stops the model from loading)."""
         from tokenizers import Tokenizer as RustTokenizer
 
         path = folder / "tokenizer.json"
@@ -72,8 +79,10 @@ class HFTokenizer(Tokenizer):
         if self.eos_token is not None and self._tok.token_to_id(self.eos_token) is not None:
             eos.add(self._tok.token_to_id(self.eos_token))
         self.eos_token_ids = frozenset(eos)
-        self._template_source = _chat_template(folder, self._cfg)
-        self._template = None
+        source = _chat_template(folder, self._cfg)
+        self._template = None if source is None else ChatTemplate(
+            source.text, source.origin, bos_token=self.bos_token or "", eos_token=self.eos_token or "",
+            budget_s=chat_template_budget_s)
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
@@ -82,18 +91,11 @@ class HFTokenizer(Tokenizer):
         return self._tok.decode(token_ids, skip_special_tokens=True)
 
     def render_chat(self, messages: list[Message]) -> str:
-        if self._template_source is None:
-            raise ValueError("this model has no chat template (tokenizer_config.json 'chat_template'); send completion prompts instead")
+        """Raises ChatTemplateError when the model has no template or it cannot render `messages`."""
         if self._template is None:
-            from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-            env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-            env.globals["raise_exception"] = _raise_template_error
-            env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
-            self._template = env.from_string(self._template_source)
-        return self._template.render(
-            messages=messages, add_generation_prompt=True, bos_token=self.bos_token or "", eos_token=self.eos_token or ""
-        )
+            raise ChatTemplateError("this model has no chat template (tokenizer_config.json 'chat_template'); "
+                                    "send completion prompts instead", "missing")
+        return self._template.render(messages)
 
 
 def _token_text(value: Any) -> str | None:
@@ -102,15 +104,23 @@ def _token_text(value: Any) -> str | None:
     return value
 
 
-def _chat_template(folder: Path, cfg: dict[str, Any]) -> str | None:
+@dataclass(frozen=True, slots=True)
+class _TemplateSource:
+    text: str
+    origin: str  # the file it came from, for messages
+
+
+def _chat_template(folder: Path, cfg: dict[str, Any]) -> _TemplateSource | None:
     jinja = folder / "chat_template.jinja"
     if jinja.is_file():
-        return jinja.read_text()
+        return _TemplateSource(jinja.read_text(), str(jinja))
+    origin = str(folder / "tokenizer_config.json")
     template = cfg.get("chat_template")
     if isinstance(template, list):  # named templates: use the default one
-        template = next((t["template"] for t in template if t.get("name") == "default"), None)
-    return template
-
-
-def _raise_template_error(message: str) -> None:
-    raise ValueError(f"chat template refused the messages: {message}")
+        template = next((t.get("template") for t in template if isinstance(t, dict) and t.get("name") == "default"),
+                        None)
+    if template is None:
+        return None
+    if not isinstance(template, str):
+        raise ValueError(f"{origin}: 'chat_template' must be a Jinja template string; fix it or remove it")
+    return _TemplateSource(template, origin)

@@ -34,8 +34,13 @@ def worker(
         if not names:
             raise ValueError("--queues names no queue; use e.g. critical,high,normal,low")
         if device is not None:
-            os.environ["PIPELINE_DEVICE"] = device  # the engine, built later in this process, reads it
+            os.environ["PIPELINE_DEVICE"] = device  # the engine, built below in this process, reads it
         settings = load_settings()
+        # The model (and its chat template) loads before the worker takes a task: one that cannot
+        # be served stops the worker here with one line, instead of failing every chunk it takes.
+        from jobs.engine_host import get_engine_loop
+
+        get_engine_loop(settings)
     except ValueError as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(1) from None

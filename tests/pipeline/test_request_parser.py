@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from pipeline.limits import InputLimits
-from pipeline.request_fields import InvalidField, decode_json
+from pipeline.request_fields import MIN_TOP_P, InvalidField, decode_json
 from pipeline.request_parser import is_openai_shape, parse_request
 from pipeline.request_spec import LineError, RequestSpec
 
@@ -69,6 +69,18 @@ def test_limits_come_from_the_limits_object():
 def test_seed_upper_bound_matches_the_engine():
     assert parse({"text": "a", "seed": 2**63 - 1}).seed == 2**63 - 1
     assert parse({"text": "a", "seed": 2**63}).code == "out_of_range"
+
+
+def test_top_p_bounds_match_the_engine():
+    from workers.sampling import MIN_TOP_P as ENGINE_MIN_TOP_P
+
+    assert MIN_TOP_P == ENGINE_MIN_TOP_P
+    assert parse({"text": "a", "top_p": MIN_TOP_P}).top_p == MIN_TOP_P
+    error = parse({"text": "a", "top_p": 5e-324})
+    assert (error.field, error.code, error.message) == (
+        "top_p", "out_of_range",
+        "is 5e-324, which the engine's float32 sampler rounds to 0 (keeping no token); use at least 1.18e-38")
+    assert parse({"text": "a", "top_p": 0}).message == "must be in (0, 1], got 0"
 
 
 def test_nan_from_parquet_floats_is_out_of_range():

@@ -70,6 +70,26 @@ def test_sharded_checkpoint_loads_the_same_model(tmp_path, hf_model_dirs):
     assert torch.equal(one, many)
 
 
+@pytest.mark.parametrize("outside", ["../{name}", "{folder}/../{name}", "sub/../../{name}"])
+def test_shard_names_that_leave_the_folder_are_refused(tmp_path, hf_model_dirs, outside):
+    """The index is data: a shard name must not make the loader open a file outside the folder."""
+    folder, hf = hf_model_dirs("qwen2")
+    sharded = tmp_path / "models" / "sharded"
+    hf.save_pretrained(sharded, max_shard_size="100KB")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(folder / name, sharded / name)
+    index_path = sharded / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+    first = sorted(set(index["weight_map"].values()))[0]
+    shutil.move(sharded / first, tmp_path / "models" / first)  # a real shard, outside the folder
+    bad = outside.format(folder=sharded, name=first)
+    index["weight_map"] = {k: bad if v == first else v for k, v in index["weight_map"].items()}
+    index_path.write_text(json.dumps(index))
+    with pytest.raises(ValueError, match=r"model.safetensors.index.json: shard name \".*\" is not a file name "
+                                         r"inside the model folder"):
+        LLMEngine(EngineConfig(model=str(sharded), num_kv_blocks=32))
+
+
 def test_max_model_len_beyond_the_model_is_refused(hf_model_dirs):
     folder, _ = hf_model_dirs("llama")
     with pytest.raises(ValueError, match=r"max_model_len=4096 exceeds what .* supports \(1024\)"):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from workers.sampling import MAX_STOP_STRINGS, SamplingParams
+from workers.sampling import MAX_STOP_STRINGS, MIN_TOP_P, SamplingParams
 
 NAN = float("nan")
 INF = float("inf")
@@ -12,7 +12,7 @@ INF = float("inf")
 BAD = [
     *(("max_tokens", v) for v in (0, -1, 1.5, "16", None, True)),
     *(("temperature", v) for v in (-0.1, 100.5, NAN, INF, -INF, "0.7", None, True)),
-    *(("top_p", v) for v in (0, 0.0, -0.5, 1.01, NAN, INF, "1", None, True)),
+    *(("top_p", v) for v in (0, 0.0, -0.5, 1.01, NAN, INF, "1", None, True, 5e-324, 1e-40)),
     *(("top_k", v) for v in (0, -1, 1.5, "5", True, False)),
     *(("seed", v) for v in (-1, 2**63, 1.0, "7", True)),
     *(("stop", v) for v in ("", [""], ["ok", ""], [1], [None], b"x", ["a"] * (MAX_STOP_STRINGS + 1))),
@@ -40,6 +40,7 @@ GOOD = [
     dict(temperature=100),
     dict(temperature=0.7, top_p=0.9, top_k=50, seed=0),
     dict(top_p=1),
+    dict(top_p=MIN_TOP_P),
     dict(top_k=1),
     dict(seed=2**63 - 1),
     dict(stop=["a"] * MAX_STOP_STRINGS),
@@ -59,6 +60,23 @@ def test_edge_values_are_accepted(kwargs: dict) -> None:
 )
 def test_stop_is_normalized_to_a_tuple(stop: object, expected: tuple[str, ...]) -> None:
     assert SamplingParams(stop=stop).stop == expected
+
+
+def test_a_top_p_that_float32_rounds_to_zero_is_refused_saying_why() -> None:
+    with pytest.raises(ValueError, match=r"^top_p=5e-324 is 0 in the sampler's float32 arithmetic \(it would keep "
+                                         r"no token\); use at least 1.18e-38$"):
+        SamplingParams(temperature=0.8, top_p=5e-324)
+
+
+def test_the_smallest_top_p_samples_the_top_token() -> None:
+    import torch
+
+    from workers.layers.sampler import sample
+
+    logits = torch.tensor([[0.5, 3.0, -1.0], [2.0, 1.0, 0.0]])
+    params = [SamplingParams(temperature=1.0, top_p=MIN_TOP_P, seed=s) for s in (0, 1)]
+    generators = [torch.Generator().manual_seed(s) for s in (0, 1)]
+    assert sample(logits, params, generators) == [1, 0]
 
 
 def test_greedy_at_zero_and_at_temperatures_too_small_to_divide_by() -> None:
