@@ -173,6 +173,33 @@ def test_engine_greedy_tokens_match_reference(results):
     assert engines["prefix_cache_hits"] > 0  # the second prompt's prefix came from the cache
 
 
+POINTERS = ("q_ptr", "k_ptr", "v_ptr", "k_scale_ptr", "v_scale_ptr", "out_ptr", "block_tables_ptr", "seq_lens_ptr",
+            "query_start_ptr", "tile_seq_ptr", "tile_q0_ptr")
+
+
+@pytest.mark.parametrize(("dtype", "kv", "kind"), [("bf16", "bf16", 0), ("bf16", "i8", 1), ("bf16", "fp8e4nv", 2),
+                                                   ("fp32", "fp32", 0)])
+def test_kernel_compiles_for_hopper(dtype, kv, kind):
+    """The interpreter skips the compiler's checks (constexpr globals, dot shapes and types): the
+    kernel is compiled here, without a GPU, to the H200's machine code (sm_90) for the 0.5B
+    check's shape (14 heads, 2 KV heads, head_dim 64, blocks of 16)."""
+    triton = pytest.importorskip("triton")
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from workers.attention.triton_kernels import paged_attention_kernel as kernel
+
+    consts = dict(H=14, G=7, D=64, BS=16, BLOCK_Q=8, G_PAD=8, BLOCK_M=64, D_PAD=64, TILE_N=32, KV_KIND=kind,
+                  IEEE=dtype == "fp32", UPCAST=False)
+    types = {"q_ptr": f"*{dtype}", "out_ptr": f"*{dtype}", "k_ptr": f"*{kv}", "v_ptr": f"*{kv}",
+             "k_scale_ptr": "*fp32", "v_scale_ptr": "*fp32", "qk_scale": "fp32"}
+    names = kernel.arg_names
+    signature = {n: "constexpr" if n in consts else types.get(n, "*i32" if n in POINTERS else "i32") for n in names}
+    source = ASTSource(fn=kernel, signature=signature, constexprs={(names.index(c),): v for c, v in consts.items()})
+    compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32))
+    assert compiled.asm["cubin"]
+
+
 def test_interpreter_setting_stays_in_the_child():
     assert os.environ.get("TRITON_INTERPRET") != "1"
 

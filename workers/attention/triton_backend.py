@@ -15,7 +15,8 @@ Not here, on purpose:
 - Split-KV for very long decodes: one program walks a sequence's keys for one KV head.
 
 The same kernel runs on the CPU under Triton's interpreter (`TRITON_INTERPRET=1`, set before
-triton is imported), which is how the tests check it against the reference backend.
+triton is imported), which is how the tests check it against the reference backend; they also compile
+it for the H200 (sm_90) without a GPU, which catches what the interpreter lets through.
 """
 
 from __future__ import annotations
@@ -136,6 +137,7 @@ class TritonStep:
             cache.num_blocks * cache.block_size * b.head_dim, cache.num_blocks * cache.block_size,
             b.scale * LOG2E,
             H=b.num_heads, G=b.group, D=b.head_dim, BS=cache.block_size, BLOCK_Q=self.block_q, G_PAD=b.group_pad,
+            BLOCK_M=self.block_q * b.group_pad,
             D_PAD=b.head_dim_pad, TILE_N=TILE_N, KV_KIND=kind, IEEE=q.dtype == torch.float32,
             UPCAST=_interpreting(),
         )

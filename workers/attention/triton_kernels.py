@@ -19,7 +19,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-NEG_LARGE = -1.0e30  # masked scores: exp2 of it minus any real max is exactly 0, and never NaN
+# Globals a kernel reads must be constexpr (compiled Triton refuses plain globals).
+NEG_LARGE = tl.constexpr(-1.0e30)  # masked scores: exp2 of it minus any real max is exactly 0, and never NaN
 LOG2E = 1.4426950408889634
 
 # KV_KIND: how the cache stores keys and values.
@@ -32,11 +33,12 @@ def _dot(a, b, IEEE: tl.constexpr, UPCAST: tl.constexpr):
     interpreter multiplies bfloat16 operands as their raw uint16 storage, so they are widened to
     float32 first; bfloat16 products are exact in float32, so the result is the same dot."""
     if UPCAST:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+        out = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
     elif IEEE:
-        return tl.dot(a, b, input_precision="ieee")
+        out = tl.dot(a, b, input_precision="ieee")
     else:
-        return tl.dot(a, b)
+        out = tl.dot(a, b)
+    return out
 
 
 @triton.jit
@@ -50,10 +52,9 @@ def paged_attention_kernel(
     kv_head_stride, scale_head_stride,  # NB * BS * D and NB * BS elements
     qk_scale,  # softmax scale times log2(e)
     H: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BS: tl.constexpr,
-    BLOCK_Q: tl.constexpr, G_PAD: tl.constexpr, D_PAD: tl.constexpr, TILE_N: tl.constexpr,
+    BLOCK_Q: tl.constexpr, G_PAD: tl.constexpr, BLOCK_M: tl.constexpr, D_PAD: tl.constexpr, TILE_N: tl.constexpr,
     KV_KIND: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
 ):
-    BLOCK_M: tl.constexpr = BLOCK_Q * G_PAD
     tile = tl.program_id(0)
     kvh = tl.program_id(1)
     seq = tl.load(tile_seq_ptr + tile)
@@ -73,7 +74,6 @@ def paged_attention_kernel(
     token = (q_start + tok).to(tl.int64)
     q = tl.load(q_ptr + token[:, None] * q_stride_t + head[:, None] * q_stride_h + d[None, :],
                 mask=row_ok[:, None] & d_ok[None, :], other=0.0)  # [BLOCK_M, D_PAD]
-    compute = q.dtype
 
     m = tl.full([BLOCK_M], NEG_LARGE, dtype=tl.float32)
     l = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -96,8 +96,8 @@ def paged_attention_kernel(
         if KV_KIND != 0:
             # Through float32: exact for int8 and fp8 values, and the interpreter's direct int8 to
             # bfloat16 conversion is wrong.
-            k = k.to(tl.float32).to(compute)
-            v = v.to(tl.float32).to(compute)
+            k = k.to(tl.float32).to(q.dtype)
+            v = v.to(tl.float32).to(q.dtype)
         s = _dot(q, tl.trans(k), IEEE, UPCAST)  # [BLOCK_M, TILE_N] float32
         if KV_KIND != 0:
             k_scale = tl.load(k_scale_ptr + scale_base + slot, mask=key_ok, other=0.0)
@@ -111,9 +111,9 @@ def paged_attention_kernel(
         if KV_KIND != 0:
             v_scale = tl.load(v_scale_ptr + scale_base + slot, mask=key_ok, other=0.0)
             p = p * v_scale[None, :]
-        acc = acc * alpha[:, None] + _dot(p.to(compute), v, IEEE, UPCAST)
+        acc = acc * alpha[:, None] + _dot(p.to(q.dtype), v, IEEE, UPCAST)
         m = m_new
 
     out = acc / tl.where(row_ok, l, 1.0)[:, None]  # a real row always sees key 0, so its l > 0
-    tl.store(out_ptr + token[:, None] * (H * D) + head[:, None] * D + d[None, :], out.to(compute),
+    tl.store(out_ptr + token[:, None] * (H * D) + head[:, None] * D + d[None, :], out.to(q.dtype),
              mask=row_ok[:, None] & d_ok[None, :])
