@@ -29,7 +29,7 @@ def make_backend(name: str, device: torch.device, num_heads: int, num_kv_heads: 
         if triton_available():
             return TritonBackend(num_heads, num_kv_heads, head_dim)
         if name == "triton":
-            raise ValueError("attention_backend='triton' needs the triton package (pip install triton)")
+            raise ValueError("attention_backend='triton' needs a CUDA GPU and the triton package (pip install triton)")
         warnings.warn("triton is not installed: the engine uses the slower reference attention backend",
                       RuntimeWarning, stacklevel=2)
         return ReferenceBackend(num_heads, num_kv_heads, head_dim)
