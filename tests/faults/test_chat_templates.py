@@ -19,7 +19,7 @@ from db.base import utcnow
 from db.models import Chunk
 from db.repository import job_errors
 
-from fault_processes import assert_one_error_line, cli, pipeline_env
+from support.processes import assert_one_error_line, cli, pipeline_env
 from line_outcomes import COMPLETED, error_messages, line_outcomes
 
 # Renders every short conversation; fails on the content "w7 undefined" (a method that does not
