@@ -20,7 +20,7 @@ from db.models import Chunk
 from db.repository import job_errors
 
 from support.processes import assert_one_error_line, cli, pipeline_env
-from line_outcomes import COMPLETED, error_messages, line_outcomes
+from line_outcomes import COMPLETED, error_messages, line_error, line_outcomes
 
 # Renders every short conversation; fails on the content "w7 undefined" (a method that does not
 # exist) and "w7 sandbox" (an attribute the sandbox forbids); quadratic in each message's length,
@@ -65,7 +65,7 @@ def test_run_fails_only_the_lines_the_template_cannot_render(tmp_path: Path, hf_
     assert result.returncode == 0, result.stderr
     assert "Traceback" not in result.stderr
     assert sorted(read(tmp_path / "out.jsonl")) == ["good", "plain"]
-    errors = {k: (v["error"]["code"], v["error"]["message"]) for k, v in read(tmp_path / "err.jsonl").items()}
+    errors = {k: (line_error(v)["code"], line_error(v)["message"]) for k, v in read(tmp_path / "err.jsonl").items()}
     assert errors == {
         "undefined": ("chat_template_error", "the chat template failed on these messages: UndefinedError: "
                                              "'str object' has no attribute 'no_such_method'"),

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 from bad_input_cli import run_pipeline
 from hf_models import save_corrupted_bench_model
+from line_outcomes import line_error
 
 CORRUPT_TOKEN = 13  # `w13` in the word-level vocabulary of the benchmark model
 
@@ -56,7 +57,7 @@ def test_a_request_that_breaks_the_engine_prints_no_traceback(tmp_path: Path, co
     assert result.returncode == 0, result.stderr
     assert "Traceback" not in result.stderr
     assert list(_read(tmp_path / "out.jsonl")) == ["ok"]
-    assert _read(tmp_path / "err.jsonl")["poison"]["error"]["code"] == "engine_error"
+    assert line_error(_read(tmp_path / "err.jsonl")["poison"])["code"] == "engine_error"
     with closing(sqlite3.connect(db_file)) as connection:
         history = connection.execute("SELECT kind, custom_id, traceback FROM error_history").fetchall()
     assert [(kind, custom_id) for kind, custom_id, _ in history] == [("engine", "poison")]
