@@ -96,6 +96,7 @@ def test_a_broken_template_stops_run_and_worker_before_any_work(tmp_path: Path, 
     assert says in worker.stderr
 
 
+@pytest.mark.workers
 def test_a_hung_worker_gives_its_chunk_up_and_reports_itself_unhealthy(services, hf_model_dirs) -> None:
     s = services(PIPELINE_CHUNK_SIZE="10", PIPELINE_KV_CACHE_MEMORY_BYTES="64MiB")
     s.env_vars["PIPELINE_MODEL"] = str(model_with_template(hf_model_dirs("llama")[0], s.cwd / "model", TEMPLATE))
