@@ -49,10 +49,7 @@ def test_a_bad_database_url_is_one_masked_error_line(tmp_path):
     for url in ("postgresq://pipeline:s3cret@127.0.0.1/pipeline",  # a mistyped driver: was a traceback
                 "pipeline:s3cret@127.0.0.1/pipeline"):  # no "://": was shown unmasked
         for command in (["status", "batch_x"], ["db", "upgrade"]):
-            result = subprocess.run(
-                [sys.executable, "-m", "pipeline", *command],
-                cwd=tmp_path, env=_env(PIPELINE_DATABASE_URL=url), capture_output=True, text=True, timeout=120,
-            )
+            result = cli(pipeline_env(PIPELINE_DATABASE_URL=url), tmp_path, *command)
             assert result.returncode == 1, (url, command)
             assert result.stderr.startswith("error: environment variable PIPELINE_DATABASE_URL: "), result.stderr
             assert len(result.stderr.splitlines()) == 1, result.stderr
@@ -62,10 +59,7 @@ def test_a_bad_database_url_is_one_masked_error_line(tmp_path):
 def test_db_upgrade_of_a_database_that_is_down_is_one_error_line(tmp_path):
     # Nothing listens on the discard port: the server is as good as stopped.
     url = "postgresql+psycopg://postgres:s3cret@127.0.0.1:9/pipeline"
-    result = subprocess.run(
-        [sys.executable, "-m", "pipeline", "db", "upgrade"],
-        cwd=tmp_path, env=_env(PIPELINE_DATABASE_URL=url), capture_output=True, text=True, timeout=120,
-    )
+    result = cli(pipeline_env(PIPELINE_DATABASE_URL=url), tmp_path, "db", "upgrade")
     assert result.returncode == 1
     [line] = result.stderr.splitlines()  # was a traceback of hundreds of lines
     assert line.startswith("error: cannot use the database (connection failed: ") and "port 9 failed" in line
@@ -74,10 +68,7 @@ def test_db_upgrade_of_a_database_that_is_down_is_one_error_line(tmp_path):
 
 def test_db_upgrade_to_an_unknown_revision_is_one_error_line(tmp_path):
     url = f"sqlite:///{tmp_path / 'jobs.sqlite3'}"
-    result = subprocess.run(
-        [sys.executable, "-m", "pipeline", "db", "upgrade", "0999"],
-        cwd=tmp_path, env=_env(PIPELINE_DATABASE_URL=url), capture_output=True, text=True, timeout=120,
-    )
+    result = cli(pipeline_env(PIPELINE_DATABASE_URL=url), tmp_path, "db", "upgrade", "0999")
     assert result.returncode == 1
     assert result.stderr.splitlines() == [
         "error: cannot migrate: Can't locate revision identified by '0999'; give `head` or a revision of this release"]
