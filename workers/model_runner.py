@@ -74,8 +74,7 @@ class ModelRunner:
         prefills = np.flatnonzero(lens != 1)
         if len(decodes) > 1:
             width = int(-(-seq_lens[decodes].max() // bs))
-            order, cascade_start, cascade_blocks = cascade_groups(
-                table[rows[decodes], 0], table[rows[decodes], :width], seq_lens[decodes], bs)
+            order, cascade_start, cascade_blocks = cascade_groups(table[rows[decodes], :width], seq_lens[decodes], bs)
             decodes = decodes[order]
         else:
             cascade_start, cascade_blocks = np.zeros(1, dtype=np.int32), np.zeros(0, dtype=np.int32)
@@ -94,9 +93,7 @@ class ModelRunner:
         width = int(-(-seq_lens.max() // bs))
         block_tables = table[rows, :width]
         slots = block_tables[seq_of_token, positions // bs].astype(np.int64) * bs + positions % bs
-        samples = starts + lens == np.fromiter((item.seq.num_tokens for item in items), dtype=np.int64,
-                                               count=len(items))
-        sampling_idx = np.flatnonzero(samples)
+        sampling_idx = np.fromiter((i for i, item in enumerate(items) if item.samples), dtype=np.int64)
         meta = AttentionMetadata(
             slot_mapping=self._tensor(slots), query_start=query_start.astype(np.int32),
             seq_lens=seq_lens.astype(np.int32), block_tables=block_tables, num_decodes=len(decodes),

@@ -83,10 +83,13 @@ class CpuBackend:
                           device, kv_cache_dtype)
 
     def prepare(self, meta: AttentionMetadata, cache: CpuKVCache) -> CpuStep:
+        num_cascade_seqs = int(meta.cascade_start[-1])
+        # The shared part's running max, sum and output per cascade member and head; every layer reuses it.
+        scratch = torch.empty(num_cascade_seqs * self.num_heads * (self.head_dim + 2), dtype=torch.float32)
         return CpuStep(self, cache, meta.slot_mapping, *(
             torch.from_numpy(np.ascontiguousarray(a, dtype=np.int32))
             for a in (meta.block_tables, meta.seq_lens, meta.query_start, meta.cascade_start, meta.cascade_blocks)
-        ))
+        ), scratch)
 
 
 @dataclass(slots=True)
@@ -99,6 +102,7 @@ class CpuStep:
     query_start: torch.Tensor  # [S + 1] int32
     cascade_start: torch.Tensor  # [G + 1] int32
     cascade_blocks: torch.Tensor  # [G] int32
+    scratch: torch.Tensor  # float32, cascade members x heads x (head_dim + 2)
 
     @property
     def uses_cascade(self) -> bool:
@@ -110,14 +114,12 @@ class CpuStep:
         cache.write(layer, k, v, self.slot_mapping)
         q = q.contiguous() if q.stride(2) != 1 or q.stride(1) != b.head_dim else q
         out = q.new_empty(q.shape[0], b.num_heads * b.head_dim)
-        num_cascade = int(self.cascade_start[-1]) if len(self.cascade_blocks) else 0
-        scratch = torch.empty(num_cascade * b.num_heads * (b.head_dim + 2), dtype=torch.float32)
         kp, vp, ks, vs = cache.pointers(layer)
         b.library.paged_attention(
             q.data_ptr(), q.stride(0), kp, vp, ks, vs, self.block_tables.data_ptr(), self.block_tables.shape[1],
             self.seq_lens.data_ptr(), self.query_start.data_ptr(), len(self.seq_lens), b.num_heads, b.num_kv_heads,
             b.head_dim, cache.block_size, cache.num_blocks, b.scale, self.cascade_start.data_ptr(),
-            self.cascade_blocks.data_ptr(), len(self.cascade_blocks), scratch.data_ptr(), out.data_ptr(),
+            self.cascade_blocks.data_ptr(), len(self.cascade_blocks), self.scratch.data_ptr(), out.data_ptr(),
             DTYPE_CODES[q.dtype], cache.kv_code,
         )
         return out

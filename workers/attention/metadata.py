@@ -35,14 +35,15 @@ class AttentionMetadata:
         return np.diff(self.query_start)
 
 
-def cascade_groups(first_blocks: np.ndarray, tables: np.ndarray, seq_lens: np.ndarray,
+def cascade_groups(tables: np.ndarray, seq_lens: np.ndarray,
                    block_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Orders decodes so that those sharing leading blocks sit together.
 
-    first_blocks [N] (each decode's first block), tables [N, MB], seq_lens [N] -> (order [N], the
+    tables [N, MB] (each decode's block table), seq_lens [N] -> (order [N], the
     groups' starts [G + 1] and shared block counts [G], over the reordered decodes). Decodes are
     grouped by their first block; a group keeps the blocks all its members have in common and that
     lie wholly before every member's query (position seq_len - 1)."""
+    first_blocks = tables[:, 0]
     order = np.argsort(first_blocks, kind="stable")
     starts, counts, grouped, rest = [0], [], [], []
     boundaries = np.flatnonzero(np.diff(first_blocks[order])) + 1
