@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -12,14 +11,12 @@ from typer.testing import CliRunner
 from pipeline.cli import app
 from pipeline.settings import FIELD_NAMES, load_settings, preset_settings
 
+from support.workdir import clean_workdir
+
 
 @pytest.fixture(autouse=True)
 def clean_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    monkeypatch.chdir(tmp_path)
-    for key in list(os.environ):
-        if key.startswith("PIPELINE_"):
-            monkeypatch.delenv(key)
-    return tmp_path
+    return clean_workdir(monkeypatch, tmp_path)
 
 
 def run(*args: str, env: dict[str, str] | None = None):

@@ -16,6 +16,8 @@ from typer.testing import CliRunner
 
 from pipeline.cli import app
 
+from support.workdir import clean_workdir
+
 # Lines 1-6: 3 run (one of them fails), 2 rejected at submit (lines 2 and 5), line 4 runs.
 INPUT_LINES = [
     json.dumps({"custom_id": "a", "text": "one", "max_tokens": 2}),
@@ -31,11 +33,7 @@ NUM_LINES = len(INPUT_LINES)
 
 @pytest.fixture
 def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    monkeypatch.chdir(tmp_path)
-    for key in list(os.environ):
-        if key.startswith("PIPELINE_"):
-            monkeypatch.delenv(key)
-    return tmp_path
+    return clean_workdir(monkeypatch, tmp_path)
 
 
 @pytest.fixture

@@ -7,7 +7,6 @@ the results; submit plus cancel, expiry and a strict rejection cover the other c
 from __future__ import annotations
 
 import json
-import os
 import re
 from datetime import timedelta
 from pathlib import Path
@@ -30,6 +29,8 @@ from pipeline.export import export_results
 from pipeline.request_parser import BODY_KEYS, IGNORED_BODY_KEYS, NEUTRAL_BODY_VALUES
 from pipeline.settings import Settings
 from pipeline.submit import job_summary, submit_file
+
+from support.workdir import clean_workdir
 
 LINE_ID = re.compile(r"batch_req_[0-9a-f]{32}")
 REQUEST_ID = re.compile(r"req_[0-9a-f]{32}")
@@ -83,10 +84,7 @@ def ran(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     (workdir / "in.jsonl").write_text(
         "".join((line if isinstance(line, str) else json.dumps(line)) + "\n" for line in LINES))
     with pytest.MonkeyPatch.context() as patch:
-        patch.chdir(workdir)  # no pipeline.toml; the default SQLite file lands here
-        for key in list(os.environ):
-            if key.startswith("PIPELINE_"):
-                patch.delenv(key)
+        clean_workdir(patch, workdir)
         patch.setenv("PIPELINE_MODEL_ALIASES", "gpt-4o-mini")
         runner = CliRunner()
         run = runner.invoke(app, ["run", "in.jsonl", "-o", "out.jsonl", "--errors", "err.jsonl", "--quiet"])

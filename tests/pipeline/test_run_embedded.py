@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
 
 from pipeline.cli import app
+
+from support.workdir import clean_workdir
 
 LINES = [
     {"custom_id": "cmpl", "method": "POST", "url": "/v1/completions",
@@ -33,11 +34,7 @@ def write_input(path: Path) -> Path:
 
 @pytest.fixture
 def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    monkeypatch.chdir(tmp_path)  # no pipeline.toml; the default SQLite file lands here
-    for key in list(os.environ):
-        if key.startswith("PIPELINE_"):
-            monkeypatch.delenv(key)
-    return tmp_path
+    return clean_workdir(monkeypatch, tmp_path)
 
 
 def read_jsonl(path: Path) -> list[dict]:

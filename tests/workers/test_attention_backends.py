@@ -33,8 +33,7 @@ def _step(block_size: int, specs: list[tuple[int, int]], shared_blocks: int, see
     starts, lens = np.array(starts), np.array(lens)
     seq_lens = starts + lens
     num_decodes = int((lens == 1).sum())
-    order, cascade_start, cascade_blocks = cascade_groups(
-        table[:num_decodes, 0], table[:num_decodes], seq_lens[:num_decodes], block_size)
+    order, cascade_start, cascade_blocks = cascade_groups(table[:num_decodes], seq_lens[:num_decodes], block_size)
     order = np.concatenate([order, np.arange(num_decodes, len(specs))])
     table, starts, lens, seq_lens = table[order], starts[order], lens[order], seq_lens[order]
     query_start = np.concatenate([[0], np.cumsum(lens)]).astype(np.int32)
@@ -107,7 +106,7 @@ def test_cpu_backend_matches_reference(case, heads, kv_heads, dtype, kv_cache_dt
 def test_cascade_groups_gather_decodes_by_shared_blocks():
     tables = np.array([[7, 8, 1], [3, 4, 5], [7, 8, 2], [7, 9, 6], [3, 4, 0], [11, 12, 13]])
     seq_lens = np.array([40, 40, 40, 40, 20, 40])
-    order, starts, blocks = cascade_groups(tables[:, 0], tables, seq_lens, 16)
+    order, starts, blocks = cascade_groups(tables, seq_lens, 16)
     # [3, 4, ...] sequences share 1 block (the one at position 20 can use only one full block);
     # [7, ...] sequences share block 7 (the third member differs at block 2); 11 shares nothing.
     assert order.tolist() == [1, 4, 0, 2, 3, 5]
