@@ -52,7 +52,8 @@ def line_outcomes(services: Services, job_id: str, custom_ids: list[str], *,
                 assert r.status == STATUS_OF_CODE.get(r.error_code, RequestStatus.FAILED), r
                 outcomes[r.custom_id] = r.error_code
         completed = [r for r in rows if r.status == RequestStatus.COMPLETED]
-        failed = [r for r in rows if r.status == RequestStatus.FAILED]
+        # Cancelled and expired lines count as failed, as OpenAI counts them (the batch object's counts).
+        failed = [r for r in rows if r.status != RequestStatus.COMPLETED]
         assert (job.request_total, job.request_completed, job.request_failed) == (
             len(rows), len(completed), len(failed))
         prompt = sum(r.prompt_tokens for r in completed)
