@@ -86,7 +86,8 @@ def check_destination(path: str | os.PathLike[str]) -> Path:
     folder = path.parent
     if not folder.is_dir():
         raise OutputError(path, f"cannot create it: the folder {folder} does not exist")
-    if not os.access(folder, os.W_OK | os.X_OK):
+    # The effective ids: they are the ones the write will run as (a set-uid launcher differs).
+    if not os.access(folder, os.W_OK | os.X_OK, effective_ids=os.access in os.supports_effective_ids):
         raise OutputError(path, f"cannot create it: no permission to write in the folder {folder}")
     return path
 

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import os
 import stat
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -127,16 +130,34 @@ def test_results_and_errors_must_be_two_files(tmp_path: Path, monkeypatch: pytes
         check_output_paths("a.jsonl", "b.jsonl")
 
 
-def test_an_unwritable_folder_is_refused_before_any_work(tmp_path: Path) -> None:
-    if os.geteuid() == 0:
-        pytest.skip("root may write in any folder")
-    locked = tmp_path / "locked"
-    locked.mkdir(mode=0o500)
+@contextmanager
+def _as_an_unprivileged_user() -> Iterator[None]:
+    """Root may write in any folder, so as root the check runs with the effective uid of `nobody`
+    (the real uid stays root, which lets the test take root back)."""
+    if os.geteuid() != 0:
+        yield
+        return
+    os.setegid(65534)
+    os.seteuid(65534)
     try:
-        with pytest.raises(OutputError, match="no permission to write in the folder"):
-            check_output_paths(locked / "out.jsonl")
+        yield
     finally:
-        locked.chmod(0o700)
+        os.seteuid(0)
+        os.setegid(0)
+
+
+def test_an_unwritable_folder_is_refused_before_any_work() -> None:
+    # Under /tmp, not tmp_path: `nobody` must be able to reach the folder to find it unwritable.
+    with tempfile.TemporaryDirectory() as outer:
+        os.chmod(outer, 0o755)
+        locked = Path(outer) / "locked"
+        locked.mkdir(mode=0o555)
+        try:
+            with _as_an_unprivileged_user(), pytest.raises(OutputError, match="no permission to write in the folder"):
+                check_output_paths(locked / "out.jsonl")
+            assert list(locked.iterdir()) == []
+        finally:
+            locked.chmod(0o755)
 
 
 @pytest.mark.parametrize("writer_class", [JsonlResultWriter, ParquetResultWriter])
