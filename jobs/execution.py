@@ -147,8 +147,9 @@ def execute_chunk(
             # This claim is one more than allowed: the chunk was started `attempts - 1` times.
             if deliveries_used_up(chunk.attempts - 1, max_redeliveries):
                 failed = fail_lost_chunk(session, chunk_id, tries=chunk.attempts - 1)
-                log.error("chunk %s was started %d times without finishing; failed its %d pending requests",
-                          chunk_id, chunk.attempts - 1, failed)
+                if failed:  # 0: given up already by a racing sweep or delivery
+                    log.error("chunk %s was started %d times without finishing; failed its %d pending requests",
+                              chunk_id, chunk.attempts - 1, failed)
                 return
             job_id = chunk.job_id
             job = session.get(Job, job_id)

@@ -59,8 +59,9 @@ def resend_lost_chunks(session_factory: sessionmaker[Session], send_chunk: SendC
         for chunk in lost_chunks(session, now, broker_started_at=broker_started_at):
             if deliveries_used_up(chunk.attempts, max_redeliveries):
                 failed = fail_lost_chunk(session, chunk.id, tries=chunk.attempts, now=now)
-                logger.error("chunk %s was started %d times without finishing; failed its %d pending requests",
-                             chunk.id, chunk.attempts, failed)
+                if failed:  # 0: given up already by a racing sweep or delivery
+                    logger.error("chunk %s was started %d times without finishing; failed its %d pending requests",
+                                 chunk.id, chunk.attempts, failed)
             else:
                 sends.append((chunk.id, chunk.priority.value))
     if sends:

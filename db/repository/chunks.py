@@ -205,7 +205,8 @@ def fail_lost_chunk(session: Session, chunk_id: int, *, tries: int, now: datetim
     """Give up on a chunk started `tries` times that never finished (each time its worker died,
     was killed, or the run failed): its pending requests fail with `WORKER_LOST`, the error history
     says so once for the chunk, and the job completes if nothing else is pending. Returns how many
-    requests were failed."""
+    requests were failed: 0 when another giver-up (the beat's sweep and a redelivered task race for
+    an expired lease) got there first, and then nothing is recorded again."""
     chunk = session.get(Chunk, chunk_id)
     if chunk is None:
         raise ValueError(f"no chunk {chunk_id}")
@@ -215,7 +216,8 @@ def fail_lost_chunk(session: Session, chunk_id: int, *, tries: int, now: datetim
                "worker logs and the error history, then run `pipeline retry` for the job")
     pending = select(Request.id).where(Request.chunk_id == chunk_id, Request.status == RequestStatus.PENDING)
     failed = fail_requests(session, list(session.scalars(pending)), code=WORKER_LOST, message=message, now=now)
-    record_error(session, WORKER_LOST, message, job_id=chunk.job_id, chunk_id=chunk_id, now=now)
+    if failed:
+        record_error(session, WORKER_LOST, message, job_id=chunk.job_id, chunk_id=chunk_id, now=now)
     finish_job_if_done(session, chunk.job_id)
     return failed
 

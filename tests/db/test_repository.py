@@ -28,6 +28,7 @@ from db.repository import (
     create_tenant,
     delete_idle_sessions,
     expire_jobs,
+    fail_lost_chunk,
     fail_requests,
     get_session,
     iter_requests,
@@ -624,6 +625,22 @@ def test_fail_requests_fails_only_pending_ones(session, factory):
         T0 + MINUTE,
     )
     assert (second.prompt_tokens, second.completion_tokens) == (None, None)  # never reached the engine
+    assert reread(factory, Chunk, chunk.id).status == ChunkStatus.DONE
+
+
+def test_a_lost_chunk_given_up_twice_is_recorded_once(session, factory):
+    """The beat's sweep and a redelivered task may both give up one chunk: the second finds nothing
+    pending and leaves the error history and the counts as the first left them."""
+    job = new_job(session, 2)
+    chunk = chunk_of(session, job.id)
+    claim_chunk(session, chunk.id, worker="w1", lease=5 * MINUTE, now=T0)
+    assert fail_lost_chunk(session, chunk.id, tries=2, now=T0 + 10 * MINUTE) == 2
+    session.commit()
+    assert fail_lost_chunk(session, chunk.id, tries=2, now=T0 + 11 * MINUTE) == 0
+    session.commit()
+    assert [(e.kind, e.chunk_id) for e in job_errors(session, job.id)] == [("worker_lost", chunk.id)]
+    stored = reread(factory, Job, job.id)
+    assert (stored.request_completed, stored.request_failed) == (0, 2)
     assert reread(factory, Chunk, chunk.id).status == ChunkStatus.DONE
 
 
