@@ -14,9 +14,10 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 
 WORKDIR /app
-# pg_dump for the nightly database backup that beat runs (db/backup.py).
+# pg_dump for the nightly database backup that beat runs (db/backup.py); g++ builds the engine's
+# CPU kernels on first use (workers/native_kernels.py), without it workers run the slower PyTorch path.
 RUN apt-get update \
-    && apt-get install --yes --no-install-recommends postgresql-client \
+    && apt-get install --yes --no-install-recommends postgresql-client g++ \
     && rm -rf /var/lib/apt/lists/*
 RUN pip install --index-url "${TORCH_INDEX_URL}" "torch>=2.5,<3"
 COPY . .

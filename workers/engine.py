@@ -9,6 +9,7 @@ from collections.abc import Sequence as Seq
 import torch
 
 from workers.attention import make_backend
+from workers.layers.dense_ops import make_dense_ops
 from workers.config import EngineConfig
 from workers.dtype_choice import resolve_dtype
 from workers.errors import PromptTooLongError
@@ -54,6 +55,11 @@ class LLMEngine:
         num_blocks = num_kv_blocks(config, self.device, per_block, self.max_model_len)
         self.attention = make_backend(config.attention_backend, self.device, cfg.num_heads, cfg.num_kv_heads,
                                       cfg.head_dim)
+        # The fused element-wise kernels come with the CPU attention kernels (one library); the
+        # reference backend keeps the whole model on PyTorch's operators.
+        dense_ops = make_dense_ops(self.attention.library if self.attention.name == "cpu" else None)
+        dense_ops.prepare(self.loaded.model)
+        self.loaded.model.dense_ops = dense_ops
         self.kv_cache = self.attention.make_cache(cfg.num_layers, num_blocks, config.block_size, dtype, self.device,
                                                   config.kv_cache_dtype)
         self.kv_manager = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching, config.eviction_policy)
@@ -167,6 +173,7 @@ class LLMEngine:
             "device": str(self.device),
             "dtype": self.dtype,
             "attention_backend": self.attention.name,
+            "dense_ops": self.loaded.model.dense_ops.name,
             "kv_cache_dtype": self.config.kv_cache_dtype,
             "eviction_policy": self.config.eviction_policy,
             "block_size": self.config.block_size,

@@ -1,6 +1,6 @@
 """docker-compose.yml and the Dockerfile agree with the code: the commands (services and health
 checks) exist in the CLI, PIPELINE_* variables are settings, the queues are ours, Flower asks for a
-password, the image has the pg_dump the backups call, and workers get a chunk's lease to stop.
+password, the image has the pg_dump the backups call and the compiler and sources of the CPU kernels, and workers get a chunk's lease to stop.
 Docker has no daemon here: the files are parsed, not run."""
 
 from __future__ import annotations
@@ -205,6 +205,20 @@ def test_the_image_has_the_pg_dump_that_backups_call(services: dict) -> None:
     release = re.search(r"^FROM python:[\d.]+-slim-(\w+) AS pipeline$", dockerfile, flags=re.M)[1]
     server_major = int(services["postgres"]["image"].split(":")[1].split(".")[0])
     assert DEBIAN_PG_CLIENT[release] >= server_major  # pg_dump refuses a server newer than itself
+
+
+def test_the_image_can_build_the_cpu_kernels() -> None:
+    """`pip install .` ships the kernels' C++ sources and the image has the compiler that builds them."""
+    import tomllib
+
+    from workers import native_kernels
+
+    assert re.search(r"apt-get install [^\n]*\bg\+\+", (REPO_ROOT / "Dockerfile").read_text())
+    globs = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["workers"]
+    package = REPO_ROOT / "workers"
+    shipped = {path for pattern in globs for path in package.glob(pattern)}
+    assert set(native_kernels.SOURCES) <= shipped
+    assert set(package.rglob("*.cpp")) == set(native_kernels.SOURCES)  # no source the build forgets
 
 
 def test_the_host_reaches_the_stack_through_the_cli_service(services: dict) -> None:

@@ -116,7 +116,7 @@ def test_cascade_groups_gather_decodes_by_shared_blocks():
 
 @pytest.mark.parametrize("compiler", ["/bin/false", "no-such-compiler-anywhere"])
 def test_without_a_working_compiler_auto_falls_back_with_one_warning(compiler, monkeypatch, tmp_path):
-    import workers.attention.cpu_extension as ext
+    import workers.native_kernels as ext
 
     monkeypatch.setenv("CXX", compiler)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))  # an empty cache: nothing built earlier is reused

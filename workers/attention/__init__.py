@@ -38,7 +38,7 @@ def make_backend(name: str, device: torch.device, num_heads: int, num_kv_heads: 
             raise ValueError(f"attention_backend='cpu' runs on the CPU; device is {device}")
         return ReferenceBackend(num_heads, num_kv_heads, head_dim)
     from workers.attention.cpu_backend import CpuBackend
-    from workers.attention.cpu_extension import load_cpu_kernels
+    from workers.native_kernels import load_cpu_kernels
 
     library = load_cpu_kernels()  # warns once when it cannot be built
     if library is None:

@@ -77,23 +77,93 @@ struct RowState {
     std::vector<float> q, m, l, acc, kbuf, vbuf, s;
     void reserve(int rows, int D, int BS) {
         q.resize(rows * D); m.resize(rows); l.resize(rows); acc.resize(rows * D);
-        kbuf.resize(D * BS); vbuf.resize(BS * D); s.resize(BS);
+        kbuf.resize(D * BS); vbuf.resize(BS * D); s.resize(rows * BS);
     }
 };
 
+// s[r * BS, (r + 1) * BS) = query row r's scores against a block's keys (K transposed: [D, BS]),
+// for `rows` rows (q: rows x D). With the block size known, four rows go together: each key load
+// serves four rows, and their 4 x BS scores stay in registers as independent FMA chains.
+template <int kBS>
+inline void score_rows(const float* __restrict q, const float* __restrict K, int D, int bs, int rows,
+                       float* __restrict s) {
+    int r = 0;
+    if constexpr (kBS != 0) {
+        for (; r + 4 <= rows; r += 4) {
+            float acc[4][kBS] = {};
+            const float* __restrict q0 = q + static_cast<int64_t>(r) * D;
+            for (int d = 0; d < D; ++d) {
+                const float* __restrict kd = K + static_cast<int64_t>(d) * kBS;
+#pragma GCC unroll 4
+                for (int j = 0; j < 4; ++j) {
+                    const float qd = q0[j * D + d];
+#pragma omp simd
+                    for (int k = 0; k < kBS; ++k) acc[j][k] += qd * kd[k];
+                }
+            }
+            for (int j = 0; j < 4; ++j)
+                for (int k = 0; k < kBS; ++k) s[(r + j) * kBS + k] = acc[j][k];
+        }
+    }
+    const int BS = kBS != 0 ? kBS : bs;
+    for (; r < rows; ++r) {
+        float* __restrict sr = s + static_cast<int64_t>(r) * BS;
+        const float* __restrict qr = q + static_cast<int64_t>(r) * D;
+#pragma omp simd
+        for (int k = 0; k < BS; ++k) sr[k] = 0.f;
+        for (int d = 0; d < D; ++d) {
+            const float qd = qr[d];
+            const float* __restrict kd = K + static_cast<int64_t>(d) * BS;
+#pragma omp simd
+            for (int k = 0; k < BS; ++k) sr[k] += qd * kd[k];
+        }
+    }
+}
+
+// acc[0, D) = acc * corr + sum over the first `visible` keys of w[k] * V[k].
+template <int kD>
+inline void accumulate_values(float* __restrict acc_out, float corr, const float* __restrict w,
+                              const float* __restrict V, int visible, int d) {
+    const int D = kD != 0 ? kD : d;
+    if constexpr (kD != 0) {
+        float acc[kD];  // registers: the row's output, built over the block's keys
+#pragma omp simd
+        for (int i = 0; i < kD; ++i) acc[i] = acc_out[i] * corr;
+        for (int k = 0; k < visible; ++k) {
+            const float wk = w[k];
+            const float* __restrict vk = V + static_cast<int64_t>(k) * kD;
+#pragma omp simd
+            for (int i = 0; i < kD; ++i) acc[i] += wk * vk[i];
+        }
+#pragma omp simd
+        for (int i = 0; i < kD; ++i) acc_out[i] = acc[i];
+    } else {
+#pragma omp simd
+        for (int i = 0; i < D; ++i) acc_out[i] *= corr;
+        for (int k = 0; k < visible; ++k) {
+            const float wk = w[k];
+            const float* __restrict vk = V + static_cast<int64_t>(k) * D;
+#pragma omp simd
+            for (int i = 0; i < D; ++i) acc_out[i] += wk * vk[i];
+        }
+    }
+}
+
 // Attends `rows` query rows (row r: token tokens[r], head heads[r], position pos[r]) to key
-// blocks [b0, b1) of sequence `seq` under its block table, updating st.
+// blocks [b0, b1) of sequence `seq` under its block table, updating st. kBS and kD fix the block
+// size and head dim at compile time (0: read them from p): with them known, a block's 16 or 32
+// scores stay in registers across the head dim, and a row's output in registers across the keys.
+template <int kBS, int kD>
 void attend_blocks(const Problem& p, int kvh, int seq, int b0, int b1, int rows, const int* pos,
                    int kv_len, RowState& st) {
-    const int D = p.D, BS = p.BS;
+    const int D = kD != 0 ? kD : p.D, BS = kBS != 0 ? kBS : p.BS;
     const int64_t block_elems = static_cast<int64_t>(D) * BS;
     const int32_t* table = p.block_tables + static_cast<int64_t>(seq) * p.bt_stride;
-    float* __restrict s = st.s.data();
     for (int b = b0; b < b1; ++b) {
         const int64_t block = table[b];
         const int64_t base = (static_cast<int64_t>(kvh) * p.NB + block) * block_elems;
-        const float* K;
-        const float* V;
+        const float* __restrict K;
+        const float* __restrict V;
         if (p.kv_dtype == 0) {
             K = static_cast<const float*>(p.k_cache) + base;
             V = static_cast<const float*>(p.v_cache) + base;
@@ -112,46 +182,49 @@ void attend_blocks(const Problem& p, int kvh, int seq, int b0, int b1, int rows,
         }
         const int key0 = b * BS;
         const int in_block = std::min(BS, kv_len - key0);
+        score_rows<kBS>(st.q.data(), K, D, BS, rows, st.s.data());
         for (int r = 0; r < rows; ++r) {
             const int visible = std::min(in_block, pos[r] - key0 + 1);
             if (visible <= 0) continue;
-            const float* __restrict qr = st.q.data() + static_cast<int64_t>(r) * D;
-#pragma omp simd
-            for (int k = 0; k < BS; ++k) s[k] = 0.f;
-            for (int d = 0; d < D; ++d) {
-                const float qd = qr[d];
-                const float* __restrict kd = K + static_cast<int64_t>(d) * BS;
-#pragma omp simd
-                for (int k = 0; k < BS; ++k) s[k] += qd * kd[k];
-            }
+            float* __restrict s = st.s.data() + static_cast<int64_t>(r) * BS;
             if (ks != nullptr) {
 #pragma omp simd
                 for (int k = 0; k < BS; ++k) s[k] *= ks[k];
             }
+            // Keys past `visible` (beyond the sequence, or after this row under the causal mask)
+            // get a score whose exp is 0, so the max, exp and sum run over whole blocks.
+            for (int k = visible; k < BS; ++k) s[k] = kNegLarge;
             float mx = st.m[r];
-            for (int k = 0; k < visible; ++k) mx = std::max(mx, s[k]);
+#pragma omp simd reduction(max : mx)
+            for (int k = 0; k < BS; ++k) mx = std::max(mx, s[k]);
             const float corr = std::exp(st.m[r] - mx);
             float sum = 0.f;
 #pragma omp simd reduction(+ : sum)
-            for (int k = 0; k < visible; ++k) {
+            for (int k = 0; k < BS; ++k) {
                 s[k] = std::exp(s[k] - mx);
                 sum += s[k];
             }
             st.l[r] = st.l[r] * corr + sum;
             st.m[r] = mx;
+            if (vs != nullptr) {  // int8 values: each key's weight takes its value scale
+#pragma omp simd
+                for (int k = 0; k < BS; ++k) s[k] *= vs[k];
+            }
             float* __restrict acc = st.acc.data() + static_cast<int64_t>(r) * D;
-            if (corr != 1.f) {
-#pragma omp simd
-                for (int d = 0; d < D; ++d) acc[d] *= corr;
-            }
-            for (int k = 0; k < visible; ++k) {
-                const float w = vs != nullptr ? s[k] * vs[k] : s[k];
-                const float* __restrict vk = V + static_cast<int64_t>(k) * D;
-#pragma omp simd
-                for (int d = 0; d < D; ++d) acc[d] += w * vk[d];
-            }
+            accumulate_values<kD>(acc, corr, s, V, visible, D);
         }
     }
+}
+
+using AttendFn = void (*)(const Problem&, int, int, int, int, int, const int*, int, RowState&);
+
+// The specialised loop for the usual block sizes and head dims, else the general one.
+AttendFn pick_attend(int BS, int D) {
+    if (BS == 16 && D == 64) return attend_blocks<16, 64>;
+    if (BS == 16 && D == 128) return attend_blocks<16, 128>;
+    if (BS == 32 && D == 64) return attend_blocks<32, 64>;
+    if (BS == 32 && D == 128) return attend_blocks<32, 128>;
+    return attend_blocks<0, 0>;
 }
 
 void load_queries(const Problem& p, int rows, const int64_t* tokens, const int* heads, RowState& st) {
@@ -242,6 +315,7 @@ void paged_attention(const void* q, int64_t q_stride, const void* k_cache, const
     const Problem p{q, q_stride, k_cache, v_cache, k_scale, v_scale, block_tables, bt_stride, seq_lens,
                     query_start, H, KVH, D, BS, NB, scale, dtype, kv_dtype, out};
     const int G = H / KVH;
+    const AttendFn attend = pick_attend(BS, D);
     const int tokens_per_tile = std::max(1, kRowsPerTile / G);
     const int num_cascade_seqs = num_groups > 0 ? cascade_start[num_groups] : 0;
     float* sc_m = scratch;
@@ -287,7 +361,7 @@ void paged_attention(const void* q, int64_t q_stride, const void* k_cache, const
             std::fill(st.l.begin(), st.l.begin() + rows, 0.f);
             std::fill(st.acc.begin(), st.acc.begin() + static_cast<int64_t>(rows) * D, 0.f);
             const int first = cascade_start[w.seq];
-            attend_blocks(p, w.kvh, first, 0, cascade_blocks[w.seq], rows, pos.data(), seq_lens[first], st);
+            attend(p, w.kvh, first, 0, cascade_blocks[w.seq], rows, pos.data(), seq_lens[first], st);
             for (int r = 0; r < rows; ++r) {
                 const int64_t at = static_cast<int64_t>(w.t0 + r / G) * H + heads[r];
                 sc_m[at] = st.m[r];
@@ -324,7 +398,7 @@ void paged_attention(const void* q, int64_t q_stride, const void* k_cache, const
                 std::fill(st.acc.begin(), st.acc.begin() + static_cast<int64_t>(rows) * D, 0.f);
             }
             const int last_pos = kv_len - nq + w.t1 - 1;
-            attend_blocks(p, w.kvh, w.seq, b0, last_pos / BS + 1, rows, pos.data(), kv_len, st);
+            attend(p, w.kvh, w.seq, b0, last_pos / BS + 1, rows, pos.data(), kv_len, st);
             store_rows(p, rows, tokens.data(), heads.data(), st);
         }
     }

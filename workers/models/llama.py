@@ -10,10 +10,10 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from workers.layers.attention import AttentionStep, PagedAttention
+from workers.layers.dense_ops import DenseOps, TorchDenseOps
 from workers.layers.norm import RMSNorm
 from workers.layers.rotary import RotaryEmbedding
 from workers.models.config import ModelConfig
@@ -44,16 +44,16 @@ class LlamaAttention(nn.Module):
         self.rotary = rotary
         self.attn = PagedAttention(layer_idx)
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, step: AttentionStep) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, step: AttentionStep, ops: DenseOps) -> torch.Tensor:
         t = x.shape[0]
-        q, k, v = self.qkv_proj(x).split(self.shard_sizes, dim=-1)
+        q, k, v = ops.linear(self.qkv_proj, x).split(self.shard_sizes, dim=-1)
         q = q.view(t, self.num_heads, self.head_dim)  # [T, H, D]
         k = k.view(t, self.num_kv_heads, self.head_dim)  # [T, KVH, D]
         v = v.view(t, self.num_kv_heads, self.head_dim)
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = self.rotary(positions, q, k)
-        return self.o_proj(self.attn(q, k, v, step))
+        q, k = self.rotary(positions, q, k, ops)
+        return ops.linear(self.o_proj, self.attn(q, k, v, step))
 
 
 class LlamaMLP(nn.Module):
@@ -63,9 +63,8 @@ class LlamaMLP(nn.Module):
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
         self.shard_sizes = (cfg.intermediate_size, cfg.intermediate_size)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+    def forward(self, x: torch.Tensor, ops: DenseOps) -> torch.Tensor:
+        return ops.linear(self.down_proj, ops.silu_and_mul(ops.linear(self.gate_up_proj, x)))
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -76,9 +75,16 @@ class LlamaDecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = LlamaMLP(cfg)
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, step: AttentionStep) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), positions, step)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None, positions: torch.Tensor, step: AttentionStep,
+                ops: DenseOps) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> (this layer's MLP output, the residual stream before it): the next norm adds the two,
+        so the add and the norm are one pass (`residual` None: x is the first layer's input)."""
+        norm = self.input_layernorm
+        h, residual = ops.add_rms_norm(x, residual, norm.weight, norm.eps)
+        h = self.self_attn(h, positions, step, ops)
+        norm = self.post_attention_layernorm
+        h, residual = ops.add_rms_norm(h, residual, norm.weight, norm.eps)
+        return self.mlp(h, ops), residual
 
 
 class LlamaModel(nn.Module):
@@ -96,6 +102,7 @@ class LlamaForCausalLM(nn.Module):
         self.config = cfg
         self.model = LlamaModel(cfg, max_positions)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.dense_ops: DenseOps = TorchDenseOps()  # the engine sets the fused CPU kernels where they build
         self.tie_weights()
 
     def tie_weights(self) -> None:
@@ -106,13 +113,14 @@ class LlamaForCausalLM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, step: AttentionStep) -> torch.Tensor:
         # input_ids, positions [T] -> hidden states [T, hidden]
-        x = self.model.embed_tokens(input_ids)
+        x, residual, ops = self.model.embed_tokens(input_ids), None, self.dense_ops
         for layer in self.model.layers:
-            x = layer(x, positions, step)
-        return self.model.norm(x)
+            x, residual = layer(x, residual, positions, step, ops)
+        norm = self.model.norm
+        return ops.add_rms_norm(x, residual, norm.weight, norm.eps)[0]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden).float()  # [N, V]
+        return self.dense_ops.linear(self.lm_head, hidden).float()  # [N, V]
 
     @torch.no_grad()
     def load_weights(self, tensors: Iterable[tuple[str, torch.Tensor]], source: str) -> None:

@@ -1,4 +1,6 @@
-"""Builds and loads the CPU attention kernels (`cpu_kernels.cpp`) with the system's C++ compiler.
+"""Builds and loads the engine's CPU kernels with the system's C++ compiler: paged attention
+(`attention/cpu_kernels.cpp`) and the fused element-wise parts of a layer (`layers/cpu_dense_kernels.cpp`),
+one library from both, so that they load, or fall back, together.
 
 The library is plain C++ with OpenMP and no PyTorch headers, so it compiles in a few seconds (a
 PyTorch extension spends most of a minute on its headers) and is called through ctypes with raw
@@ -20,7 +22,8 @@ import threading
 import warnings
 from pathlib import Path
 
-SOURCE = Path(__file__).with_name("cpu_kernels.cpp")
+HERE = Path(__file__).parent
+SOURCES = (HERE / "attention" / "cpu_kernels.cpp", HERE / "layers" / "cpu_dense_kernels.cpp")
 # Fast math lets gcc vectorize exp (glibc's vector math library declares its vector variants only
 # under -ffast-math) and the max/sum reductions; the kernels use no infinities (masked scores are
 # skipped, the running max starts at -1e30). It is given to the compile step only: linked with
@@ -37,6 +40,9 @@ SIGNATURES = {
     "write_kv": [_ptr, _i64, _ptr, _i64, _i32, _i64, _ptr, _ptr, _ptr, _ptr, _ptr, _i32, _i64, _i32, _i32, _i32],
     "paged_attention": [_ptr, _i64, _ptr, _ptr, _ptr, _ptr, _ptr, _i64, _ptr, _ptr, _i32, _i32, _i32, _i32, _i32,
                         _i64, _f32, _ptr, _ptr, _i32, _ptr, _ptr, _i32, _i32],
+    "rms_norm": [_ptr, _i64, _ptr, _ptr, _f32, _i64, _i64, _ptr, _i32],
+    "rotary": [_ptr, _i64, _i64, _i32, _i32, _ptr, _ptr, _ptr, _i32],
+    "silu_and_mul": [_ptr, _i64, _i64, _ptr, _i32],
 }
 
 
@@ -58,8 +64,9 @@ def load_cpu_kernels() -> ctypes.CDLL | None:
 
 def _build_and_load(compiler: str | None) -> ctypes.CDLL | None:
     if compiler is None:
-        warnings.warn("no C++ compiler found (g++, or set CXX): the CPU attention kernels cannot be built, "
-                      "so the engine uses the slower reference attention backend", RuntimeWarning, stacklevel=4)
+        warnings.warn("no C++ compiler found (g++, or set CXX): the CPU kernels cannot be built, so the engine "
+                      "uses its slower PyTorch-only path (the reference attention backend)", RuntimeWarning,
+                      stacklevel=4)
         return None
     import torch  # noqa: F401  (loads PyTorch's libgomp first, so the library binds to the same one)
 
@@ -67,16 +74,20 @@ def _build_and_load(compiler: str | None) -> ctypes.CDLL | None:
     if not target.exists():
         target.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-            built, obj = Path(tmp) / target.name, Path(tmp) / "cpu_kernels.o"
-            result = subprocess.run([compiler, *COMPILE_FLAGS, str(SOURCE), "-o", str(obj)], capture_output=True,
-                                    text=True)
-            if result.returncode == 0:
-                result = subprocess.run([compiler, *LINK_FLAGS, str(obj), "-o", str(built), "-lmvec", "-lm"],
+            built = Path(tmp) / target.name
+            objects = [Path(tmp) / f"{source.stem}.o" for source in SOURCES]
+            for source, obj in zip(SOURCES, objects):
+                result = subprocess.run([compiler, *COMPILE_FLAGS, str(source), "-o", str(obj)], capture_output=True,
+                                        text=True)
+                if result.returncode != 0:
+                    break
+            else:
+                result = subprocess.run([compiler, *LINK_FLAGS, *map(str, objects), "-o", str(built), "-lmvec", "-lm"],
                                         capture_output=True, text=True)
             if result.returncode != 0:
-                warnings.warn(f"building the CPU attention kernels with {compiler} failed, so the engine uses the "
-                              f"slower reference attention backend:\n{result.stderr[-2000:]}", RuntimeWarning,
-                              stacklevel=4)
+                warnings.warn(f"building the CPU kernels with {compiler} failed, so the engine uses its slower "
+                              f"PyTorch-only path (the reference attention backend):\n{result.stderr[-2000:]}",
+                              RuntimeWarning, stacklevel=4)
                 return None
             os.replace(built, target)  # atomic: a concurrent builder's copy is as good as ours
     library = ctypes.CDLL(str(target))
@@ -90,7 +101,7 @@ def _build_and_load(compiler: str | None) -> ctypes.CDLL | None:
 def _build_key(compiler: str) -> str:
     """Source, flags, compiler version and CPU features: -march=native code is only valid where built."""
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
-    digest = hashlib.sha256(SOURCE.read_bytes())
+    digest = hashlib.sha256(b"".join(source.read_bytes() for source in SOURCES))
     digest.update(" ".join(COMPILE_FLAGS + LINK_FLAGS).encode())
     digest.update(version.encode())
     digest.update(_cpu_flags().encode())

@@ -1,0 +1,131 @@
+"""The fused CPU kernels for the element-wise parts of a layer against PyTorch's operators
+(`TorchDenseOps`, the reference): same results up to summation order in float32, and to one
+bfloat16 rounding step where an intermediate lands on the other side of a rounding boundary."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from workers.layers.dense_ops import CpuDenseOps, TorchDenseOps
+from workers.layers.rotary import RotaryEmbedding
+from workers.models.config import RopeConfig
+from workers.native_kernels import load_cpu_kernels
+
+REFERENCE = TorchDenseOps()
+DTYPES = [torch.float32, torch.bfloat16]
+TOLERANCE = {torch.float32: 2e-6, torch.bfloat16: 1e-2}
+
+
+@pytest.fixture(scope="module")
+def fused() -> CpuDenseOps:
+    library = load_cpu_kernels()
+    assert library is not None, "the CPU kernels must build here (g++ is part of the test machine)"
+    return CpuDenseOps(library)
+
+
+def _close(got: torch.Tensor, want: torch.Tensor) -> None:
+    assert got.dtype == want.dtype and got.shape == want.shape
+    tol = TOLERANCE[want.dtype]
+    torch.testing.assert_close(got.float(), want.float(), atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("num_tokens", [1, 5, 67])  # below and above the rows that start threads
+def test_rms_norm_with_and_without_the_residual_add(fused, dtype, num_tokens) -> None:
+    g = torch.Generator().manual_seed(num_tokens)
+    x = torch.randn(num_tokens, 512, generator=g).to(dtype)
+    residual = torch.randn(num_tokens, 512, generator=g).to(dtype)
+    weight = (1 + 0.1 * torch.randn(512, generator=g)).to(dtype)
+
+    want, want_sum = REFERENCE.add_rms_norm(x, residual.clone(), weight, 1e-5)
+    mine = residual.clone()
+    got, got_sum = fused.add_rms_norm(x, mine, weight, 1e-5)
+    _close(got, want)
+    assert torch.equal(got_sum, want_sum)  # one rounding of an add: bit for bit
+    assert got_sum.data_ptr() == mine.data_ptr()  # the sum went into the residual buffer
+
+    want, _ = REFERENCE.add_rms_norm(x, None, weight, 1e-5)
+    got, same = fused.add_rms_norm(x, None, weight, 1e-5)
+    _close(got, want)
+    assert same is x
+
+
+def test_rms_norm_reads_strided_rows(fused) -> None:
+    """The norm's input may be a column slice of a wider tensor (rows further apart than its width)."""
+    wide = torch.randn(9, 700)
+    x = wide[:, :512]
+    weight = torch.rand(512) + 0.5
+    _close(fused.add_rms_norm(x, None, weight, 1e-6)[0], REFERENCE.add_rms_norm(x, None, weight, 1e-6)[0])
+
+
+def _rotary_tables(positions: int, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    rotary = RotaryEmbedding(RopeConfig(), head_dim, positions)
+    return rotary.cos, rotary.sin
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rotary_in_place_on_the_fused_qkv_rows(fused, dtype) -> None:
+    heads, kv_heads, d, t = 8, 2, 64, 13
+    cos, sin = _rotary_tables(300, d)
+    positions = torch.randint(0, 300, (t,), generator=torch.Generator().manual_seed(1))
+    qkv = torch.randn(t, (heads + 2 * kv_heads) * d).to(dtype)
+    q, k, v = qkv.split((heads * d, kv_heads * d, kv_heads * d), dim=-1)
+    q, k, v = q.view(t, heads, d), k.view(t, kv_heads, d), v.view(t, kv_heads, d)
+    v_before = v.clone()
+    want_q, want_k = REFERENCE.rotary(q, k, positions, cos, sin)
+
+    got_q, got_k = fused.rotary(q, k, positions, cos, sin)
+    assert got_q.data_ptr() == qkv.data_ptr()  # in place
+    _close(got_q, want_q)
+    _close(got_k, want_k)
+    assert torch.equal(v, v_before)  # the values beside them are left alone
+
+
+def test_rotary_on_separate_tensors(fused) -> None:
+    """After a per-head norm (Qwen3), q and k are tensors of their own, not side by side."""
+    cos, sin = _rotary_tables(64, 32)
+    positions = torch.arange(5) * 7
+    q, k = torch.randn(5, 4, 32), torch.randn(5, 2, 32)
+    want_q, want_k = REFERENCE.rotary(q, k, positions, cos, sin)
+    got_q, got_k = fused.rotary(q.clone(), k.clone(), positions, cos, sin)
+    _close(got_q, want_q)
+    _close(got_k, want_k)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("num_tokens", [2, 40])
+def test_silu_and_mul(fused, dtype, num_tokens) -> None:
+    gate_up = (3 * torch.randn(num_tokens, 2 * 1408, generator=torch.Generator().manual_seed(2))).to(dtype)
+    _close(fused.silu_and_mul(gate_up), REFERENCE.silu_and_mul(gate_up))
+
+
+def test_other_dtypes_take_pytorchs_operators(fused) -> None:
+    x = torch.randn(3, 16, dtype=torch.float64)
+    weight = torch.ones(16, dtype=torch.float64)
+    got, _ = fused.add_rms_norm(x, None, weight, 1e-5)
+    torch.testing.assert_close(got, REFERENCE.add_rms_norm(x, None, weight, 1e-5)[0], rtol=0, atol=0)
+    gate_up = torch.randn(3, 8, dtype=torch.float16)
+    assert torch.equal(fused.silu_and_mul(gate_up), REFERENCE.silu_and_mul(gate_up))
+
+
+class _Tied(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = torch.nn.Embedding(100, 32)
+        self.proj = torch.nn.Linear(32, 48, bias=True)
+        self.head = torch.nn.Linear(32, 100, bias=False)
+        self.head.weight = self.embed.weight
+
+
+def test_packed_linear_layers_match_pytorchs_and_free_the_plain_weights(fused) -> None:
+    model = _Tied()
+    x = torch.randn(7, 32)
+    want_proj, want_head = model.proj(x), model.head(x)
+    fused = CpuDenseOps(fused.library)  # a fresh one: packing belongs to one model
+    fused.prepare(model)
+    _close(fused.linear(model.proj, x), want_proj)
+    _close(fused.linear(model.head, x), want_head)
+    _close(fused.linear(model.proj, x[:1]), want_proj[:1])  # any batch size runs on the packed layout
+    assert model.proj.weight.numel() == 0  # the packed copy took its place
+    assert model.embed.weight.shape == (100, 32)  # shared with the head: kept for the embedding

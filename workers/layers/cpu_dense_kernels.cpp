@@ -1,0 +1,134 @@
+// Fused element-wise parts of a Llama layer for the CPU: RMSNorm (with the residual add before it),
+// rotary embedding in place, and SiLU-and-multiply. Each replaces five to sixteen PyTorch operators
+// (and as many dispatches and temporaries) by one pass over the rows, split over PyTorch's OpenMP
+// threads. The arithmetic follows the PyTorch code in norm.py, rotary.py and llama.py step by step,
+// rounding to bfloat16 where that code does, so the two paths differ only in summation order.
+// Dtype codes: 0 float32, 1 bfloat16.
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+namespace {
+
+inline float bf16_to_f32(uint16_t h) {
+    uint32_t x = static_cast<uint32_t>(h) << 16;
+    float f;
+    std::memcpy(&f, &x, 4);
+    return f;
+}
+
+inline uint16_t f32_to_bf16(float f) {  // round to nearest even, as torch's .to(bfloat16)
+    uint32_t x;
+    std::memcpy(&x, &f, 4);
+    if ((x & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((x >> 16) | 0x40u);  // NaN stays NaN
+    x += 0x7fffu + ((x >> 16) & 1u);
+    return static_cast<uint16_t>(x >> 16);
+}
+
+inline float round_bf16(float f) { return bf16_to_f32(f32_to_bf16(f)); }
+
+// Element access for a dtype fixed at compile time, so that the loops vectorize.
+template <int DT> inline float get(const void* p, int64_t i) {
+    if constexpr (DT == 0) return static_cast<const float*>(p)[i];
+    else return bf16_to_f32(static_cast<const uint16_t*>(p)[i]);
+}
+
+template <int DT> inline void put(void* p, int64_t i, float v) {
+    if constexpr (DT == 0) static_cast<float*>(p)[i] = v;
+    else static_cast<uint16_t*>(p)[i] = f32_to_bf16(v);
+}
+
+template <int DT> inline float in_dtype(float v) {  // v as the model's dtype holds it
+    if constexpr (DT == 0) return v;
+    else return round_bf16(v);
+}
+
+constexpr int64_t kParallelRows = 8;  // fewer rows than this: one thread (the team's wake-up costs more)
+
+template <int DT>
+void rms_norm_rows(const void* x, int64_t x_stride, void* residual, const void* weight, float eps, int64_t T,
+                   int64_t H, void* out) {
+#pragma omp parallel for if (T >= kParallelRows)
+    for (int64_t t = 0; t < T; ++t) {
+        float ss = 0.f;
+        for (int64_t i = 0; i < H; ++i) {
+            float v = get<DT>(x, t * x_stride + i);
+            if (residual != nullptr) {
+                v = in_dtype<DT>(v + get<DT>(residual, t * H + i));
+                put<DT>(residual, t * H + i, v);
+            }
+            ss += v * v;
+        }
+        const float inv = 1.f / std::sqrt(ss / static_cast<float>(H) + eps);
+        const void* src = residual != nullptr ? residual : x;
+        const int64_t stride = residual != nullptr ? H : x_stride;
+        for (int64_t i = 0; i < H; ++i)
+            put<DT>(out, t * H + i, get<DT>(weight, i) * in_dtype<DT>(get<DT>(src, t * stride + i) * inv));
+    }
+}
+
+template <int DT>
+void rotary_rows(void* x, int64_t x_stride, int64_t T, int num_heads, int D, const int64_t* positions,
+                 const float* cos, const float* sin) {
+    const int half = D / 2;
+#pragma omp parallel for if (T >= kParallelRows)
+    for (int64_t t = 0; t < T; ++t) {
+        const float* __restrict c = cos + positions[t] * half;
+        const float* __restrict s = sin + positions[t] * half;
+        for (int h = 0; h < num_heads; ++h) {
+            const int64_t base = t * x_stride + static_cast<int64_t>(h) * D;
+#pragma omp simd
+            for (int i = 0; i < half; ++i) {
+                const float x1 = get<DT>(x, base + i), x2 = get<DT>(x, base + half + i);
+                put<DT>(x, base + i, x1 * c[i] - x2 * s[i]);
+                put<DT>(x, base + half + i, x2 * c[i] + x1 * s[i]);
+            }
+        }
+    }
+}
+
+template <int DT>
+void silu_and_mul_rows(const void* gate_up, int64_t T, int64_t I, void* out) {
+#pragma omp parallel for if (T >= kParallelRows)
+    for (int64_t t = 0; t < T; ++t) {
+        const int64_t g0 = t * 2 * I, u0 = g0 + I;
+#pragma omp simd
+        for (int64_t i = 0; i < I; ++i) {
+            const float g = get<DT>(gate_up, g0 + i);
+            put<DT>(out, t * I + i, in_dtype<DT>(g / (1.f + std::exp(-g))) * get<DT>(gate_up, u0 + i));
+        }
+    }
+}
+
+}  // namespace
+
+extern "C" {
+
+// out[t] = weight * norm(x[t]) over H columns, where x is first replaced by x + residual (in the
+// model's dtype) and that sum written back to `residual` when `residual` is not null. norm(x) is
+// x / sqrt(mean(x^2) + eps) in float32, rounded to the model's dtype before the weight multiplies.
+// x rows are `x_stride` elements apart; residual, out and weight are contiguous.
+void rms_norm(const void* x, int64_t x_stride, void* residual, const void* weight, float eps, int64_t T, int64_t H,
+              void* out, int dtype) {
+    if (dtype == 0) rms_norm_rows<0>(x, x_stride, residual, weight, eps, T, H, out);
+    else rms_norm_rows<1>(x, x_stride, residual, weight, eps, T, H, out);
+}
+
+// Rotate-half rotary embedding, in place, of the first `num_heads` heads (of D elements) of each
+// row of `x` (rows `x_stride` apart): q and k heads lie side by side in the fused qkv output.
+// cos, sin: float32 [P, D/2]; positions [T].
+void rotary(void* x, int64_t x_stride, int64_t T, int num_heads, int D, const int64_t* positions, const float* cos,
+            const float* sin, int dtype) {
+    if (dtype == 0) rotary_rows<0>(x, x_stride, T, num_heads, D, positions, cos, sin);
+    else rotary_rows<1>(x, x_stride, T, num_heads, D, positions, cos, sin);
+}
+
+// out[t, i] = silu(gate_up[t, i]) * gate_up[t, I + i], silu rounded to the model's dtype first as
+// F.silu(gate) * up does.
+void silu_and_mul(const void* gate_up, int64_t T, int64_t I, void* out, int dtype) {
+    if (dtype == 0) silu_and_mul_rows<0>(gate_up, T, I, out);
+    else silu_and_mul_rows<1>(gate_up, T, I, out);
+}
+
+}  // extern "C"

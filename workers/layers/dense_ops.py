@@ -1,0 +1,147 @@
+"""The dense parts of a decoder layer, behind one seam: the linear layers, RMSNorm with the
+residual add before it, rotary embedding of q and k, and SiLU-and-multiply.
+
+- `TorchDenseOps`: PyTorch operators; runs anywhere and is the reference.
+- `CpuDenseOps`: linear layers on oneDNN with weights packed once into the layout its matmul reads
+  fastest (as vLLM's CPU path does; PyTorch's own linear re-reads the plain layout every call and
+  was 1.3-3x slower here at decode sizes, most of all for the output layer), and one fused C++ pass
+  (`cpu_dense_kernels.cpp`) for each element-wise part where PyTorch runs five to sixteen operators
+  with as many temporaries; same arithmetic, rounding where PyTorch rounds.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from typing import Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from workers.layers.norm import rms_norm
+from workers.layers.rotary import rotate_half
+
+DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1}
+# The batch size oneDNN picks the packed layout for; any batch size runs on it. Decode steps are
+# tens of rows, prefill chunks hundreds to thousands: 32 is what vLLM's CPU path packs for.
+PACK_BATCH_SIZE = 32
+
+
+class TorchDenseOps:
+    name = "torch"
+
+    def prepare(self, model: nn.Module) -> None:
+        """Nothing to do: PyTorch's operators take the weights as they are."""
+
+    def linear(self, module: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+        return module(x)
+
+    def add_rms_norm(self, x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor,
+                     eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> (norm(x + residual) * weight, x + residual); residual None: (norm(x) * weight, x)."""
+        if residual is not None:
+            x = x + residual
+        return rms_norm(x, weight, eps), x
+
+    def rotary(self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor,
+               sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # q [T, H, D]; k [T, KVH, D]; cos, sin float32 [P, D/2]
+        cos, sin = cos[positions].unsqueeze(1), sin[positions].unsqueeze(1)  # [T, 1, D/2]
+        return rotate_half(q, cos, sin), rotate_half(k, cos, sin)
+
+    def silu_and_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
+        gate, up = gate_up.chunk(2, dim=-1)
+        return F.silu(gate) * up
+
+
+class CpuDenseOps:
+    """The fused kernels; tensors must be on the CPU in float32 or bfloat16 (others go to `TorchDenseOps`)."""
+
+    name = "cpu"
+
+    def __init__(self, library: ctypes.CDLL) -> None:
+        self.library = library
+        self.torch = TorchDenseOps()
+        self._packed: dict[nn.Linear, torch.Tensor] = {}
+
+    def prepare(self, model: nn.Module) -> None:
+        """Packs every linear layer's weight for oneDNN and lets the plain copy go (the packed one
+        takes its place, so the model's memory stays the same), except a weight that another
+        module shares: a tied output layer's weight is the embedding table. A weight oneDNN cannot
+        pack here (bfloat16 on a CPU without AVX-512) stays plain, on PyTorch's linear."""
+        if not torch.backends.mkldnn.is_available():
+            return
+        linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+        linear_weights = {id(m.weight) for m in linears}
+        shared = {id(p) for m in model.modules() for p in m.parameters(recurse=False)
+                  if id(p) in linear_weights and not isinstance(m, nn.Linear)}
+        with torch.no_grad():
+            for module in linears:
+                try:
+                    packed = torch.ops.mkldnn._reorder_linear_weight(module.weight.detach(), PACK_BATCH_SIZE)
+                except (RuntimeError, AttributeError):
+                    continue
+                self._packed[module] = packed
+                if id(module.weight) not in shared:
+                    module.weight.data = torch.empty(0, dtype=module.weight.dtype)
+
+    def linear(self, module: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+        packed = self._packed.get(module)
+        if packed is None:
+            return module(x)
+        return torch.ops.mkldnn._linear_pointwise(x, packed, module.bias, "none", [], "")
+
+    def add_rms_norm(self, x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor,
+                     eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+        code = DTYPE_CODES.get(x.dtype)
+        if code is None or x.stride(-1) != 1 or weight.dtype != x.dtype or x.dim() != 2:
+            return self.torch.add_rms_norm(x, residual, weight, eps)
+        t, h = x.shape
+        out = torch.empty((t, h), dtype=x.dtype)
+        if residual is not None:
+            # The sum lands in `residual` (a buffer of this step's own: the previous layer's sum or
+            # the embeddings), which is what the caller goes on with.
+            assert residual.is_contiguous() and residual.dtype == x.dtype
+        self.library.rms_norm(x.data_ptr(), x.stride(0), None if residual is None else residual.data_ptr(),
+                              weight.data_ptr(), eps, t, h, out.data_ptr(), code)
+        return out, (x if residual is None else residual)
+
+    def rotary(self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor,
+               sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """In place, where q and k are views of one fused qkv row ([T, H + KVH heads, ...] side by
+        side) or contiguous tensors of their own."""
+        code = DTYPE_CODES.get(q.dtype)
+        if code is None or positions.dtype != torch.int64 or not positions.is_contiguous():
+            return self.torch.rotary(q, k, positions, cos, sin)
+        t, _, d = q.shape
+        lib = self.library
+        for x in _side_by_side(q, k) or (q, k):
+            assert x.stride(2) == 1 and x.stride(1) == d
+            lib.rotary(x.data_ptr(), x.stride(0), t, x.shape[1], d, positions.data_ptr(), cos.data_ptr(),
+                       sin.data_ptr(), code)
+        return q, k
+
+    def silu_and_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
+        code = DTYPE_CODES.get(gate_up.dtype)
+        if code is None or not gate_up.is_contiguous() or gate_up.dim() != 2:
+            return self.torch.silu_and_mul(gate_up)
+        t, two_i = gate_up.shape
+        out = torch.empty((t, two_i // 2), dtype=gate_up.dtype)
+        self.library.silu_and_mul(gate_up.data_ptr(), t, two_i // 2, out.data_ptr(), code)
+        return out
+
+
+def _side_by_side(q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor] | None:
+    """q and k as one [T, H + KVH, D] view when k's heads follow q's in the same rows."""
+    h, d = q.shape[1], q.shape[2]
+    if q.stride() != k.stride() or k.data_ptr() != q.data_ptr() + h * d * q.element_size():
+        return None
+    return (q.as_strided((q.shape[0], h + k.shape[1], d), q.stride()),)
+
+
+DenseOps = Union[TorchDenseOps, "CpuDenseOps"]
+
+
+def make_dense_ops(library: ctypes.CDLL | None) -> TorchDenseOps | CpuDenseOps:
+    """The fused kernels where the CPU kernel library was built, else PyTorch."""
+    return TorchDenseOps() if library is None else CpuDenseOps(library)
