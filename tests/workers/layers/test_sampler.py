@@ -51,3 +51,12 @@ def test_non_finite_logits_raise_instead_of_drawing_garbage() -> None:
     logits[1, 2] = float("nan")
     with pytest.raises(RuntimeError, match=r"logits of rows \[1\] hold inf or NaN"):
         sample(logits, [SamplingParams()] * 3, _gens(0, 1, 2))
+    logits[1, 2], logits[0, 0], logits[0, 1] = 1.0, float("inf"), float("-inf")  # inf - inf: a NaN sum
+    with pytest.raises(RuntimeError, match=r"logits of rows \[0\] hold inf or NaN"):
+        sample(logits, [SamplingParams()] * 3, _gens(0, 1, 2))
+
+
+def test_finite_logits_whose_sum_overflows_still_sample() -> None:
+    logits = torch.full((1, 4), 3e38)
+    logits[0, 2] = 3.3e38
+    assert sample(logits, [SamplingParams(temperature=0.0)], _gens(0)) == [2]
