@@ -159,9 +159,22 @@ void attend_blocks(const Problem& p, int kvh, int seq, int b0, int b1, int rows,
     const int D = kD != 0 ? kD : p.D, BS = kBS != 0 ? kBS : p.BS;
     const int64_t block_elems = static_cast<int64_t>(D) * BS;
     const int32_t* table = p.block_tables + static_cast<int64_t>(seq) * p.bt_stride;
+    const int elem_bytes = p.kv_dtype == 0 ? 4 : p.kv_dtype == 1 ? 2 : 1;
+    const int64_t block_bytes = block_elems * elem_bytes;
     for (int b = b0; b < b1; ++b) {
         const int64_t block = table[b];
         const int64_t base = (static_cast<int64_t>(kvh) * p.NB + block) * block_elems;
+        if (b + 1 < b1) {
+            // The next block lies anywhere in the pool, where the hardware prefetcher cannot guess
+            // it: ask for it now, so that its lines arrive while this block is computed.
+            const int64_t next = (static_cast<int64_t>(kvh) * p.NB + table[b + 1]) * block_elems * elem_bytes;
+            const char* nk = static_cast<const char*>(p.k_cache) + next;
+            const char* nv = static_cast<const char*>(p.v_cache) + next;
+            for (int64_t line = 0; line < block_bytes; line += 64) {
+                __builtin_prefetch(nk + line);
+                __builtin_prefetch(nv + line);
+            }
+        }
         const float* __restrict K;
         const float* __restrict V;
         if (p.kv_dtype == 0) {
@@ -197,7 +210,8 @@ void attend_blocks(const Problem& p, int kvh, int seq, int b0, int b1, int rows,
             float mx = st.m[r];
 #pragma omp simd reduction(max : mx)
             for (int k = 0; k < BS; ++k) mx = std::max(mx, s[k]);
-            const float corr = std::exp(st.m[r] - mx);
+            // Past the first blocks the running max seldom moves: no rescale then (exp(0) is 1).
+            const float corr = mx > st.m[r] ? std::exp(st.m[r] - mx) : 1.f;
             float sum = 0.f;
 #pragma omp simd reduction(+ : sum)
             for (int k = 0; k < BS; ++k) {

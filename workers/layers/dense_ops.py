@@ -7,6 +7,12 @@ residual add before it, rotary embedding of q and k, and SiLU-and-multiply.
   was 1.3-3x slower here at decode sizes, most of all for the output layer), and one fused C++ pass
   (`cpu_dense_kernels.cpp`) for each element-wise part where PyTorch runs five to sixteen operators
   with as many temporaries; same arithmetic, rounding where PyTorch rounds.
+
+Why C++ and not `torch.compile` for the element-wise parts: measured on a 2-core AVX2 machine
+(one layer's norm, rotary and SwiGLU, float32), eager PyTorch took 0.80 / 5.2 / 40 ms at 64 / 512 /
+2048 tokens, Inductor with dynamic shapes 0.28 / 1.4 / 7.0 ms after a first call of 32 s (and 8 s
+more to recompile for bfloat16), the fused kernels 0.17 / 1.3 / 5.6 ms after a build of seconds
+that is cached across processes.
 """
 
 from __future__ import annotations
