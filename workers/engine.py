@@ -55,8 +55,9 @@ class LLMEngine:
         num_blocks = num_kv_blocks(config, self.device, per_block, self.max_model_len)
         self.attention = make_backend(config.attention_backend, self.device, cfg.num_heads, cfg.num_kv_heads,
                                       cfg.head_dim)
-        # The fused element-wise kernels come with the CPU attention kernels (one library); the
-        # reference backend keeps the whole model on PyTorch's operators.
+        # The dense layers' CPU kernels (packed linears, fused element-wise passes) come with the
+        # CPU attention kernels (one library); the reference backend keeps the whole model on
+        # PyTorch's operators.
         dense_ops = make_dense_ops(self.attention.library if self.attention.name == "cpu" else None)
         dense_ops.prepare(self.loaded.model)
         self.loaded.model.dense_ops = dense_ops

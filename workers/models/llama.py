@@ -102,7 +102,7 @@ class LlamaForCausalLM(nn.Module):
         self.config = cfg
         self.model = LlamaModel(cfg, max_positions)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
-        self.dense_ops: DenseOps = TorchDenseOps()  # the engine sets the fused CPU kernels where they build
+        self.dense_ops: DenseOps = TorchDenseOps()  # the engine sets the CPU kernels where they build
         self.tie_weights()
 
     def tie_weights(self) -> None:
