@@ -3,7 +3,8 @@ processes write), PostgreSQL through `pg_dump -Fc`. Files are named `pipeline-<U
 
 A backup holds every prompt and answer: the files are created owner-only (0600), and so is the
 backups folder when this module creates it (0700). The database password reaches `pg_dump` through
-its environment (`PGPASSWORD`), never its command line, which every local user can read.
+its environment (`PGPASSWORD`) and a client key's passphrase through a 0600 service file, never its
+command line, which every local user can read.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import os
 import shutil
 import sqlite3
 import subprocess
+import tempfile
 from contextlib import closing
 from datetime import datetime
 from pathlib import Path
@@ -26,6 +28,9 @@ FOLDER_MODE = 0o700
 
 class BackupError(RuntimeError):
     """A backup could not be made; the message says why and what to do."""
+
+
+_SERVICE = "pipeline-backup"
 
 
 def backup_database(database_url: str, backups_dir: Path, *, now: datetime | None = None) -> Path:
@@ -62,31 +67,51 @@ def _pg_dump(database_url: str, target: Path) -> None:
     if pg_dump is None:
         raise BackupError("pg_dump is not on PATH; install the PostgreSQL client tools (same major version "
                           "as the server) where beat runs")
-    conninfo, password = libpq_conninfo(database_url)
+    conninfo, password, sslpassword = libpq_conninfo(database_url)
     env = dict(os.environ)
     if password is not None:
         env["PGPASSWORD"] = password
-    result = subprocess.run([pg_dump, "-Fc", "--file", str(target), "--dbname", conninfo], env=env,
-                            capture_output=True, text=True, check=False)
+    with tempfile.TemporaryDirectory(prefix="pipeline-pg-dump-") as private:  # 0700: ours alone
+        if sslpassword is not None:
+            if "\n" in sslpassword or "\r" in sslpassword:
+                raise BackupError("the database URL's sslpassword holds a line break, which a libpq service "
+                                  "file cannot carry; give the client key another passphrase")
+            # libpq reads a client key's passphrase from no environment variable, but from a
+            # connection service file, which (0600, in our own folder) no other user can read.
+            service_file = Path(private) / "pg_service.conf"
+            fd = os.open(service_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write(f"[{_SERVICE}]\nsslpassword={sslpassword}\n")
+            env["PGSERVICEFILE"] = str(service_file)
+            conninfo += ("&" if "?" in conninfo else "?") + f"service={_SERVICE}"
+        result = subprocess.run([pg_dump, "-Fc", "--file", str(target), "--dbname", conninfo], env=env,
+                                capture_output=True, text=True, check=False)
     if result.returncode != 0:
         detail = (result.stderr.strip().splitlines() or ["no message"])[-1]
         raise BackupError(f"pg_dump exited with {result.returncode}: {detail}")
 
 
-def libpq_conninfo(database_url: str) -> tuple[str, str | None]:
-    """(a libpq connection URI for `database_url` without its password, the password or None).
+def libpq_conninfo(database_url: str) -> tuple[str, str | None, str | None]:
+    """(a libpq connection URI for `database_url` without its secrets, the password, the client
+    key's passphrase `sslpassword`), each secret None when the URL has none.
 
     The password may sit in the URL's user part or in a `?password=` query parameter; it is taken
     out of both. (`URL.set(password=None)` would keep it: None there means "unchanged".)"""
     url = make_url(database_url)
     query = dict(url.query)
-    in_query = query.pop("password", None)
-    if isinstance(in_query, tuple):  # ?password=a&password=b: libpq would take the last one
-        in_query = in_query[-1] if in_query else None
+    in_query, sslpassword = _last(query.pop("password", None)), _last(query.pop("sslpassword", None))
     password = url.password if url.password is not None else in_query
     clean = URL.create("postgresql", username=url.username, host=url.host, port=url.port,
                        database=url.database, query=query)
-    return clean.render_as_string(hide_password=False), None if password is None else str(password)
+    return (clean.render_as_string(hide_password=False), None if password is None else str(password),
+            sslpassword)
+
+
+def _last(value: str | tuple[str, ...] | None) -> str | None:
+    """A query parameter's value; given twice (?password=a&password=b), libpq takes the last."""
+    if isinstance(value, tuple):
+        return value[-1] if value else None
+    return value
 
 
 def _private_file(path: Path) -> Path:

@@ -13,7 +13,7 @@ from urllib.parse import quote
 
 import pytest
 
-from db.backup import backup_database
+from db.backup import BackupError, backup_database
 from db.migrate import upgrade
 
 T0 = datetime(2026, 1, 5, 12, 0, 0, tzinfo=timezone.utc)
@@ -22,6 +22,7 @@ FAKE_PG_DUMP = """#!/bin/sh
 # Records its arguments and the password it was given, and writes a dump's magic to --file.
 printf '%s\\n' "$@" > "$FAKE_PG_DUMP_ARGS"
 printf '%s' "${PGPASSWORD-<unset>}" > "$FAKE_PG_DUMP_PASSWORD"
+if [ -n "$PGSERVICEFILE" ]; then cat "$PGSERVICEFILE" > "$FAKE_PG_DUMP_ARGS.service"; ls -l "$PGSERVICEFILE" > "$FAKE_PG_DUMP_ARGS.mode"; printf '%s' "$PGSERVICEFILE" > "$FAKE_PG_DUMP_ARGS.path"; fi
 while [ $# -gt 0 ]; do
     if [ "$1" = "--file" ]; then shift; printf 'PGDMP' > "$1"; fi
     shift
@@ -60,6 +61,30 @@ def test_the_password_reaches_pg_dump_only_through_its_environment(fake_pg_dump,
     assert password_file.read_text() == PASSWORD
     dbname = args[args.index("--dbname") + 1]
     assert dbname == "postgresql://backup@db.example:5433/pipeline?sslmode=disable"
+
+
+def test_a_client_keys_passphrase_reaches_pg_dump_through_a_private_service_file(fake_pg_dump, tmp_path: Path) -> None:
+    args_file, password_file = fake_pg_dump
+    url = (f"postgresql+psycopg://backup:{quote(PASSWORD, safe='')}@db.example/pipeline"
+           f"?sslmode=verify-full&sslpassword={quote('key pass#2', safe='')}")
+    backup_database(url, tmp_path / "backups", now=T0)
+    args = args_file.read_text()
+    assert "key pass" not in args and "key%20pass" not in args and "S3cr" not in args
+    dbname = args.splitlines()[args.splitlines().index("--dbname") + 1]
+    assert dbname == "postgresql://backup@db.example/pipeline?sslmode=verify-full&service=pipeline-backup"
+    assert Path(f"{args_file}.service").read_text() == "[pipeline-backup]\nsslpassword=key pass#2\n"
+    assert Path(f"{args_file}.mode").read_text().startswith("-rw-------")
+    assert password_file.read_text() == PASSWORD
+    assert not Path(Path(f"{args_file}.path").read_text()).parent.exists()  # the file went with its folder
+
+
+def test_a_passphrase_with_a_line_break_is_refused_before_pg_dump_runs(fake_pg_dump, tmp_path: Path) -> None:
+    args_file, _ = fake_pg_dump
+    with pytest.raises(BackupError, match="sslpassword holds a line break"):
+        backup_database("postgresql+psycopg://backup@db/pipeline?sslpassword=a%0Aservice%3Dother",
+                        tmp_path / "backups", now=T0)
+    assert not args_file.exists()
+    assert list((tmp_path / "backups").glob("*")) == []
 
 
 def test_without_a_password_pg_dump_keeps_the_users_own(fake_pg_dump, tmp_path: Path,
