@@ -24,6 +24,7 @@ from pathlib import Path
 
 HERE = Path(__file__).parent
 SOURCES = (HERE / "attention" / "cpu_kernels.cpp", HERE / "layers" / "cpu_dense_kernels.cpp")
+HEADERS = (HERE / "bfloat16.h",)
 # Fast math lets gcc vectorize exp (glibc's vector math library declares its vector variants only
 # under -ffast-math) and the max/sum reductions; the kernels use no infinities (masked scores are
 # skipped, the running max starts at -1e30). It is given to the compile step only: linked with
@@ -101,7 +102,7 @@ def _build_and_load(compiler: str | None) -> ctypes.CDLL | None:
 def _build_key(compiler: str) -> str:
     """Source, flags, compiler version and CPU features: -march=native code is only valid where built."""
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
-    digest = hashlib.sha256(b"".join(source.read_bytes() for source in SOURCES))
+    digest = hashlib.sha256(b"".join(source.read_bytes() for source in SOURCES + HEADERS))
     digest.update(" ".join(COMPILE_FLAGS + LINK_FLAGS).encode())
     digest.update(version.encode())
     digest.update(_cpu_flags().encode())

@@ -217,8 +217,9 @@ def test_the_image_can_build_the_cpu_kernels() -> None:
     globs = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["workers"]
     package = REPO_ROOT / "workers"
     shipped = {path for pattern in globs for path in package.glob(pattern)}
-    assert set(native_kernels.SOURCES) <= shipped
+    assert set(native_kernels.SOURCES + native_kernels.HEADERS) <= shipped
     assert set(package.rglob("*.cpp")) == set(native_kernels.SOURCES)  # no source the build forgets
+    assert set(package.rglob("*.h")) == set(native_kernels.HEADERS)  # none its cache key forgets
 
 
 def test_the_host_reaches_the_stack_through_the_cli_service(services: dict) -> None:

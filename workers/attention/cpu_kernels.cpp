@@ -18,29 +18,19 @@
 #include <vector>
 #include <omp.h>
 
+#include "../bfloat16.h"
+
 namespace {
 
 constexpr float kNegLarge = -1e30f;  // instead of -inf: exp(kNegLarge - m) underflows to 0 exactly
 constexpr int kRowsPerTile = 64;     // query rows (tokens x grouped heads) one work item carries
 
-inline float bf16_to_f32(uint16_t h) {
-    uint32_t x = static_cast<uint32_t>(h) << 16;
-    float f;
-    std::memcpy(&f, &x, 4);
-    return f;
-}
-
-inline uint16_t f32_to_bf16(float f) {  // round to nearest even, as torch's .to(bfloat16)
-    uint32_t x;
-    std::memcpy(&x, &f, 4);
-    if ((x & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((x >> 16) | 0x40u);  // NaN stays NaN
-    x += 0x7fffu + ((x >> 16) & 1u);
-    return static_cast<uint16_t>(x >> 16);
-}
+using bf16::from_f32;
+using bf16::to_f32;
 
 inline float load(const void* p, int64_t i, int dtype) {
     if (dtype == 0) return static_cast<const float*>(p)[i];
-    if (dtype == 1) return bf16_to_f32(static_cast<const uint16_t*>(p)[i]);
+    if (dtype == 1) return to_f32(static_cast<const uint16_t*>(p)[i]);
     return static_cast<float>(static_cast<const int8_t*>(p)[i]);
 }
 
@@ -259,7 +249,7 @@ void store_rows(const Problem& p, int rows, const int64_t* tokens, const int* he
             for (int d = 0; d < p.D; ++d) o[d] = acc[d] * inv;
         } else {
             uint16_t* o = static_cast<uint16_t*>(p.out) + off;
-            for (int d = 0; d < p.D; ++d) o[d] = f32_to_bf16(acc[d] * inv);
+            for (int d = 0; d < p.D; ++d) o[d] = from_f32(acc[d] * inv);
         }
     }
 }
@@ -304,7 +294,7 @@ void write_kv(const void* k, int64_t k_stride, const void* v, int64_t v_stride, 
                     uint16_t* dst = static_cast<uint16_t*>(cache);
                     for (int d = 0; d < D; ++d) {
                         dst[first + d * step] = src_dtype == 1 ? static_cast<const uint16_t*>(src)[off + d]
-                                                               : f32_to_bf16(load(src, off + d, src_dtype));
+                                                               : from_f32(load(src, off + d, src_dtype));
                     }
                 } else {
                     float* dst = static_cast<float*>(cache);

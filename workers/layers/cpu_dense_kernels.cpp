@@ -9,34 +9,24 @@
 #include <cstdint>
 #include <cstring>
 
+#include "../bfloat16.h"
+
 namespace {
 
-inline float bf16_to_f32(uint16_t h) {
-    uint32_t x = static_cast<uint32_t>(h) << 16;
-    float f;
-    std::memcpy(&f, &x, 4);
-    return f;
-}
+using bf16::from_f32;
+using bf16::to_f32;
 
-inline uint16_t f32_to_bf16(float f) {  // round to nearest even, as torch's .to(bfloat16)
-    uint32_t x;
-    std::memcpy(&x, &f, 4);
-    if ((x & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((x >> 16) | 0x40u);  // NaN stays NaN
-    x += 0x7fffu + ((x >> 16) & 1u);
-    return static_cast<uint16_t>(x >> 16);
-}
-
-inline float round_bf16(float f) { return bf16_to_f32(f32_to_bf16(f)); }
+inline float round_bf16(float f) { return to_f32(from_f32(f)); }
 
 // Element access for a dtype fixed at compile time, so that the loops vectorize.
 template <int DT> inline float get(const void* p, int64_t i) {
     if constexpr (DT == 0) return static_cast<const float*>(p)[i];
-    else return bf16_to_f32(static_cast<const uint16_t*>(p)[i]);
+    else return to_f32(static_cast<const uint16_t*>(p)[i]);
 }
 
 template <int DT> inline void put(void* p, int64_t i, float v) {
     if constexpr (DT == 0) static_cast<float*>(p)[i] = v;
-    else static_cast<uint16_t*>(p)[i] = f32_to_bf16(v);
+    else static_cast<uint16_t*>(p)[i] = from_f32(v);
 }
 
 template <int DT> inline float in_dtype(float v) {  // v as the model's dtype holds it
