@@ -145,21 +145,16 @@ def execute_chunk(
                 log.info("chunk %s is done or leased by another worker; skipping", chunk_id)
                 return
             # This claim is one more than allowed: the chunk was started `attempts - 1` times.
-            if deliveries_used_up(chunk.attempts - 1, max_redeliveries):
-                failed = fail_lost_chunk(session, chunk_id, tries=chunk.attempts - 1)
-                if failed:  # 0: given up already by a racing sweep or delivery
-                    log.error("chunk %s was started %d times without finishing; failed its %d pending requests",
-                              chunk_id, chunk.attempts - 1, failed)
-                return
-            job_id = chunk.job_id
-            job = session.get(Job, job_id)
-            job_model, tenant_id = job.model, job.tenant_id
-            work = [_Work(r.id, r.line, r.custom_id, r.endpoint, dict(r.body), r.session_id, r.dedupe_key)
-                    for r in chunk_requests(session, chunk_id)]
-            histories: dict[str, list[Message]] = {}
-            for session_id in dict.fromkeys(w.session_id for w in work if w.session_id is not None):
-                record = get_session(session, session_id, tenant_id=tenant_id)
-                histories[session_id] = [] if record is None else list(record.history)
+            given_up_after = chunk.attempts - 1 if deliveries_used_up(chunk.attempts - 1, max_redeliveries) else None
+            if given_up_after is None:
+                work, histories, job_id, job_model, tenant_id = _load_chunk(session, chunk)
+    if given_up_after is not None:
+        # In a transaction of its own, once the claim (and its lease) is committed: failing the
+        # requests locks the job's row, and taking that after the chunk's, which the claim holds,
+        # would invert the job -> chunk order every writer keeps (a sweep giving up the same
+        # chunk deadlocked with it).
+        _give_up(session_factory, chunk_id, given_up_after)
+        return
 
     engine_tracebacks: dict[int, str] = {}  # request id -> the engine's traceback, for `engine_error`s
     progress = ChunkProgress(lambda: loop.num_steps)
@@ -198,6 +193,27 @@ def execute_chunk(
                                  chunk_id=chunk_id, line=w.line, custom_id=w.custom_id,
                                  traceback=engine_tracebacks.get(result.request_id))
             finish_job_if_done(session, job_id)
+
+
+def _load_chunk(session: Session, chunk) -> tuple[list[_Work], dict[str, list[Message]], str, str, str | None]:
+    """A claimed chunk's pending work, the histories of its sessions, and its job's id, model and tenant."""
+    job = session.get(Job, chunk.job_id)
+    work = [_Work(r.id, r.line, r.custom_id, r.endpoint, dict(r.body), r.session_id, r.dedupe_key)
+            for r in chunk_requests(session, chunk.id)]
+    histories: dict[str, list[Message]] = {}
+    for session_id in dict.fromkeys(w.session_id for w in work if w.session_id is not None):
+        record = get_session(session, session_id, tenant_id=job.tenant_id)
+        histories[session_id] = [] if record is None else list(record.history)
+    return work, histories, job.id, job.model, job.tenant_id
+
+
+def _give_up(session_factory: sessionmaker[Session], chunk_id: int, tries: int) -> None:
+    for attempt in db_attempts(f"give up chunk {chunk_id}"):
+        with attempt, session_factory.begin() as session:
+            failed = fail_lost_chunk(session, chunk_id, tries=tries)
+    if failed:  # 0: given up already by a racing sweep or delivery
+        log.error("chunk %s was started %d times without finishing; failed its %d pending requests",
+                  chunk_id, tries, failed)
 
 
 def _stall_reporter(session_factory: sessionmaker[Session], job_id: str, chunk_id: int, worker_name: str,

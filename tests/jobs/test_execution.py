@@ -111,3 +111,51 @@ def test_a_claim_beyond_the_redelivery_cap_fails_the_chunk_without_running_it(se
         assert get_usage(session, job_id) is None  # nothing ran, nothing billed
         [event] = job_errors(session, job_id)
         assert event.kind == "worker_lost" and "was started 1 time and never finished" in event.message
+
+
+def test_giving_up_a_chunk_takes_the_job_lock_without_holding_the_chunks(pg_url: str, tmp_path: Path) -> None:
+    """Every writer locks a job before its chunks. A sweep giving up the same chunk holds the job
+    row and then wants the chunk's: the worker's give-up must not hold the chunk (as its claim
+    does) while it waits for the job, or the two deadlock."""
+    import threading
+    import time
+    from datetime import timedelta
+
+    from sqlalchemy import select
+
+    from db.repository import claim_chunk
+
+    upgrade(pg_url)
+    settings = Settings(database_url=pg_url, chunk_size=2)
+    source = tmp_path / "in.jsonl"
+    source.write_text("".join(json.dumps({"custom_id": c, "text": c, "max_tokens": 2}) + "\n" for c in ("a", "b")))
+    engine = make_engine(pg_url)
+    factory = session_factory(engine)
+    sent: list[int] = []
+    job_id = submit_file(settings, factory, source, send_chunk=lambda c, q: sent.append(c))["id"]
+    with factory.begin() as session:  # one run that died: claimed, its lease long gone
+        chunk = claim_chunk(session, sent[0], worker="dead", lease=timedelta(seconds=1))
+        chunk.lease_expires_at = chunk.created_at
+
+    with factory.begin() as sweep:  # as the sweep's give-up: the job's row first
+        sweep.execute(select(Job.id).where(Job.id == job_id).with_for_update())
+        worker = threading.Thread(target=execute_chunk,
+                                  args=(factory, get_engine_loop(settings), sent[0], "w1"),
+                                  kwargs={"max_redeliveries": 0})
+        worker.start()
+        deadline = time.monotonic() + 30
+        while True:  # the worker's claim commits without the job's lock
+            with factory() as other:
+                if other.get(Chunk, sent[0]).attempts == 2:
+                    break
+            assert time.monotonic() < deadline, "the worker's claim waits for the job row it should not need"
+            time.sleep(0.05)
+        # ... so the chunk's row is free for the sweep, which then sees nothing left to give up.
+        sweep.execute(select(Chunk.id).where(Chunk.id == sent[0]).with_for_update())
+    worker.join(timeout=30)
+    assert not worker.is_alive()
+    with factory() as session:
+        job = session.get(Job, job_id)
+        assert (job.status, job.request_failed) == (JobStatus.COMPLETED, 2)
+        assert [e.kind for e in job_errors(session, job_id)] == ["worker_lost"]
+    engine.dispose()
