@@ -11,6 +11,7 @@ outage visible in the worker log as retries, not as a failed task.
 
 from __future__ import annotations
 
+from contextlib import closing
 from pathlib import Path
 
 import psycopg
@@ -20,11 +21,11 @@ from sqlalchemy.exc import OperationalError
 from sqlalchemy.pool import NullPool
 
 from db import make_engine, session_factory
-from db.enums import ChunkStatus, JobStatus
+from db.enums import JobStatus
 from db.models import Chunk
 from jobs.worker_process import delete_prefixed_keys
 
-from fault_checks import PRICES, assert_every_line_once, chunk_statuses, job_status, write_lines
+from fault_checks import PRICES, assert_every_line_once, job_status, write_lines
 from fault_services import PrivatePostgres
 from support.processes import (BROKER_URL, assert_one_error_line, cli, cli_ok, key_prefix, log_count, pipeline_env,
                                wait_until, worker)
@@ -65,17 +66,15 @@ def test_postgres_restart_during_a_result_write_is_retried_and_every_line_writte
     try:
         pg.start()
         cli_ok(env, tmp_path, "db", "upgrade")
-        with worker(env, tmp_path, log, "--concurrency", "1") as process:
-            job_id = cli_ok(env, tmp_path, "submit", "in.jsonl").stdout.strip()
-            wait_until(lambda: ChunkStatus.DONE in chunk_statuses(factory, job_id).values(), "a chunk done", log)
-
-            blocker = psycopg.connect(pg.url.replace("+psycopg", ""))
-            try:
-                blocker.execute("SELECT id FROM jobs WHERE id = %s FOR UPDATE", (job_id,))
-                wait_until(lambda: _waiting_on_a_lock(factory), "the worker's result write waits on the job row", log)
-                pg.stop("fast")  # drops the worker's connection in the middle of its write, and ours
-            finally:
-                blocker.close()
+        # The job's row is locked before the worker starts, so that its first result write must
+        # wait on it (with the tiny model a whole job can end before a test that waits for a first
+        # finished chunk gets to lock anything).
+        job_id = cli_ok(env, tmp_path, "submit", "in.jsonl").stdout.strip()
+        blocker = psycopg.connect(pg.url.replace("+psycopg", ""))
+        blocker.execute("SELECT id FROM jobs WHERE id = %s FOR UPDATE", (job_id,))
+        with closing(blocker), worker(env, tmp_path, log, "--concurrency", "1") as process:
+            wait_until(lambda: _waiting_on_a_lock(factory), "the worker's result write waits on the job row", log)
+            pg.stop("fast")  # drops the worker's connection in the middle of its write, and ours
 
             # While the server is away: the CLI says so in one line; the worker retries, it does not fail.
             assert_one_error_line(cli(env, tmp_path, "status", job_id), mentions="cannot use the database")
