@@ -35,7 +35,7 @@ from typing import Any
 
 from sqlalchemy.orm import Session, sessionmaker
 
-from db.models import Job
+from db.models import Chunk, Job
 from db.repository import (
     add_usage,
     chunk_requests,
@@ -195,7 +195,7 @@ def execute_chunk(
             finish_job_if_done(session, job_id)
 
 
-def _load_chunk(session: Session, chunk) -> tuple[list[_Work], dict[str, list[Message]], str, str, str | None]:
+def _load_chunk(session: Session, chunk: Chunk) -> tuple[list[_Work], dict[str, list[Message]], str, str, str | None]:
     """A claimed chunk's pending work, the histories of its sessions, and its job's id, model and tenant."""
     job = session.get(Job, chunk.job_id)
     work = [_Work(r.id, r.line, r.custom_id, r.endpoint, dict(r.body), r.session_id, r.dedupe_key)

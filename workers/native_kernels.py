@@ -26,10 +26,10 @@ HERE = Path(__file__).parent
 SOURCES = (HERE / "attention" / "cpu_kernels.cpp", HERE / "layers" / "cpu_dense_kernels.cpp")
 HEADERS = (HERE / "bfloat16.h",)
 # Fast math lets gcc vectorize exp (glibc's vector math library declares its vector variants only
-# under -ffast-math) and the max/sum reductions; the kernels use no infinities (masked scores are
-# skipped, the running max starts at -1e30). It is given to the compile step only: linked with
-# it, gcc adds a start-up file that switches the whole process to flush-to-zero, which would
-# change PyTorch's float results too (a test checks that it does not).
+# under -ffast-math) and the max/sum reductions; the kernels use no infinities (masked scores and
+# the running max start at -1e30, whose exp underflows to 0). It is given to the compile step
+# only: linked with it, gcc adds a start-up file that switches the whole process to flush-to-zero,
+# which would change PyTorch's float results too (a test checks that it does not).
 COMPILE_FLAGS = ("-O3", "-march=native", "-mprefer-vector-width=512", "-fopenmp", "-fPIC", "-std=c++17",
                  "-ffast-math", "-c")
 LINK_FLAGS = ("-shared", "-fopenmp")

@@ -22,7 +22,11 @@ FAKE_PG_DUMP = """#!/bin/sh
 # Records its arguments and the password it was given, and writes a dump's magic to --file.
 printf '%s\\n' "$@" > "$FAKE_PG_DUMP_ARGS"
 printf '%s' "${PGPASSWORD-<unset>}" > "$FAKE_PG_DUMP_PASSWORD"
-if [ -n "$PGSERVICEFILE" ]; then cat "$PGSERVICEFILE" > "$FAKE_PG_DUMP_ARGS.service"; ls -l "$PGSERVICEFILE" > "$FAKE_PG_DUMP_ARGS.mode"; printf '%s' "$PGSERVICEFILE" > "$FAKE_PG_DUMP_ARGS.path"; fi
+if [ -n "$PGSERVICEFILE" ]; then
+    cat "$PGSERVICEFILE" > "$FAKE_PG_DUMP_ARGS.service"
+    ls -l "$PGSERVICEFILE" > "$FAKE_PG_DUMP_ARGS.mode"
+    printf '%s' "$PGSERVICEFILE" > "$FAKE_PG_DUMP_ARGS.path"
+fi
 while [ $# -gt 0 ]; do
     if [ "$1" = "--file" ]; then shift; printf 'PGDMP' > "$1"; fi
     shift
