@@ -15,6 +15,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 #include <omp.h>
 
@@ -23,7 +24,7 @@
 namespace {
 
 constexpr float kNegLarge = -1e30f;  // instead of -inf: exp(kNegLarge - m) underflows to 0 exactly
-constexpr int kRowsPerTile = 64;     // query rows (tokens x grouped heads) one work item carries
+constexpr int kRowsPerTile = 128;    // query rows (tokens x grouped heads) one work item carries
 
 using bf16::from_f32;
 using bf16::to_f32;
@@ -34,17 +35,13 @@ inline float load(const void* p, int64_t i, int dtype) {
     return static_cast<float>(static_cast<const int8_t*>(p)[i]);
 }
 
-// n values from p (dtype) into dst as float32.
+// n bfloat16 or int8 (dtype 1 or 2) values from p into dst as float32 (int8 scales are applied to
+// scores and weights).
 inline void to_float(const void* p, int64_t offset, int64_t n, int dtype, float* __restrict dst) {
     if (dtype == 1) {
         const uint16_t* src = static_cast<const uint16_t*>(p) + offset;
 #pragma omp simd
-        for (int64_t i = 0; i < n; ++i) {
-            uint32_t x = static_cast<uint32_t>(src[i]) << 16;
-            float f;
-            std::memcpy(&f, &x, 4);
-            dst[i] = f;
-        }
+        for (int64_t i = 0; i < n; ++i) dst[i] = bf16::to_f32(src[i]);
     } else {
         const int8_t* src = static_cast<const int8_t*>(p) + offset;
 #pragma omp simd
@@ -62,173 +59,283 @@ struct Problem {
     void* out;  // [T, H, D] contiguous
 };
 
-// Online-softmax state of `rows` query rows: running max, running sum, unnormalised output.
+constexpr int kMaxBlocksPerStep = 4;  // blocks whose keys go through one online-softmax update
+
+// A K/V element as float32. The micro-kernels read float32 blocks where they lie, and bfloat16
+// blocks too when few rows read each key (a decode's grouped heads: widening at each load is two
+// vector instructions, cheaper than a converted copy); when many rows share the keys (prefill
+// chunks, cascade groups), a block is converted once into a float32 copy that they all read, as
+// int8 blocks always are (their scales apply to scores and weights).
+constexpr int kMaxRowsReadingInPlace = 8;
+inline float f32(float x) { return x; }
+inline float f32(uint16_t x) { return to_f32(x); }
+
+// kN elements at p as float32: float32 ones where they are, bfloat16 ones widened into buf.
+template <int kN>
+inline const float* widened(const float* p, float*) { return p; }
+template <int kN>
+inline const float* widened(const uint16_t* __restrict p, float* __restrict buf) {
+#pragma omp simd
+    for (int i = 0; i < kN; ++i) buf[i] = to_f32(p[i]);
+    return buf;
+}
+
+// Online-softmax state of `rows` query rows: running max, running sum, unnormalised output; and
+// the scratch of one step over up to kMaxBlocksPerStep blocks (scores, dequantized int8 blocks).
 struct RowState {
-    std::vector<float> q, m, l, acc, kbuf, vbuf, s;
+    std::vector<float> q, m, l, acc, kbuf, vbuf, s, corr;
+    std::vector<int> visible;
     void reserve(int rows, int D, int BS) {
         q.resize(rows * D); m.resize(rows); l.resize(rows); acc.resize(rows * D);
-        kbuf.resize(D * BS); vbuf.resize(BS * D); s.resize(rows * BS);
+        kbuf.resize(kMaxBlocksPerStep * D * BS); vbuf.resize(kMaxBlocksPerStep * BS * D);
+        s.resize(rows * kMaxBlocksPerStep * BS); corr.resize(rows); visible.resize(rows);
     }
 };
 
-// s[r * BS, (r + 1) * BS) = query row r's scores against a block's keys (K transposed: [D, BS]),
-// for `rows` rows (q: rows x D). With the block size known, four rows go together: each key load
-// serves four rows, and their 4 x BS scores stay in registers as independent FMA chains.
-template <int kBS>
-inline void score_rows(const float* __restrict q, const float* __restrict K, int D, int bs, int rows,
-                       float* __restrict s) {
+// s[r * S + i * BS + k] = query row r's score against key k of block i (K[i]: that block's keys
+// transposed, [D, BS]), for `rows` rows (q: rows x D) and kNB blocks. Four rows go together: each
+// key load serves four rows, and their 4 x kNB x BS scores stay in registers as independent FMA
+// chains (16 vector registers at 4 blocks of 16).
+template <int kBS, int kNB, typename T>
+inline void score_tile(const float* __restrict q, const T* const* K, int D, int rows, float* __restrict s, int S) {
     int r = 0;
-    if constexpr (kBS != 0) {
-        for (; r + 4 <= rows; r += 4) {
-            float acc[4][kBS] = {};
-            const float* __restrict q0 = q + static_cast<int64_t>(r) * D;
-            for (int d = 0; d < D; ++d) {
-                const float* __restrict kd = K + static_cast<int64_t>(d) * kBS;
+    for (; r + 4 <= rows; r += 4) {
+        float acc[4][kNB][kBS] = {};
+        float wide[kBS];
+        const float* __restrict q0 = q + static_cast<int64_t>(r) * D;
+        for (int d = 0; d < D; ++d) {
+#pragma GCC unroll 4
+            for (int i = 0; i < kNB; ++i) {
+                const float* __restrict kf = widened<kBS>(K[i] + static_cast<int64_t>(d) * kBS, wide);
 #pragma GCC unroll 4
                 for (int j = 0; j < 4; ++j) {
                     const float qd = q0[j * D + d];
 #pragma omp simd
-                    for (int k = 0; k < kBS; ++k) acc[j][k] += qd * kd[k];
+                    for (int k = 0; k < kBS; ++k) acc[j][i][k] += qd * kf[k];
                 }
             }
-            for (int j = 0; j < 4; ++j)
-                for (int k = 0; k < kBS; ++k) s[(r + j) * kBS + k] = acc[j][k];
         }
+        for (int j = 0; j < 4; ++j)
+            for (int i = 0; i < kNB; ++i)
+                for (int k = 0; k < kBS; ++k) s[(r + j) * S + i * kBS + k] = acc[j][i][k];
     }
-    const int BS = kBS != 0 ? kBS : bs;
     for (; r < rows; ++r) {
-        float* __restrict sr = s + static_cast<int64_t>(r) * BS;
+        float acc[kNB][kBS] = {};
         const float* __restrict qr = q + static_cast<int64_t>(r) * D;
+        for (int d = 0; d < D; ++d)
+            for (int i = 0; i < kNB; ++i) {
+                const T* __restrict kd = K[i] + static_cast<int64_t>(d) * kBS;
 #pragma omp simd
-        for (int k = 0; k < BS; ++k) sr[k] = 0.f;
-        for (int d = 0; d < D; ++d) {
-            const float qd = qr[d];
-            const float* __restrict kd = K + static_cast<int64_t>(d) * BS;
+                for (int k = 0; k < kBS; ++k) acc[i][k] += qr[d] * f32(kd[k]);
+            }
+        for (int i = 0; i < kNB; ++i)
+            for (int k = 0; k < kBS; ++k) s[r * S + i * kBS + k] = acc[i][k];
+    }
+}
+
+// The same for any block size, one row and block at a time.
+template <typename T>
+inline void score_tile_any(const float* __restrict q, const T* const* K, int D, int BS, int nb, int rows,
+                           float* __restrict s, int S) {
+    for (int r = 0; r < rows; ++r)
+        for (int i = 0; i < nb; ++i) {
+            float* __restrict sr = s + static_cast<int64_t>(r) * S + i * BS;
+            const float* __restrict qr = q + static_cast<int64_t>(r) * D;
 #pragma omp simd
-            for (int k = 0; k < BS; ++k) sr[k] += qd * kd[k];
+            for (int k = 0; k < BS; ++k) sr[k] = 0.f;
+            for (int d = 0; d < D; ++d) {
+                const float qd = qr[d];
+                const T* __restrict kd = K[i] + static_cast<int64_t>(d) * BS;
+#pragma omp simd
+                for (int k = 0; k < BS; ++k) sr[k] += qd * f32(kd[k]);
+            }
+        }
+}
+
+// acc[r] = acc[r] * corr[r] + sum over keys k < visible[r] of w[r * S + k] * V(k), where key k is
+// row k % BS of block V[k / BS] ([BS, D]). Four rows go together over the most keys any of them
+// sees (the others' weights there are 0): each value load serves four rows, whose 4 x D outputs
+// stay in registers.
+template <int kBS, int kD, typename T>
+inline void accumulate_tile(float* __restrict acc, const float* __restrict corr, const float* __restrict w, int S,
+                            const T* const* V, const int* visible, int rows) {
+    int r = 0;
+    for (; r + 4 <= rows; r += 4) {
+        float a[4][kD];
+        float wide[kD];
+        for (int j = 0; j < 4; ++j)
+#pragma omp simd
+            for (int i = 0; i < kD; ++i) a[j][i] = acc[(r + j) * kD + i] * corr[r + j];
+        const int n = std::max(std::max(visible[r], visible[r + 1]), std::max(visible[r + 2], visible[r + 3]));
+        for (int k = 0; k < n; ++k) {
+            const float* __restrict vf = widened<kD>(V[k / kBS] + (k % kBS) * kD, wide);
+#pragma GCC unroll 4
+            for (int j = 0; j < 4; ++j) {
+                const float wk = w[(r + j) * S + k];
+#pragma omp simd
+                for (int i = 0; i < kD; ++i) a[j][i] += wk * vf[i];
+            }
+        }
+        for (int j = 0; j < 4; ++j)
+#pragma omp simd
+            for (int i = 0; i < kD; ++i) acc[(r + j) * kD + i] = a[j][i];
+    }
+    for (; r < rows; ++r) {
+        float a[kD];
+#pragma omp simd
+        for (int i = 0; i < kD; ++i) a[i] = acc[r * kD + i] * corr[r];
+        for (int k = 0; k < visible[r]; ++k) {
+            const float wk = w[r * S + k];
+            const T* __restrict vk = V[k / kBS] + (k % kBS) * kD;
+#pragma omp simd
+            for (int i = 0; i < kD; ++i) a[i] += wk * f32(vk[i]);
+        }
+#pragma omp simd
+        for (int i = 0; i < kD; ++i) acc[r * kD + i] = a[i];
+    }
+}
+
+// The same for any block size and head dim, one row at a time.
+template <typename T>
+inline void accumulate_tile_any(float* __restrict acc, const float* __restrict corr, const float* __restrict w,
+                                int S, const T* const* V, const int* visible, int rows, int BS, int D) {
+    for (int r = 0; r < rows; ++r) {
+        float* __restrict ar = acc + static_cast<int64_t>(r) * D;
+#pragma omp simd
+        for (int i = 0; i < D; ++i) ar[i] *= corr[r];
+        for (int k = 0; k < visible[r]; ++k) {
+            const float wk = w[r * S + k];
+            const T* __restrict vk = V[k / BS] + static_cast<int64_t>(k % BS) * D;
+#pragma omp simd
+            for (int i = 0; i < D; ++i) ar[i] += wk * f32(vk[i]);
         }
     }
 }
 
-// acc[0, D) = acc * corr + sum over the first `visible` keys of w[k] * V[k].
-template <int kD>
-inline void accumulate_values(float* __restrict acc_out, float corr, const float* __restrict w,
-                              const float* __restrict V, int visible, int d) {
-    const int D = kD != 0 ? kD : d;
-    if constexpr (kD != 0) {
-        float acc[kD];  // registers: the row's output, built over the block's keys
-#pragma omp simd
-        for (int i = 0; i < kD; ++i) acc[i] = acc_out[i] * corr;
-        for (int k = 0; k < visible; ++k) {
-            const float wk = w[k];
-            const float* __restrict vk = V + static_cast<int64_t>(k) * kD;
-#pragma omp simd
-            for (int i = 0; i < kD; ++i) acc[i] += wk * vk[i];
+template <int kBS, typename T>
+void score_blocks(const float* q, const T* const* K, int D, int BS, int nb, int rows, float* s, int S) {
+    if constexpr (kBS != 0) {
+        switch (nb) {
+            case 1: return score_tile<kBS, 1, T>(q, K, D, rows, s, S);
+            case 2: return score_tile<kBS, 2, T>(q, K, D, rows, s, S);
+            case 3: return score_tile<kBS, 3, T>(q, K, D, rows, s, S);
+            default: return score_tile<kBS, 4, T>(q, K, D, rows, s, S);
         }
-#pragma omp simd
-        for (int i = 0; i < kD; ++i) acc_out[i] = acc[i];
     } else {
-#pragma omp simd
-        for (int i = 0; i < D; ++i) acc_out[i] *= corr;
-        for (int k = 0; k < visible; ++k) {
-            const float wk = w[k];
-            const float* __restrict vk = V + static_cast<int64_t>(k) * D;
-#pragma omp simd
-            for (int i = 0; i < D; ++i) acc_out[i] += wk * vk[i];
-        }
+        score_tile_any(q, K, D, BS, nb, rows, s, S);
     }
 }
 
 // Attends `rows` query rows (row r: token tokens[r], head heads[r], position pos[r]) to key
-// blocks [b0, b1) of sequence `seq` under its block table, updating st. kBS and kD fix the block
-// size and head dim at compile time (0: read them from p): with them known, a block's 16 or 32
-// scores stay in registers across the head dim, and a row's output in registers across the keys.
-template <int kBS, int kD>
+// blocks [b0, b1) of sequence `seq` under its block table, updating st, up to kMaxBlocksPerStep
+// blocks per online-softmax update (one max, exp and rescale per row for up to 64 keys, not 16).
+// kBS and kD fix the block size and head dim at compile time (0: read them from p).
+// T is the element type the micro-kernels read: the pool's own (float32: float, bfloat16 in place:
+// uint16_t), or float for bfloat16 and int8 blocks converted into st's buffers first.
+template <int kBS, int kD, typename T>
 void attend_blocks(const Problem& p, int kvh, int seq, int b0, int b1, int rows, const int* pos,
                    int kv_len, RowState& st) {
     const int D = kD != 0 ? kD : p.D, BS = kBS != 0 ? kBS : p.BS;
+    const int S = kMaxBlocksPerStep * BS;  // a row's stride in st.s
     const int64_t block_elems = static_cast<int64_t>(D) * BS;
     const int32_t* table = p.block_tables + static_cast<int64_t>(seq) * p.bt_stride;
     const int elem_bytes = p.kv_dtype == 0 ? 4 : p.kv_dtype == 1 ? 2 : 1;
     const int64_t block_bytes = block_elems * elem_bytes;
-    for (int b = b0; b < b1; ++b) {
-        const int64_t block = table[b];
-        const int64_t base = (static_cast<int64_t>(kvh) * p.NB + block) * block_elems;
-        if (b + 1 < b1) {
-            // The next block lies anywhere in the pool, where the hardware prefetcher cannot guess
-            // it: ask for it now, so that its lines arrive while this block is computed.
-            const int64_t next = (static_cast<int64_t>(kvh) * p.NB + table[b + 1]) * block_elems * elem_bytes;
-            const char* nk = static_cast<const char*>(p.k_cache) + next;
-            const char* nv = static_cast<const char*>(p.v_cache) + next;
+    const T* K[kMaxBlocksPerStep];
+    const T* V[kMaxBlocksPerStep];
+    const float* ks[kMaxBlocksPerStep] = {};
+    const float* vs[kMaxBlocksPerStep] = {};
+    for (int b = b0; b < b1; b += kMaxBlocksPerStep) {
+        const int nb = std::min(kMaxBlocksPerStep, b1 - b);
+        // The next blocks lie anywhere in the pool, where the hardware prefetcher cannot guess
+        // them: ask for them now, so that their lines arrive while these are computed.
+        for (int nxt = b + nb; nxt < std::min(b1, b + 2 * nb); ++nxt) {
+            const int64_t at = (static_cast<int64_t>(kvh) * p.NB + table[nxt]) * block_bytes;
+            const char* nk = static_cast<const char*>(p.k_cache) + at;
+            const char* nv = static_cast<const char*>(p.v_cache) + at;
             for (int64_t line = 0; line < block_bytes; line += 64) {
                 __builtin_prefetch(nk + line);
                 __builtin_prefetch(nv + line);
             }
         }
-        const float* __restrict K;
-        const float* __restrict V;
-        if (p.kv_dtype == 0) {
-            K = static_cast<const float*>(p.k_cache) + base;
-            V = static_cast<const float*>(p.v_cache) + base;
-        } else {
-            to_float(p.k_cache, base, block_elems, p.kv_dtype, st.kbuf.data());
-            to_float(p.v_cache, base, block_elems, p.kv_dtype, st.vbuf.data());
-            K = st.kbuf.data();
-            V = st.vbuf.data();
-        }
-        const float* ks = nullptr;
-        const float* vs = nullptr;
-        if (p.kv_dtype == 2) {
-            const int64_t sbase = (static_cast<int64_t>(kvh) * p.NB + block) * BS;
-            ks = p.k_scale + sbase;
-            vs = p.v_scale + sbase;
+        for (int i = 0; i < nb; ++i) {
+            const int64_t block = table[b + i];
+            const int64_t base = (static_cast<int64_t>(kvh) * p.NB + block) * block_elems;
+            if (p.kv_dtype == 2) {
+                const int64_t sbase = (static_cast<int64_t>(kvh) * p.NB + block) * BS;
+                ks[i] = p.k_scale + sbase;
+                vs[i] = p.v_scale + sbase;
+            }
+            const bool converted = std::is_same_v<T, float> && p.kv_dtype != 0;
+            if (converted) {
+                float* kb = st.kbuf.data() + i * block_elems;
+                float* vb = st.vbuf.data() + i * block_elems;
+                to_float(p.k_cache, base, block_elems, p.kv_dtype, kb);
+                to_float(p.v_cache, base, block_elems, p.kv_dtype, vb);
+                K[i] = reinterpret_cast<const T*>(kb);
+                V[i] = reinterpret_cast<const T*>(vb);
+            } else {
+                K[i] = static_cast<const T*>(p.k_cache) + base;
+                V[i] = static_cast<const T*>(p.v_cache) + base;
+            }
         }
         const int key0 = b * BS;
-        const int in_block = std::min(BS, kv_len - key0);
-        score_rows<kBS>(st.q.data(), K, D, BS, rows, st.s.data());
+        const int keys = nb * BS;
+        const int in_range = std::min(keys, kv_len - key0);
+        score_blocks<kBS, T>(st.q.data(), K, D, BS, nb, rows, st.s.data(), S);
         for (int r = 0; r < rows; ++r) {
-            const int visible = std::min(in_block, pos[r] - key0 + 1);
-            if (visible <= 0) continue;
-            float* __restrict s = st.s.data() + static_cast<int64_t>(r) * BS;
-            if (ks != nullptr) {
+            float* __restrict s = st.s.data() + static_cast<int64_t>(r) * S;
+            const int visible = std::min(in_range, pos[r] - key0 + 1);
+            st.visible[r] = std::max(visible, 0);
+            if (visible <= 0) {  // these keys all follow this row (causal): it keeps its state
+                st.corr[r] = 1.f;
 #pragma omp simd
-                for (int k = 0; k < BS; ++k) s[k] *= ks[k];
+                for (int k = 0; k < keys; ++k) s[k] = 0.f;
+                continue;
             }
+            if (p.kv_dtype == 2)
+                for (int i = 0; i < nb; ++i)
+#pragma omp simd
+                    for (int k = 0; k < BS; ++k) s[i * BS + k] *= ks[i][k];
             // Keys past `visible` (beyond the sequence, or after this row under the causal mask)
             // get a score whose exp is 0, so the max, exp and sum run over whole blocks.
-            for (int k = visible; k < BS; ++k) s[k] = kNegLarge;
+            for (int k = visible; k < keys; ++k) s[k] = kNegLarge;
             float mx = st.m[r];
 #pragma omp simd reduction(max : mx)
-            for (int k = 0; k < BS; ++k) mx = std::max(mx, s[k]);
+            for (int k = 0; k < keys; ++k) mx = std::max(mx, s[k]);
             // Past the first blocks the running max seldom moves: no rescale then (exp(0) is 1).
             const float corr = mx > st.m[r] ? std::exp(st.m[r] - mx) : 1.f;
             float sum = 0.f;
 #pragma omp simd reduction(+ : sum)
-            for (int k = 0; k < BS; ++k) {
+            for (int k = 0; k < keys; ++k) {
                 s[k] = std::exp(s[k] - mx);
                 sum += s[k];
             }
             st.l[r] = st.l[r] * corr + sum;
             st.m[r] = mx;
-            if (vs != nullptr) {  // int8 values: each key's weight takes its value scale
+            st.corr[r] = corr;
+            if (p.kv_dtype == 2)  // int8 values: each key's weight takes its value scale
+                for (int i = 0; i < nb; ++i)
 #pragma omp simd
-                for (int k = 0; k < BS; ++k) s[k] *= vs[k];
-            }
-            float* __restrict acc = st.acc.data() + static_cast<int64_t>(r) * D;
-            accumulate_values<kD>(acc, corr, s, V, visible, D);
+                    for (int k = 0; k < BS; ++k) s[i * BS + k] *= vs[i][k];
         }
+        if constexpr (kBS != 0 && kD != 0)
+            accumulate_tile<kBS, kD, T>(st.acc.data(), st.corr.data(), st.s.data(), S, V, st.visible.data(), rows);
+        else
+            accumulate_tile_any(st.acc.data(), st.corr.data(), st.s.data(), S, V, st.visible.data(), rows, BS, D);
     }
 }
 
 using AttendFn = void (*)(const Problem&, int, int, int, int, int, const int*, int, RowState&);
 
 // The specialised loop for the usual block sizes and head dims, else the general one.
+template <typename T>
 AttendFn pick_attend(int BS, int D) {
-    if (BS == 16 && D == 64) return attend_blocks<16, 64>;
-    if (BS == 16 && D == 128) return attend_blocks<16, 128>;
-    if (BS == 32 && D == 64) return attend_blocks<32, 64>;
-    if (BS == 32 && D == 128) return attend_blocks<32, 128>;
-    return attend_blocks<0, 0>;
+    if (BS == 16 && D == 64) return attend_blocks<16, 64, T>;
+    if (BS == 16 && D == 128) return attend_blocks<16, 128, T>;
+    if (BS == 32 && D == 64) return attend_blocks<32, 64, T>;
+    if (BS == 32 && D == 128) return attend_blocks<32, 128, T>;
+    return attend_blocks<0, 0, T>;
 }
 
 void load_queries(const Problem& p, int rows, const int64_t* tokens, const int* heads, RowState& st) {
@@ -319,7 +426,13 @@ void paged_attention(const void* q, int64_t q_stride, const void* k_cache, const
     const Problem p{q, q_stride, k_cache, v_cache, k_scale, v_scale, block_tables, bt_stride, seq_lens,
                     query_start, H, KVH, D, BS, NB, scale, dtype, kv_dtype, out};
     const int G = H / KVH;
-    const AttendFn attend = pick_attend(BS, D);
+    const AttendFn attend_converted = pick_attend<float>(BS, D);  // float32 pools read in place
+    const AttendFn attend_in_place = kv_dtype == 1 ? pick_attend<uint16_t>(BS, D) : attend_converted;
+    auto attend = [&](const Problem& pr, int kvh, int seq, int b0, int b1, int rows, const int* pos, int kv_len,
+                      RowState& st) {
+        (rows <= kMaxRowsReadingInPlace ? attend_in_place : attend_converted)(pr, kvh, seq, b0, b1, rows, pos,
+                                                                              kv_len, st);
+    };
     const int tokens_per_tile = std::max(1, kRowsPerTile / G);
     const int num_cascade_seqs = num_groups > 0 ? cascade_start[num_groups] : 0;
     float* sc_m = scratch;
