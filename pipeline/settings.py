@@ -182,6 +182,16 @@ class Settings:
     nightly_runs: tuple[NightlyRun, ...] = field(
         default=(), metadata=_doc("Bulk runs beat submits on a schedule: [[nightly_runs]] tables.")
     )
+    # The API server (`pipeline serve`)
+    files_dir: Path = field(
+        default_factory=lambda: Path.cwd() / "files",
+        metadata=_doc("Where `pipeline serve` keeps uploaded batch files and their outputs (owner-only)."),
+    )
+    max_upload_bytes: int | None = field(
+        default=200 * 2**20,
+        metadata=_doc("Largest file `POST /v1/files` accepts, in bytes or with a unit ('1GiB'); larger ones "
+                      "get 413. Unset: the reader's own limit (10 GiB).", '"200MiB"'),
+    )
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -381,6 +391,7 @@ _CHECKS: dict[str, typing.Callable[[Any], str | None]] = {
     "price_per_1k_cached_tokens": _check_price,
     "price_per_1k_completion_tokens": _check_price,
     "nightly_runs": _check_nightly_runs,
+    "max_upload_bytes": lambda v: None if v is None or v > 0 else "expected a positive size such as '200MiB'",
 }
 
 
