@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import typer
 
-from pipeline.commands import control, jobs, worker
+from pipeline.commands import control, jobs, serve, worker
 from pipeline.commands.bench import bench_app
 from pipeline.commands.config import config_app
 from pipeline.commands.database import db_app
@@ -21,6 +21,7 @@ app.add_typer(key_app, name="key")
 worker.register(app)
 jobs.register(app)
 control.register(app)
+serve.register(app)
 
 
 @app.callback()
