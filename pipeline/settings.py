@@ -182,6 +182,16 @@ class Settings:
     nightly_runs: tuple[NightlyRun, ...] = field(
         default=(), metadata=_doc("Bulk runs beat submits on a schedule: [[nightly_runs]] tables.")
     )
+    # Celery message signing (pipeline/message_signing.py): all three, or none
+    security_key_file: str | None = field(
+        default=None, metadata=_doc("PEM private key that signs task messages (owner-only file, unencrypted); "
+                                    "with security_certificate_file and security_cert_store.",
+                                    '"/etc/pipeline/signing.key"'))
+    security_certificate_file: str | None = field(
+        default=None, metadata=_doc("PEM certificate of security_key_file.", '"/etc/pipeline/signing.crt"'))
+    security_cert_store: str | None = field(
+        default=None, metadata=_doc("Glob of the PEM certificates whose signatures workers trust.",
+                                    '"/etc/pipeline/trusted/*.crt"'))
     # The API server (`pipeline serve`)
     files_dir: Path = field(
         default_factory=lambda: Path.cwd() / "files",
@@ -407,6 +417,11 @@ def _check_combinations(s: Settings) -> None:
     if s.kv_cache_dtype == "fp8" and s.device == "cpu":
         raise CombinationError("kv_cache_dtype='fp8' needs device 'cuda'; on the CPU use 'int8'",
                                ("kv_cache_dtype", "device"))
+    signing = ("security_key_file", "security_certificate_file", "security_cert_store")
+    given = [name for name in signing if getattr(s, name) is not None]
+    if given and len(given) != len(signing):
+        raise CombinationError("message signing needs security_key_file, security_certificate_file and "
+                               f"security_cert_store together; only {', '.join(given)} is set", signing)
     if s.max_num_batched_tokens < s.block_size:
         raise CombinationError(
             f"max_num_batched_tokens={s.max_num_batched_tokens} must be at least block_size={s.block_size}",
