@@ -5,6 +5,7 @@ Imports neither torch nor Celery. Repository functions live in `db.repository`.
 
 from db.base import Base, utcnow
 from db.enums import ChunkStatus, JobStatus, Priority, RequestStatus
+from db.files import StoredFile
 from db.models import Chunk, Job, Request
 from db.records import ErrorEvent, JobUsage, SessionRecord
 from db.session import make_engine, session_factory
@@ -23,6 +24,7 @@ __all__ = [
     "Request",
     "RequestStatus",
     "SessionRecord",
+    "StoredFile",
     "Tenant",
     "make_engine",
     "session_factory",

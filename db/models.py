@@ -6,7 +6,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import CheckConstraint, ForeignKey, Index, String, Text, UniqueConstraint
+from sqlalchemy import CheckConstraint, ForeignKey, Index, String, Text, UniqueConstraint, text
 from sqlalchemy.orm import Mapped, mapped_column
 
 from db.base import Base, IdType, str_enum, utcnow
@@ -27,7 +27,8 @@ class Job(Base):
     endpoint: Mapped[str] = mapped_column(String(64), default="", server_default="")
     model: Mapped[str] = mapped_column(String(512))
     priority: Mapped[Priority] = mapped_column(str_enum(Priority, "priority"), default=Priority.NORMAL)
-    idempotency_key: Mapped[str | None] = mapped_column(String(255), unique=True)
+    # Unique per tenant (below): one tenant's key never finds, or reveals, another tenant's job.
+    idempotency_key: Mapped[str | None] = mapped_column(String(255))
     # SHA-256 (hex) of the submitted file, kept with an idempotency key: the key of a job returns
     # it only for the same file. None for jobs without a key, and for those stored before 0002.
     input_digest: Mapped[str | None] = mapped_column(String(64))
@@ -59,6 +60,10 @@ class Job(Base):
             name="request_counts",
         ),
         Index("ix_jobs_status_expires_at", "status", "expires_at"),  # the expiry sweep
+        UniqueConstraint("tenant_id", "idempotency_key"),
+        # NULL tenant ids never collide in the constraint above: jobs of no tenant share one namespace.
+        Index("uq_jobs_idempotency_key_no_tenant", "idempotency_key", unique=True,
+              sqlite_where=text("tenant_id IS NULL"), postgresql_where=text("tenant_id IS NULL")),
     )
 
     def __repr__(self) -> str:

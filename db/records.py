@@ -56,6 +56,8 @@ class ErrorEvent(Base):
 
     id: Mapped[int] = mapped_column(IdType, primary_key=True)
     job_id: Mapped[str | None] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
+    # The job's tenant (copied from it when the error is recorded); None for errors of no job.
+    tenant_id: Mapped[str | None] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"), index=True)
     chunk_id: Mapped[int | None] = mapped_column(ForeignKey("chunks.id", ondelete="SET NULL"), index=True)
     line: Mapped[int | None]  # input line, for errors about one request
     custom_id: Mapped[str | None] = mapped_column(String(512))
@@ -74,6 +76,8 @@ class JobUsage(Base):
     __tablename__ = "job_usage"
 
     job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True)
+    # The job's tenant, so usage and cost add up per tenant without a join (the daily token quota).
+    tenant_id: Mapped[str | None] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"), index=True)
     prompt_tokens: Mapped[int] = mapped_column(BigInteger, default=0)
     cached_tokens: Mapped[int] = mapped_column(BigInteger, default=0)
     completion_tokens: Mapped[int] = mapped_column(BigInteger, default=0)

@@ -23,6 +23,12 @@ class Tenant(Base):
     tokens_per_day: Mapped[int | None] = mapped_column(BigInteger)
     max_active_jobs: Mapped[int | None]
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    # A disabled tenant keeps its jobs and keys, but may submit nothing and read nothing (403).
+    disabled_at: Mapped[datetime | None]
+
+    @property
+    def is_disabled(self) -> bool:
+        return self.disabled_at is not None
 
     def __repr__(self) -> str:
         return f"Tenant({self.id!r}, {self.name!r})"

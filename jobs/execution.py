@@ -18,6 +18,10 @@ deterministic, session-less requests) are computed once; each duplicate gets the
 is billed as fully cached (`cached_tokens == prompt_tokens`), which is what a prefix-cache hit
 on the whole prompt would have cost. Duplicates that landed in different chunks (a prefix group
 larger than a chunk) are computed once per chunk.
+
+Tenants: every request runs with its job's tenant's cache salt, so the prefix cache shares blocks
+within a tenant only (another tenant's identical prompt is a miss: no `cached_tokens` or timing
+tells it what others sent), and sessions are looked up in the tenant's own namespace.
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ from typing import Any
 from sqlalchemy.orm import Session, sessionmaker
 
 from db.models import Chunk, Job
+from db.tenants import Tenant
 from db.repository import (
     add_usage,
     chunk_requests,
@@ -98,6 +103,18 @@ class _Work:
 
 
 @dataclass(frozen=True, slots=True)
+class _Owner:
+    """The job a chunk belongs to, as the run needs it: its model, and its tenant's id and cache
+    salt (None for a job of no tenant). The salt enters every prefix-cache block hash of the
+    chunk's requests, so one tenant's blocks are never hits for another's prompts."""
+
+    job_id: str
+    model: str
+    tenant_id: str | None
+    cache_salt: str | None
+
+
+@dataclass(frozen=True, slots=True)
 class _Turn:
     """A session turn that ran: what it appends to its session's history once its result is written."""
 
@@ -117,6 +134,7 @@ def execute_chunk(
     max_redeliveries: int | None = None,
     stall_timeout: timedelta | None = None,
     on_unhealthy: Callable[[str], None] | None = None,
+    on_tokens: Callable[[str, int], None] | None = None,
 ) -> None:
     """Run chunk `chunk_id` and record its results; finalize its job when nothing is left pending.
 
@@ -137,6 +155,8 @@ def execute_chunk(
     A chunk claimed more than 1 + `max_redeliveries` times (each earlier run died with its worker,
     or crashed) is not run again: its pending requests fail with `worker_lost` (None: no cap).
     Each transaction is run again through a brief database outage (`db.retry`).
+    `on_tokens(tenant_id, tokens)` is told the prompt and completion tokens the chunk's written
+    results used (the tenant's daily quota); a failure there is logged, never the chunk's.
     """
     for attempt in db_attempts(f"claim chunk {chunk_id}"):
         with attempt, session_factory.begin() as session:
@@ -147,7 +167,7 @@ def execute_chunk(
             # This claim is one more than allowed: the chunk was started `attempts - 1` times.
             given_up_after = chunk.attempts - 1 if deliveries_used_up(chunk.attempts - 1, max_redeliveries) else None
             if given_up_after is None:
-                work, histories, job_id, job_model, tenant_id = _load_chunk(session, chunk)
+                work, histories, owner = _load_chunk(session, chunk)
     if given_up_after is not None:
         # In a transaction of its own, once the claim (and its lease) is committed: failing the
         # requests locks the job's row, and taking that after the chunk's, which the claim holds,
@@ -156,6 +176,7 @@ def execute_chunk(
         _give_up(session_factory, chunk_id, given_up_after)
         return
 
+    job_id, tenant_id = owner.job_id, owner.tenant_id
     engine_tracebacks: dict[int, str] = {}  # request id -> the engine's traceback, for `engine_error`s
     progress = ChunkProgress(lambda: loop.num_steps)
     watchdog = None if stall_timeout is None else Watchdog(progress, stall_timeout, _stall_reporter(
@@ -163,7 +184,7 @@ def execute_chunk(
     started = time.perf_counter()
     try:
         with keep_lease(session_factory, chunk_id, worker_name, lease, watchdog):
-            results, turns = _run(loop, work, job_model, histories, engine_tracebacks, progress)
+            results, turns = _run(loop, work, owner, histories, engine_tracebacks, progress)
     except Exception:
         for attempt in db_attempts(f"record the engine failure of chunk {chunk_id}"):
             with attempt, session_factory.begin() as session:
@@ -193,18 +214,24 @@ def execute_chunk(
                                  chunk_id=chunk_id, line=w.line, custom_id=w.custom_id,
                                  traceback=engine_tracebacks.get(result.request_id))
             finish_job_if_done(session, job_id)
+    if on_tokens is not None and tenant_id is not None and outcome.written:
+        try:
+            on_tokens(tenant_id, outcome.prompt_tokens + outcome.completion_tokens)
+        except Exception:  # noqa: BLE001 - the results are written; only the day's count misses them
+            log.warning("could not count chunk %s's tokens against tenant %s's day", chunk_id, tenant_id, exc_info=True)
 
 
-def _load_chunk(session: Session, chunk: Chunk) -> tuple[list[_Work], dict[str, list[Message]], str, str, str | None]:
-    """A claimed chunk's pending work, the histories of its sessions, and its job's id, model and tenant."""
+def _load_chunk(session: Session, chunk: Chunk) -> tuple[list[_Work], dict[str, list[Message]], _Owner]:
+    """A claimed chunk's pending work, the histories of its sessions (its tenant's) and its job."""
     job = session.get(Job, chunk.job_id)
+    tenant = None if job.tenant_id is None else session.get(Tenant, job.tenant_id)
     work = [_Work(r.id, r.line, r.custom_id, r.endpoint, dict(r.body), r.session_id, r.dedupe_key)
             for r in chunk_requests(session, chunk.id)]
     histories: dict[str, list[Message]] = {}
     for session_id in dict.fromkeys(w.session_id for w in work if w.session_id is not None):
         record = get_session(session, session_id, tenant_id=job.tenant_id)
         histories[session_id] = [] if record is None else list(record.history)
-    return work, histories, job.id, job.model, job.tenant_id
+    return work, histories, _Owner(job.id, job.model, job.tenant_id, None if tenant is None else tenant.cache_salt)
 
 
 def _give_up(session_factory: sessionmaker[Session], chunk_id: int, tries: int) -> None:
@@ -236,15 +263,15 @@ def _stall_reporter(session_factory: sessionmaker[Session], job_id: str, chunk_i
 
 
 def _run(
-    loop: EngineLoop, work: list[_Work], job_model: str, histories: dict[str, list[Message]],
+    loop: EngineLoop, work: list[_Work], owner: _Owner, histories: dict[str, list[Message]],
     engine_tracebacks: dict[int, str], progress: ChunkProgress,
 ) -> tuple[list[RequestResult], list[_Turn]]:
     """Every request of `work` through the engine: (results in `work` order, session turns that
     succeeded in the order they ran). `histories` (session id -> messages) grows as turns finish;
     `engine_tracebacks` gets the engine's traceback of each request that failed with `engine_error`."""
     served = loop.engine.config.model
-    if job_model != served:
-        message = f"this worker serves model {served!r}, the job asks for {job_model!r}; run a worker for it"
+    if owner.model != served:
+        message = f"this worker serves model {served!r}, the job asks for {owner.model!r}; run a worker for it"
         return [RequestResult(w.request_id, error_code="model_not_found", error_message=message)
                 for w in work], []
     singles = [w for w in work if w.session_id is None]
@@ -259,7 +286,7 @@ def _run(
         batch = [*(singles if k == 0 else ()), *(ws[k] for ws in sessions.values() if k < len(ws))]
         if not batch:
             break
-        results.update(_generate(loop, batch, histories, engine_tracebacks, progress))
+        results.update(_generate(loop, batch, owner.cache_salt, histories, engine_tracebacks, progress))
         for w in batch:
             result = results[w.request_id]
             if w.session_id is not None and not result.failed:
@@ -270,7 +297,7 @@ def _run(
     return [results[w.request_id] for w in work], turns
 
 
-def _generate(loop: EngineLoop, batch: list[_Work], histories: dict[str, list[Message]],
+def _generate(loop: EngineLoop, batch: list[_Work], cache_salt: str | None, histories: dict[str, list[Message]],
               engine_tracebacks: dict[int, str], progress: ChunkProgress) -> dict[int, RequestResult]:
     """One engine call for `batch` (so its requests are batched together); each dedupe key once."""
     results: dict[int, RequestResult] = {}
@@ -296,7 +323,8 @@ def _generate(loop: EngineLoop, batch: list[_Work], histories: dict[str, list[Me
             progress.touch()  # a prompt built, or given up: the chunk is not stuck
         runnable.append((w, token_ids, params))
     with progress.waiting_for_engine():
-        outputs = loop.generate([t for _, t, _ in runnable], [p for _, _, p in runnable]) if runnable else []
+        outputs = (loop.generate([t for _, t, _ in runnable], [p for _, _, p in runnable], cache_salt)
+                   if runnable else [])
     for (w, _, _), out in zip(runnable, outputs, strict=True):
         results[w.request_id] = _result(w.request_id, out)
         if isinstance(out, RequestEngineError):

@@ -15,7 +15,7 @@ from celery import shared_task
 
 from jobs.engine_host import get_engine_loop
 from jobs.execution import Prices, execute_chunk
-from jobs.process_state import worker_sessions, worker_settings
+from jobs.process_state import worker_quotas, worker_sessions, worker_settings
 from jobs.worker_health import report_unhealthy
 from pipeline.celery_app import RUN_CHUNK_TASK
 
@@ -36,4 +36,6 @@ def run_chunk(self: Any, chunk_id: int) -> None:
         # unhealthy (jobs.worker_health): a hang is recovered as a crash is.
         stall_timeout=timedelta(seconds=settings.stall_timeout_s),
         on_unhealthy=functools.partial(report_unhealthy, self.app, self.request.hostname or "worker"),
+        # Each tenant's tokens of the day, for its `tokens_per_day` quota (pipeline/quotas.py).
+        on_tokens=worker_quotas(settings).add_tokens,
     )

@@ -8,6 +8,7 @@ import functools
 from sqlalchemy.orm import Session, sessionmaker
 
 from db.session import make_engine, session_factory
+from pipeline.quotas import Quotas
 from pipeline.settings import Settings, load_settings
 
 
@@ -21,3 +22,9 @@ def worker_settings() -> Settings:
 def worker_sessions(database_url: str) -> sessionmaker[Session]:
     """One connection pool per process and database, shared by the task threads."""
     return session_factory(make_engine(database_url))
+
+
+@functools.cache
+def worker_quotas(settings: Settings) -> Quotas:
+    """The quota counters the worker adds each tenant's tokens to (one Redis client per process)."""
+    return Quotas.from_settings(settings)

@@ -60,9 +60,28 @@ def run_migrations_online() -> None:
     engine = make_engine(database_url())
     try:
         with engine.connect() as connection:
-            run_with_connection(connection)
+            if connection.dialect.name == "sqlite":
+                run_with_foreign_keys_off(connection)
+            else:
+                run_with_connection(connection)
     finally:
         engine.dispose()
+
+
+def run_with_foreign_keys_off(connection: Connection) -> None:
+    """SQLite's batch mode alters a table by copying it and dropping the old one; with foreign keys
+    on, dropping `jobs` would delete every row that refers to it (their ON DELETE CASCADE). So the
+    keys are off while migrating (SQLite's own recipe for schema changes; the pragma only works
+    outside a transaction), and the result is checked before they are turned on again."""
+    raw = connection.connection.driver_connection  # in autocommit: no BEGIN before the pragma
+    raw.execute("PRAGMA foreign_keys = OFF")
+    try:
+        run_with_connection(connection)
+        broken = raw.execute("PRAGMA foreign_key_check").fetchall()
+        if broken:
+            raise RuntimeError(f"the migration left rows whose foreign keys point nowhere: {broken[:5]}")
+    finally:
+        raw.execute("PRAGMA foreign_keys = ON")
 
 
 if context.is_offline_mode():

@@ -23,6 +23,7 @@ from celery.worker.control import inspect_command
 from kombu import Exchange
 from kombu import Queue as KombuQueue
 
+from pipeline.message_signing import sign_messages
 from pipeline.queues import Queue
 from pipeline.settings import Settings, cron_fields, load_settings
 
@@ -163,6 +164,7 @@ def make_celery(settings: Settings) -> Celery:
         # Beat's state (last run times) as JSON in Redis, not Celery's default shelve (pickle) file.
         beat_scheduler=BEAT_SCHEDULER,
     )
+    sign_messages(app, settings)
     return app
 
 

@@ -6,18 +6,22 @@ from __future__ import annotations
 
 import typer
 
-from pipeline.commands import control, jobs, worker
+from pipeline.commands import control, jobs, serve, worker
 from pipeline.commands.bench import bench_app
 from pipeline.commands.config import config_app
 from pipeline.commands.database import db_app
+from pipeline.commands.tenants import key_app, tenant_app
 
 app = typer.Typer(help="Bulk LLM batch inference.", no_args_is_help=True, add_completion=False)
 app.add_typer(bench_app, name="bench")
 app.add_typer(config_app, name="config")
 app.add_typer(db_app, name="db")
+app.add_typer(tenant_app, name="tenant")
+app.add_typer(key_app, name="key")
 worker.register(app)
 jobs.register(app)
 control.register(app)
+serve.register(app)
 
 
 @app.callback()

@@ -11,7 +11,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from db.enums import JobStatus
 from db.repository import assign_chunks, cancel_job, list_jobs, retry_failed
 from pipeline.settings import Settings
-from pipeline.submit import SendChunk, job_summary, send_chunks
+from pipeline.submit import SendChunk, job_summary, require_tenant, send_chunks
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,13 +46,15 @@ def retry(settings: Settings, session_factory: sessionmaker[Session], job_id: st
         return ControlOutcome(job_summary(session, job_id), num_retried)
 
 
-def jobs(session_factory: sessionmaker[Session], *, status: str | None = None,
+def jobs(session_factory: sessionmaker[Session], *, status: str | None = None, tenant: str | None = None,
          limit: int | None = None) -> list[dict[str, Any]]:
-    """Summaries (`job_summary`) of jobs newest first, only those in `status` when given."""
+    """Summaries (`job_summary`) of jobs newest first, only those in `status` and of the tenant
+    named `tenant` when given (ValueError for an unknown tenant)."""
     try:
         wanted = JobStatus(status) if status is not None else None
     except ValueError:
         raise ValueError(f"unknown status {status!r}; use one of {', '.join(s.value for s in JobStatus)}") from None
     with session_factory() as session:
-        found = list_jobs(session, status=wanted, limit=limit)
+        tenant_id = None if tenant is None else require_tenant(session, tenant).id
+        found = list_jobs(session, status=wanted, tenant_id=tenant_id, limit=limit)
         return [job_summary(session, job.id) for job in found]

@@ -44,3 +44,15 @@ class ChunksNotQueued(PipelineError):
 class OutputError(FileError):
     """A result file cannot be created where asked (no such folder, a directory in the way, no
     permission)."""
+
+
+class TenantDisabled(PipelineError):
+    """A disabled tenant asked to submit: its jobs are kept, but it may start nothing new."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(name)
+        self.name = name
+
+    def __str__(self) -> str:
+        return (f"tenant {self.name!r} is disabled; it cannot submit jobs (an operator can see it with "
+                "`pipeline tenant list`)")

@@ -49,19 +49,20 @@ def export_results(
     errors_path: str | Path | None = None,
     ordered: bool = True,
     on_progress: Callable[[int, int], None] | None = None,
+    tenant_id: str | None = None,
 ) -> ExportCounts:
     """Write job `job_id`'s results to `out_path` (.jsonl: OpenAI batch lines; .parquet: flat
     columns) and its failures to `errors_path` (.jsonl) when given. Output is always in input
     order, so `ordered` costs nothing and is accepted for the CLI's sake.
 
-    Raises ValueError for an unknown job, JobNotFinished for one that is not finished, OutputError
+    Raises ValueError for an unknown job (or one of another tenant than `tenant_id`, when given), JobNotFinished for one that is not finished, OutputError
     for a path `check_output_paths` refuses (checked before anything is read) or a file that cannot
     be created. Files are written atomically (never half a file).
     `on_progress(lines written, lines of the job)` is called as the files are written.
     """
     del ordered  # always in order: see the docstring
     with session_factory() as session:
-        job = require_job(session, job_id)
+        job = require_job(session, job_id, tenant_id=tenant_id)
         paths = check_output_paths(out_path, errors_path, input_file=job.input_file)
         if not job.status.is_terminal:
             raise JobNotFinished(f"job {job_id} is {job.status.value} ({job.request_completed + job.request_failed}"

@@ -182,6 +182,26 @@ class Settings:
     nightly_runs: tuple[NightlyRun, ...] = field(
         default=(), metadata=_doc("Bulk runs beat submits on a schedule: [[nightly_runs]] tables.")
     )
+    # Celery message signing (pipeline/message_signing.py): all three, or none
+    security_key_file: str | None = field(
+        default=None, metadata=_doc("PEM private key that signs task messages (owner-only file, unencrypted); "
+                                    "with security_certificate_file and security_cert_store.",
+                                    '"/etc/pipeline/signing.key"'))
+    security_certificate_file: str | None = field(
+        default=None, metadata=_doc("PEM certificate of security_key_file.", '"/etc/pipeline/signing.crt"'))
+    security_cert_store: str | None = field(
+        default=None, metadata=_doc("Glob of the PEM certificates whose signatures workers trust.",
+                                    '"/etc/pipeline/trusted/*.crt"'))
+    # The API server (`pipeline serve`)
+    files_dir: Path = field(
+        default_factory=lambda: Path.cwd() / "files",
+        metadata=_doc("Where `pipeline serve` keeps uploaded batch files and their outputs (owner-only)."),
+    )
+    max_upload_bytes: int | None = field(
+        default=200 * 2**20,
+        metadata=_doc("Largest file `POST /v1/files` accepts, in bytes or with a unit ('1GiB'); larger ones "
+                      "get 413. Unset: the reader's own limit (10 GiB).", '"200MiB"'),
+    )
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -381,6 +401,7 @@ _CHECKS: dict[str, typing.Callable[[Any], str | None]] = {
     "price_per_1k_cached_tokens": _check_price,
     "price_per_1k_completion_tokens": _check_price,
     "nightly_runs": _check_nightly_runs,
+    "max_upload_bytes": lambda v: None if v is None or v > 0 else "expected a positive size such as '200MiB'",
 }
 
 
@@ -396,6 +417,11 @@ def _check_combinations(s: Settings) -> None:
     if s.kv_cache_dtype == "fp8" and s.device == "cpu":
         raise CombinationError("kv_cache_dtype='fp8' needs device 'cuda'; on the CPU use 'int8'",
                                ("kv_cache_dtype", "device"))
+    signing = ("security_key_file", "security_certificate_file", "security_cert_store")
+    given = [name for name in signing if getattr(s, name) is not None]
+    if given and len(given) != len(signing):
+        raise CombinationError("message signing needs security_key_file, security_certificate_file and "
+                               f"security_cert_store together; only {', '.join(given)} is set", signing)
     if s.max_num_batched_tokens < s.block_size:
         raise CombinationError(
             f"max_num_batched_tokens={s.max_num_batched_tokens} must be at least block_size={s.block_size}",

@@ -27,18 +27,22 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from db.enums import JobStatus, Priority
 from db.models import Chunk, Job, Request
+from db.tenants import Tenant
 from db.repository import (
+    DEFAULT_TENANT,
     add_requests,
     assign_chunks,
     create_job,
+    ensure_tenant,
     get_job,
+    get_tenant,
     get_usage,
     mark_chunks_queued,
     record_errors,
     set_status,
 )
 from pipeline.batch_object import batch_object
-from pipeline.errors import ChunksNotQueued, InputError
+from pipeline.errors import ChunksNotQueued, InputError, TenantDisabled
 from pipeline.input_reader import read_requests
 from pipeline.queues import queue_for
 from pipeline.request_spec import ENDPOINT_URLS, LineError, RequestSpec
@@ -69,6 +73,9 @@ def submit_file(
     idempotency_key: str | None = None,
     strict: bool = False,
     completion_window: timedelta | None = None,
+    tenant: str = DEFAULT_TENANT,
+    metadata: dict[str, str] | None = None,
+    input_file: str | None = None,
     send_chunk: SendChunk,
     on_progress: OnProgress | None = None,
 ) -> dict[str, Any]:
@@ -82,7 +89,11 @@ def submit_file(
     (its SHA-256 is stored with the job); another file raises IdempotencyKeyReused, naming the job.
     `model` (None: the settings' model) may be one of `settings.model_aliases`; a line naming a
     model not served is rejected.
-    Raises InputError when the file cannot be read at all, ValueError for a bad priority.
+    The job belongs to the tenant named `tenant` (created on first use): its sessions, idempotency
+    keys and prefix-cache blocks are its own. `input_file` is what the job records as its input
+    (default: the file's absolute path; the API server gives its file id).
+    Raises InputError when the file cannot be read at all, ValueError for a bad priority or tenant
+    name, TenantDisabled for a disabled tenant.
     """
     job_priority = Priority(queue_for(priority).value)  # queue_for raises ValueError naming the choices
     path = Path(path)
@@ -91,13 +102,17 @@ def submit_file(
     # One more read of the file, only with a key: its digest must be known before the job is looked up.
     digest = file_digest(path) if idempotency_key is not None else None
     with session_factory.begin() as session:
-        job = create_job(session, input_file=str(path.resolve()), model=served.name,
+        owner = ensure_tenant(session, tenant)
+        if owner.is_disabled:
+            raise TenantDisabled(tenant)
+        job = create_job(session, input_file=input_file or str(path.resolve()), model=served.name,
                          priority=job_priority, idempotency_key=idempotency_key, input_digest=digest,
-                         strict=strict, completion_window=completion_window)
+                         strict=strict, completion_window=completion_window, tenant_id=owner.id,
+                         metadata=metadata)
         if job.status != JobStatus.VALIDATING or job.request_total > 0:  # an earlier submit with this key
             return job_summary(session, job.id)
         job_id = job.id
-        num_bad, first_errors = _ingest(session, job_id, specs, strict, on_progress)
+        num_bad, first_errors = _ingest(session, job_id, owner.id, specs, strict, on_progress)
         if strict and num_bad:
             session.get(Job, job_id).errors = first_errors
             set_status(session, job_id, JobStatus.FAILED)
@@ -142,18 +157,28 @@ def send_chunks(session_factory: sessionmaker[Session], sends: list[tuple[int, s
         return mark_chunks_queued(session, [chunk_id for chunk_id, _ in sends], now=now)
 
 
-def require_job(session: Session, job_id: str) -> Job:
-    """The job `job_id`; ValueError, saying where ids come from, for an unknown one."""
+def require_job(session: Session, job_id: str, *, tenant_id: str | None = None) -> Job:
+    """The job `job_id` (of `tenant_id` when given); ValueError, saying where ids come from, for an
+    unknown one. Another tenant's job is answered exactly as a job that does not exist."""
     job = get_job(session, job_id)
-    if job is None:
+    if job is None or (tenant_id is not None and job.tenant_id != tenant_id):
         raise ValueError(f"no job {job_id!r}; `pipeline submit` prints the ids of new jobs")
     return job
 
 
-def job_summary(session: Session, job_id: str) -> dict[str, Any]:
+def require_tenant(session: Session, name: str) -> Tenant:
+    """The tenant named `name`; ValueError, saying where names come from, for an unknown one."""
+    tenant = get_tenant(session, name)
+    if tenant is None:
+        raise ValueError(f"no tenant {name!r}; `pipeline tenant list` shows them")
+    return tenant
+
+
+def job_summary(session: Session, job_id: str, *, tenant_id: str | None = None) -> dict[str, Any]:
     """The job as `pipeline status --json` shows it: OpenAI's batch object (`batch_object`),
-    timestamps in unix seconds. Raises ValueError for an unknown id."""
-    job = require_job(session, job_id)
+    timestamps in unix seconds. Raises ValueError for an unknown id (or one of another tenant than
+    `tenant_id`, when given)."""
+    job = require_job(session, job_id, tenant_id=tenant_id)
     session.refresh(job)
     usage = get_usage(session, job_id)
     if usage is not None:
@@ -172,7 +197,7 @@ def split_validation_message(message: str) -> tuple[str, str]:
     return (match[1], match[2]) if match else ("invalid_request", message)
 
 
-def _ingest(session: Session, job_id: str, specs: Any, strict: bool,
+def _ingest(session: Session, job_id: str, tenant_id: str, specs: Any, strict: bool,
             on_progress: OnProgress | None) -> tuple[int, list[dict[str, Any]]]:
     """Store every good line as a request and every bad one as an error; returns (bad lines, the
     first `MAX_JOB_ERRORS` of them as job errors). Strict mode stops storing requests at the first
@@ -190,7 +215,7 @@ def _ingest(session: Session, job_id: str, specs: Any, strict: bool,
             num_bad += 1
             if len(first_errors) < MAX_JOB_ERRORS:
                 first_errors.append({"code": item.code, "message": str(item), "line": item.line})
-            errors.append(_error_row(job_id, item))
+            errors.append(_error_row(job_id, tenant_id, item))
         elif not (strict and num_bad):
             rows.append(_request_row(item, turns))
             endpoints.add(rows[-1]["endpoint"])
@@ -260,7 +285,7 @@ def _prefix_key(spec: RequestSpec) -> str:
     return hashlib.sha256(f"{spec.endpoint}\0{text[:PREFIX_CHARS]}".encode("utf-8", "surrogatepass")).hexdigest()
 
 
-def _error_row(job_id: str, error: LineError) -> dict[str, Any]:
+def _error_row(job_id: str, tenant_id: str, error: LineError) -> dict[str, Any]:
     detail = error.message if error.field is None else f"{error.field}: {error.message}"
-    return {"job_id": job_id, "line": error.line, "custom_id": error.custom_id, "kind": VALIDATION_KIND,
+    return {"job_id": job_id, "tenant_id": tenant_id, "line": error.line, "custom_id": error.custom_id, "kind": VALIDATION_KIND,
             "message": f"[{error.code}] {detail}"}

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import func, select, update
+from sqlalchemy import and_, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -58,12 +58,28 @@ def get_job(session: Session, job_id: str) -> Job | None:
     return session.get(Job, job_id)
 
 
-def list_jobs(session: Session, *, status: JobStatus | None = None, limit: int | None = None) -> list[Job]:
-    """Jobs newest first, only those in `status` when given, at most `limit`."""
+def list_jobs(session: Session, *, status: JobStatus | None = None, tenant_id: str | None = None,
+              after: Job | None = None, limit: int | None = None) -> list[Job]:
+    """Jobs newest first, only those in `status` and of `tenant_id` when given, at most `limit`;
+    with `after`, only those listed after that job (a page's last job: the cursor of the next)."""
     query = select(Job).order_by(Job.created_at.desc(), Job.id.desc()).limit(limit)
+    if after is not None:
+        query = query.where(or_(Job.created_at < after.created_at,
+                                and_(Job.created_at == after.created_at, Job.id < after.id)))
     if status is not None:
         query = query.where(Job.status == status)
+    if tenant_id is not None:
+        query = query.where(Job.tenant_id == tenant_id)
     return list(session.scalars(query))
+
+
+ACTIVE_JOB_STATUSES = (JobStatus.VALIDATING, JobStatus.IN_PROGRESS, JobStatus.FINALIZING, JobStatus.CANCELLING)
+
+
+def count_active_jobs(session: Session, tenant_id: str) -> int:
+    """The tenant's jobs that are not finished (its `max_active_jobs` quota counts them)."""
+    return session.scalar(select(func.count()).select_from(Job)
+                          .where(Job.tenant_id == tenant_id, Job.status.in_(ACTIVE_JOB_STATUSES)))
 
 
 def create_job(
@@ -83,8 +99,8 @@ def create_job(
     """A new job in `validating`, or the existing job if `idempotency_key` was used before.
 
     Two concurrent submits with one key both get the job that committed first (the loser's insert
-    hits the unique constraint inside a savepoint and reads the winner's row). A key already used
-    by another tenant is refused, so a key never reveals someone else's job. `input_digest` (the
+    hits the unique constraint inside a savepoint and reads the winner's row). Keys are scoped per
+    tenant: another tenant's use of a key is invisible here. `input_digest` (the
     submitted file's SHA-256) is stored with the job; a key whose job holds another digest is
     refused with `IdempotencyKeyReused`, naming that job: a retry sends the same file, so another
     file under the key is a mistake that must not be answered with the first file's results.
@@ -93,9 +109,9 @@ def create_job(
         raise ValueError(f"completion window must be positive, got {completion_window}")
     write_lock(session)
     if idempotency_key is not None:
-        existing = _job_by_key(session, idempotency_key)
+        existing = _job_by_key(session, tenant_id, idempotency_key)
         if existing is not None:
-            return _check_key_reuse(existing, tenant_id, input_digest)
+            return _check_key_reuse(existing, input_digest)
     now = now or utcnow()
     job = Job(
         id=new_job_id(),
@@ -118,10 +134,10 @@ def create_job(
         with session.begin_nested():
             session.add(job)
     except IntegrityError:
-        existing = _job_by_key(session, idempotency_key) if idempotency_key is not None else None
+        existing = _job_by_key(session, tenant_id, idempotency_key) if idempotency_key is not None else None
         if existing is None:
             raise
-        return _check_key_reuse(existing, tenant_id, input_digest)
+        return _check_key_reuse(existing, input_digest)
     return job
 
 
@@ -237,15 +253,14 @@ def job_counts(session: Session, job_id: str) -> JobCounts:
     )
 
 
-def _job_by_key(session: Session, idempotency_key: str) -> Job | None:
-    return session.scalar(select(Job).where(Job.idempotency_key == idempotency_key))
+def _job_by_key(session: Session, tenant_id: str | None, idempotency_key: str) -> Job | None:
+    tenant = Job.tenant_id.is_(None) if tenant_id is None else Job.tenant_id == tenant_id
+    return session.scalar(select(Job).where(tenant, Job.idempotency_key == idempotency_key))
 
 
-def _check_key_reuse(job: Job, tenant_id: str | None, input_digest: str | None) -> Job:
-    """`job`, found by its key, if that key may return it: same tenant, and the same file when both
+def _check_key_reuse(job: Job, input_digest: str | None) -> Job:
+    """`job`, found by its tenant's key, if that key may return it: the same file when both
     digests are known."""
-    if job.tenant_id != tenant_id:
-        raise ValueError("idempotency key already used by another tenant; choose another key")
     if input_digest is not None and job.input_digest is not None and input_digest != job.input_digest:
         raise IdempotencyKeyReused(job.id, job.idempotency_key or "", job.input_file)
     return job

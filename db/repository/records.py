@@ -13,11 +13,12 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from db.base import utcnow
+from db.models import Job
 from db.records import ErrorEvent, JobUsage, SessionRecord
 from db.repository._locks import write_lock
 from db.results import storable_text
 
-ERROR_FIELDS = ("job_id", "chunk_id", "line", "custom_id", "kind", "message", "traceback", "created_at")
+ERROR_FIELDS = ("job_id", "tenant_id", "chunk_id", "line", "custom_id", "kind", "message", "traceback", "created_at")
 
 
 def record_error(
@@ -32,11 +33,14 @@ def record_error(
     traceback: str | None = None,
     now: datetime | None = None,
 ) -> ErrorEvent:
-    """Add one error to the history. `message` is what users see; `traceback` is for operators."""
+    """Add one error to the history. `message` is what users see; `traceback` is for operators.
+    The row carries its job's tenant."""
+    tenant_id = None if job_id is None else session.scalar(select(Job.tenant_id).where(Job.id == job_id))
     event = ErrorEvent(
         kind=kind,
         message=message,
         job_id=job_id,
+        tenant_id=tenant_id,
         chunk_id=chunk_id,
         line=line,
         custom_id=custom_id,
@@ -52,7 +56,8 @@ def record_errors(
     session: Session, events: Iterable[Mapping[str, Any]], *, batch_size: int = 5_000, now: datetime | None = None
 ) -> int:
     """Bulk-add errors (e.g. every bad line of a file); keys are `ERROR_FIELDS`, kind and message
-    required. Consumed in batches, like `add_requests`. Returns how many."""
+    required; give `tenant_id` with `job_id` (the job's tenant: no lookup per row here). Consumed in
+    batches, like `add_requests`. Returns how many."""
     now = now or utcnow()
     total = 0
     batch: list[dict[str, Any]] = []
@@ -94,6 +99,7 @@ def add_usage(
 ) -> JobUsage:
     """Add to a job's usage totals (created on first use). One atomic upsert, so concurrent chunks
     of a job add up. Pass the sums from `RecordOutcome` so a redelivered chunk adds nothing.
+    The row carries its job's tenant.
     A currency other than the one the job's usage is kept in raises ValueError."""
     amounts = {
         "prompt_tokens": prompt_tokens,
@@ -106,6 +112,7 @@ def add_usage(
     if negative:
         raise ValueError(f"usage amounts must not be negative: {negative}")
     now = now or utcnow()
+    tenant_id = session.scalar(select(Job.tenant_id).where(Job.id == job_id))
     table = JobUsage.__table__
     dialect = session.get_bind().dialect.name
     if dialect == "postgresql":
@@ -114,7 +121,7 @@ def add_usage(
         statement = sqlite.insert(table)
     else:
         raise NotImplementedError(f"add_usage supports PostgreSQL and SQLite, not {dialect}")
-    statement = statement.values(job_id=job_id, currency=currency, updated_at=now, **amounts)
+    statement = statement.values(job_id=job_id, tenant_id=tenant_id, currency=currency, updated_at=now, **amounts)
     statement = statement.on_conflict_do_update(
         index_elements=[table.c.job_id],
         set_={name: table.c[name] + statement.excluded[name] for name in amounts} | {"updated_at": now},

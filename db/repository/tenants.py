@@ -3,23 +3,82 @@
 from __future__ import annotations
 
 import hashlib
+import re
 import secrets
 import uuid
 from datetime import datetime
 
 from sqlalchemy import select, update
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from db.base import utcnow
 from db.tenants import ApiKey, Tenant
 
 KEY_PREFIX = "pk_"
+DEFAULT_TENANT = "default"  # the operator's tenant: `pipeline submit` without --tenant
+# Names appear in commands, logs and URLs' neighbourhood: plain characters only.
+_TENANT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 
 
 def hash_api_key(key: str) -> str:
     """The stored form of an API key: sha256 hex. Keys are 256 random bits, so no salt or slow
     hash is needed (nothing to guess), and lookup stays one indexed equality."""
     return hashlib.sha256(key.encode()).hexdigest()
+
+
+def check_tenant_name(name: str) -> str:
+    """`name` if it can name a tenant; ValueError saying what a name may hold otherwise."""
+    if not _TENANT_NAME.fullmatch(name):
+        raise ValueError(f"tenant name {name!r} is not valid: use 1 to 64 letters, digits, '_', '.' or '-', "
+                         "starting with a letter or digit")
+    return name
+
+
+def get_tenant(session: Session, name: str) -> Tenant | None:
+    """The tenant named `name`, or None."""
+    return session.scalar(select(Tenant).where(Tenant.name == name))
+
+
+def ensure_tenant(session: Session, name: str) -> Tenant:
+    """The tenant named `name`, created (with a fresh cache salt, no quotas) on first use. Two
+    concurrent first uses get one tenant: the loser's insert fails inside a savepoint and it reads
+    the winner's row."""
+    tenant = get_tenant(session, check_tenant_name(name))
+    if tenant is not None:
+        return tenant
+    try:
+        with session.begin_nested():
+            return create_tenant(session, name)
+    except IntegrityError:
+        tenant = get_tenant(session, name)
+        if tenant is None:
+            raise
+        return tenant
+
+
+def list_tenants(session: Session) -> list[Tenant]:
+    """Every tenant, by name."""
+    return list(session.scalars(select(Tenant).order_by(Tenant.name)))
+
+
+def disable_tenant(session: Session, name: str, *, now: datetime | None = None) -> Tenant:
+    """Disable the tenant `name` (its keys stop working, its jobs are kept); a disabled one stays
+    as it is. ValueError for an unknown name."""
+    tenant = get_tenant(session, name)
+    if tenant is None:
+        raise ValueError(f"no tenant {name!r}; `pipeline tenant list` shows them")
+    if tenant.disabled_at is None:
+        tenant.disabled_at = now or utcnow()
+        session.flush()
+    return tenant
+
+
+def list_api_keys(session: Session, tenant_id: str) -> list[ApiKey]:
+    """The tenant's keys (revoked ones too), oldest first. Only ids, labels and dates: the keys
+    themselves are not stored."""
+    return list(session.scalars(select(ApiKey).where(ApiKey.tenant_id == tenant_id)
+                                .order_by(ApiKey.created_at, ApiKey.id)))
 
 
 def create_tenant(
@@ -32,6 +91,7 @@ def create_tenant(
     now: datetime | None = None,
 ) -> Tenant:
     """A new tenant with a fresh random cache salt. Quotas: None means unlimited."""
+    check_tenant_name(name)
     tenant = Tenant(
         id="tenant_" + uuid.uuid4().hex,
         name=name,
@@ -64,7 +124,8 @@ def create_api_key(
 
 
 def tenant_for_api_key(session: Session, key: str) -> Tenant | None:
-    """The tenant a key belongs to, or None for an unknown or revoked key."""
+    """The tenant a key belongs to, or None for an unknown or revoked key. A disabled tenant is
+    returned too (`is_disabled`): the server answers it 403, not 401."""
     return session.scalar(
         select(Tenant)
         .join(ApiKey, ApiKey.tenant_id == Tenant.id)

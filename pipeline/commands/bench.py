@@ -139,3 +139,23 @@ def bench_load(
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(1) from None
     typer.echo(format_load_report(result))
+
+
+@bench_app.command("api")
+def bench_api(
+    lines: Annotated[int, typer.Option(min=1, help="Lines of the big file (a tenth, at least 1,000, runs first).")]
+    = 100_000,
+    clients: Annotated[int, typer.Option(min=1, help="Threads polling GET /v1/batches/{id}.")] = 50,
+    workers: Annotated[int, typer.Option(min=1, help="Worker processes running the batches.")] = 1,
+    database_url: DatabaseUrlOption = None,
+    broker_url: BrokerUrlOption = None,
+) -> None:
+    """The Batch API server under load: poll latency (P50/P99), upload lines/s, the server's peak memory."""
+    from jobs.bench.api_bench import format_api_report, run_api_bench
+
+    try:
+        result = run_api_bench(lines, clients, workers, broker_url=broker_url, database_url=database_url)
+    except (ValueError, RuntimeError) as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(1) from None
+    typer.echo(format_api_report(result))

@@ -18,6 +18,8 @@ T = TypeVar("T")
 POLL_S = 0.5
 JsonOption = Annotated[bool, typer.Option("--json", help="JSON instead of text.")]
 QuietOption = Annotated[bool, typer.Option("--quiet", "-q", help="No progress on stderr.")]
+TenantFilter = Annotated[str | None, typer.Option(
+    "--tenant", help="Only this tenant's jobs: another tenant's job id is answered as unknown.")]
 
 
 def fail(message: str) -> typer.Exit:
@@ -29,6 +31,7 @@ def fail(message: str) -> typer.Exit:
 def guarded(action: Callable[[], T]) -> T:
     """Run `action()`; the user's and the environment's errors become one `error:` line, exit 1."""
     from kombu.exceptions import OperationalError as BrokerError
+    from redis.exceptions import RedisError
     from sqlalchemy.exc import OperationalError, ProgrammingError
 
     from pipeline.errors import PipelineError
@@ -44,7 +47,7 @@ def guarded(action: Callable[[], T]) -> T:
         if "no such table" in message:
             raise fail("the database is not set up; run `pipeline db upgrade`") from None
         raise fail(f"cannot use the database ({message}); check PIPELINE_DATABASE_URL") from None
-    except BrokerError as e:
+    except (BrokerError, RedisError) as e:
         raise fail(f"cannot reach the broker ({e}); check PIPELINE_BROKER_URL and that Redis runs") from None
 
 
@@ -70,7 +73,18 @@ def progress_line(summary: dict[str, Any]) -> str:
     return f"{bar(counts['completed'] + counts['failed'], counts['total'])} lines  {summary['status']}"
 
 
-def wait_for_job(factory, job_id: str, *, quiet: bool = False, notice_after_s: int | None = None) -> dict[str, Any]:
+def tenant_id_of(factory, name: str | None) -> str | None:
+    """The id of the tenant named `name` (None for None); ValueError for an unknown name."""
+    if name is None:
+        return None
+    from pipeline.submit import require_tenant
+
+    with factory() as session:
+        return require_tenant(session, name).id
+
+
+def wait_for_job(factory, job_id: str, *, quiet: bool = False, notice_after_s: int | None = None,
+                 tenant_id: str | None = None) -> dict[str, Any]:
     """Poll the job until it ends; unless `quiet`, its progress on stderr. When its counts have not
     moved for `notice_after_s` seconds and no worker has taken any of its chunks, say so once (even
     when quiet: it is a warning, not progress) and wait on: a worker may still come."""
@@ -81,7 +95,7 @@ def wait_for_job(factory, job_id: str, *, quiet: bool = False, notice_after_s: i
     noticed = notice_after_s is None
     while True:
         with factory() as session:
-            summary = job_summary(session, job_id)
+            summary = job_summary(session, job_id, tenant_id=tenant_id)
             if summary["status"] in ("completed", "failed", "expired", "cancelled"):
                 progress.finish(progress_line(summary))
                 return summary
@@ -109,12 +123,13 @@ def ingest_progress(file: Path, quiet: bool) -> tuple[Progress, Callable[[int, i
     return progress, lambda read, rejected: progress.update(f"{read:,} lines, {rejected:,} rejected")
 
 
-def export_with_progress(factory, job_id: str, output: Path, errors: Path | None, quiet: bool):
+def export_with_progress(factory, job_id: str, output: Path, errors: Path | None, quiet: bool,
+                         tenant_id: str | None = None):
     """`export_results` of the job, with its progress on stderr; returns its ExportCounts."""
     from pipeline.export import export_results
 
     progress = Progress(f"writing {output.name}", enabled=not quiet)
-    counts = export_results(factory, job_id, output, errors,
+    counts = export_results(factory, job_id, output, errors, tenant_id=tenant_id,
                             on_progress=lambda done, total: progress.update(f"{bar(done, total)} lines"))
     progress.finish(f"{counts.results + counts.errors:,} lines")
     return counts

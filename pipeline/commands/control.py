@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from pipeline.commands.common import JsonOption, guarded, print_job, sessions
+from pipeline.commands.common import JsonOption, TenantFilter, guarded, print_job, sessions
 
 JobArgument = Annotated[str, typer.Argument(help="The job id `submit` printed.")]
 
@@ -50,13 +50,15 @@ def retry(job_id: JobArgument, as_json: JsonOption = False) -> None:
 def list_jobs(
     status: Annotated[str | None, typer.Option(help="Only jobs in this status, e.g. in_progress.")] = None,
     limit: Annotated[int, typer.Option(min=1, help="At most this many, newest first.")] = 100,
+    tenant: TenantFilter = None,
     as_json: JsonOption = False,
 ) -> None:
     """Jobs, newest first: one line each, or a JSON array of job objects."""
     from pipeline import control
     from pipeline.settings import load_settings
 
-    found = guarded(lambda: control.jobs(sessions(load_settings().database_url), status=status, limit=limit))
+    found = guarded(lambda: control.jobs(sessions(load_settings().database_url), status=status, tenant=tenant,
+                                       limit=limit))
     if as_json:
         typer.echo(json.dumps(found, indent=2))
         return

@@ -12,11 +12,13 @@ import typer
 from pipeline.commands.common import (
     JsonOption,
     QuietOption,
+    TenantFilter,
     export_with_progress,
     guarded,
     ingest_progress,
     print_job,
     sessions,
+    tenant_id_of,
     wait_for_job,
 )
 from pipeline.printable import printable
@@ -63,6 +65,9 @@ def submit(
     strict: Annotated[bool, typer.Option(help="Run nothing if any line is bad.")] = False,
     wait: Annotated[bool, typer.Option(help="Wait until the job is finished.")] = False,
     completion_window: WindowOption = None,
+    tenant: Annotated[str, typer.Option(
+        help="The tenant the job runs as (its sessions, idempotency keys, prefix cache and quotas); "
+             "created on first use.")] = "default",
     quiet: QuietOption = False,
     as_json: JsonOption = False,
 ) -> None:
@@ -71,20 +76,24 @@ def submit(
 
     from pipeline.celery_app import chunk_sender, make_celery
     from pipeline.commands.rejections import find_rejections, print_rejections
+    from pipeline.quotas import Quotas
     from pipeline.settings import duration_s, load_settings
-    from pipeline.submit import submit_file
+    from pipeline.tenant_submit import submit_for_tenant
 
     def action() -> dict:
         settings = load_settings()
         window = timedelta(seconds=duration_s(completion_window or settings.completion_window))
         factory = sessions(settings.database_url)
         celery = make_celery(settings)
+        quotas = Quotas.from_settings(settings)
         try:
             progress, on_progress = ingest_progress(file, quiet)
-            summary = submit_file(settings, factory, file, priority=priority.value, model=model,
-                                  idempotency_key=idempotency_key, strict=strict, completion_window=window,
-                                  send_chunk=chunk_sender(celery), on_progress=on_progress)
+            summary = submit_for_tenant(settings, factory, quotas, file, tenant=tenant, priority=priority.value,
+                                        model=model, idempotency_key=idempotency_key, strict=strict,
+                                        completion_window=window, send_chunk=chunk_sender(celery),
+                                        on_progress=on_progress)
         finally:
+            quotas.close()
             celery.close()
         progress.finish(f"{summary['request_counts']['total']:,} lines")
         rejections = find_rejections(factory, summary)
@@ -106,6 +115,7 @@ def submit(
 def status(
     job_id: Annotated[str, typer.Argument(help="The job id `submit` printed.")],
     watch: Annotated[bool, typer.Option(help="Refresh until the job ends (progress on stderr).")] = False,
+    tenant: TenantFilter = None,
     quiet: QuietOption = False,
     as_json: JsonOption = False,
 ) -> None:
@@ -116,10 +126,12 @@ def status(
     def action() -> dict:
         settings = load_settings()
         factory = sessions(settings.database_url)
+        tenant_id = tenant_id_of(factory, tenant)
         if watch:
-            return wait_for_job(factory, job_id, quiet=quiet, notice_after_s=settings.no_worker_notice_after_s)
+            return wait_for_job(factory, job_id, quiet=quiet, notice_after_s=settings.no_worker_notice_after_s,
+                                tenant_id=tenant_id)
         with factory() as session:
-            return job_summary(session, job_id)
+            return job_summary(session, job_id, tenant_id=tenant_id)
 
     print_job(guarded(action), as_json)
 
@@ -129,6 +141,7 @@ def results(
     output: Annotated[Path, typer.Option("-o", "--output", help="Results file: .jsonl or .parquet.")],
     errors: ErrorsOption = None,
     ordered: Annotated[bool, typer.Option(help="In input order (always the case).")] = False,
+    tenant: TenantFilter = None,
     quiet: QuietOption = False,
 ) -> None:
     """Write a finished job's results (and, with --errors, its failed lines)."""
@@ -139,7 +152,8 @@ def results(
 
     def action():
         check_output_paths(output, errors)  # the export checks them against the job's input too
-        return export_with_progress(sessions(load_settings().database_url), job_id, output, errors, quiet)
+        factory = sessions(load_settings().database_url)
+        return export_with_progress(factory, job_id, output, errors, quiet, tenant_id=tenant_id_of(factory, tenant))
 
     _report_export(guarded(action), output, errors)
 

@@ -18,7 +18,7 @@ from db import Base, make_engine
 from db.migrate import alembic_config, current, downgrade, upgrade
 
 ROOT = Path(__file__).resolve().parents[2]
-TABLES = {"api_keys", "chunks", "error_history", "job_usage", "jobs", "requests", "sessions", "tenants"}
+TABLES = {"api_keys", "chunks", "error_history", "files", "job_usage", "jobs", "requests", "sessions", "tenants"}
 
 
 def head() -> str:
@@ -45,7 +45,7 @@ def table_names(url: str) -> set[str]:
 def test_upgrade_to_head_matches_the_models(db_url):
     assert current(db_url) is None
     upgrade(db_url)
-    assert current(db_url) == head() == "0003"
+    assert current(db_url) == head() == "0005"
     assert table_names(db_url) == TABLES
     assert differences(db_url) == []
 
@@ -131,6 +131,40 @@ def test_0002_adds_the_input_digest_to_existing_jobs_and_drops_it_again(db_url):
                 "request_completed, request_failed, errors, metadata, created_at) VALUES "
                 "('batch_2', 'completed', 'in.jsonl', 'tiny', 'normal', 'k', false, 0, 0, 0, '[]', '{}', "
                 "'2025-01-01 00:00:00')"))
+    finally:
+        engine.dispose()
+
+
+def test_0004_gives_error_and_usage_rows_their_jobs_tenant(db_url):
+    """Rows recorded before tenants were copied onto them get their job's tenant; the idempotency
+    key becomes unique per tenant, so two tenants may use one key."""
+    upgrade(db_url, "0003")
+    engine = make_engine(db_url)
+    job = ("INSERT INTO jobs (id, status, input_file, model, priority, idempotency_key, strict, tenant_id, "
+           "request_total, request_completed, request_failed, errors, metadata, created_at, endpoint) VALUES "
+           "('{id}', 'completed', 'in.jsonl', 'tiny', 'normal', 'k', false, '{tenant}', 0, 0, 0, '[]', '{{}}', "
+           "'2025-01-01 00:00:00', '')")
+    try:
+        with engine.begin() as connection:
+            connection.execute(text("INSERT INTO tenants (id, name, cache_salt, created_at) VALUES "
+                                    "('t1', 'one', 's1', '2025-01-01 00:00:00'), "
+                                    "('t2', 'two', 's2', '2025-01-01 00:00:00')"))
+            connection.execute(text(job.format(id="batch_1", tenant="t1")))
+            connection.execute(text("INSERT INTO error_history (job_id, kind, message, created_at) VALUES "
+                                    "('batch_1', 'engine', 'boom', '2025-01-01 00:00:00'), "
+                                    "(NULL, 'backup', 'no disk', '2025-01-01 00:00:00')"))
+            connection.execute(text("INSERT INTO job_usage (job_id, prompt_tokens, cached_tokens, completion_tokens, "
+                                    "compute_seconds, cost, currency, updated_at) VALUES "
+                                    "('batch_1', 1, 0, 1, 0.5, 0, 'USD', '2025-01-01 00:00:00')"))
+        upgrade(db_url)
+        with engine.begin() as connection:
+            assert connection.execute(text("SELECT kind, tenant_id FROM error_history ORDER BY id")).all() == [
+                ("engine", "t1"), ("backup", None)]
+            assert connection.execute(text("SELECT job_id, tenant_id FROM job_usage")).all() == [("batch_1", "t1")]
+            connection.execute(text(job.format(id="batch_2", tenant="t2")))  # the same key, another tenant
+        with engine.connect() as connection, pytest.raises(IntegrityError, match="idempotency_key"):
+            connection.execute(text(job.format(id="batch_3", tenant="t1")))
+        assert differences(db_url) == []
     finally:
         engine.dispose()
 

@@ -26,6 +26,11 @@ from db.repository import (
     create_api_key,
     create_job,
     create_tenant,
+    disable_tenant,
+    ensure_tenant,
+    get_tenant,
+    list_api_keys,
+    list_tenants,
     delete_idle_sessions,
     expire_jobs,
     fail_lost_chunk,
@@ -180,11 +185,20 @@ def test_a_job_stored_without_a_digest_is_returned_for_any_file(session):
                       input_digest="b" * 64).id == first.id
 
 
-def test_idempotency_key_of_another_tenant_is_refused(session):
-    tenant = create_tenant(session, "acme")
-    create_job(session, input_file="a.jsonl", model="tiny", idempotency_key="k", tenant_id=tenant.id)
-    with pytest.raises(ValueError, match="another tenant"):
-        create_job(session, input_file="a.jsonl", model="tiny", idempotency_key="k")
+def test_idempotency_keys_are_scoped_per_tenant(session):
+    """Another tenant's key neither returns nor reveals its job: the same key makes a new job."""
+    acme, other = create_tenant(session, "acme"), create_tenant(session, "other")
+    theirs = create_job(session, input_file="a.jsonl", model="tiny", idempotency_key="k", tenant_id=acme.id,
+                        input_digest="a" * 64)
+    mine = create_job(session, input_file="b.jsonl", model="tiny", idempotency_key="k", tenant_id=other.id,
+                      input_digest="b" * 64)
+    untenanted = create_job(session, input_file="c.jsonl", model="tiny", idempotency_key="k")
+    session.commit()
+    assert len({theirs.id, mine.id, untenanted.id}) == 3
+    assert (mine.tenant_id, untenanted.tenant_id) == (other.id, None)
+    again = create_job(session, input_file="b.jsonl", model="tiny", idempotency_key="k", tenant_id=other.id,
+                       input_digest="b" * 64)
+    assert again.id == mine.id
 
 
 def test_concurrent_submits_with_one_key_get_one_job(factory):
@@ -922,6 +936,43 @@ def test_api_keys_are_stored_hashed_and_can_be_revoked(session, factory):
     assert revoke_api_key(session, row.id, now=T0 + MINUTE) is True
     assert revoke_api_key(session, row.id) is False
     assert tenant_for_api_key(session, key) is None
+    assert [(k.id, k.revoked_at) for k in list_api_keys(session, tenant.id)] == [(row.id, T0 + MINUTE)]
+
+
+def test_tenants_are_created_once_by_name_and_can_be_disabled(session, factory):
+    first = ensure_tenant(session, "acme")
+    assert ensure_tenant(session, "acme").id == first.id
+    assert get_tenant(session, "nobody") is None
+    _, key = create_api_key(session, first.id)
+    beta = create_tenant(session, "beta")
+    session.commit()
+    assert [t.name for t in list_tenants(session)] == ["acme", "beta"]
+    assert first.cache_salt != beta.cache_salt
+
+    assert disable_tenant(session, "acme", now=T0).disabled_at == T0
+    assert disable_tenant(session, "acme", now=T0 + MINUTE).disabled_at == T0  # disabled once
+    session.commit()
+    # The key still names its tenant: the server tells a disabled tenant (403) from a bad key (401).
+    assert reread(factory, type(first), first.id).is_disabled and tenant_for_api_key(session, key).is_disabled
+    assert not beta.is_disabled
+    with pytest.raises(ValueError, match="no tenant 'nobody'"):
+        disable_tenant(session, "nobody")
+
+
+@pytest.mark.parametrize("name", ["", "-x", "a b", "a/b", "x" * 65, "é"])
+def test_tenant_names_are_plain(session, name):
+    with pytest.raises(ValueError, match="tenant name .* is not valid"):
+        ensure_tenant(session, name)
+    with pytest.raises(ValueError, match="tenant name .* is not valid"):
+        create_tenant(session, name)
+
+
+def test_error_and_usage_rows_carry_their_jobs_tenant(session):
+    tenant = create_tenant(session, "acme")
+    job = create_job(session, input_file="a.jsonl", model="tiny", tenant_id=tenant.id)
+    assert record_error(session, "engine", "boom", job_id=job.id).tenant_id == tenant.id
+    assert record_error(session, "backup", "no disk").tenant_id is None
+    assert add_usage(session, job.id, prompt_tokens=3).tenant_id == tenant.id
 
 
 # --- time --------------------------------------------------------------------------------------

@@ -225,7 +225,7 @@ def test_every_line_error_code_survives_the_error_history(code: str) -> None:
     # Rejected lines are stored as "[code] field: message"; a code the parser cannot read back
     # would reach the errors file as "invalid_request".
     error = LineError("in.jsonl", 3, "body.max_tokens", code, "must be a whole number")
-    assert split_validation_message(_error_row("job", error)["message"]) == (
+    assert split_validation_message(_error_row("job", "tenant", error)["message"]) == (
         code, "body.max_tokens: must be a whole number")
 
 

@@ -13,7 +13,7 @@ from sqlalchemy import select
 
 from db.migrate import upgrade
 from db.models import Request
-from db.repository import get_session
+from db.repository import DEFAULT_TENANT, get_session, get_tenant
 from db.session import make_engine, session_factory
 from jobs.engine_host import get_engine_loop
 from jobs.execution import execute_chunk
@@ -78,6 +78,11 @@ def _submit(settings: Settings, factory, path: Path, lines: list[dict]) -> tuple
     return summary["id"], sent
 
 
+def _session(session, session_id: str):
+    """The conversation `session_id` of the tenant `submit_file` ran the jobs as (its default)."""
+    return get_session(session, session_id, tenant_id=get_tenant(session, DEFAULT_TENANT).id)
+
+
 def _rows(factory, job_id: str) -> dict[str, Request]:
     with factory() as session:
         return {r.custom_id: r for r in session.scalars(select(Request).where(Request.job_id == job_id))}
@@ -126,7 +131,7 @@ def test_turns_run_in_order_on_the_history_and_reuse_its_kv(
     assert [o.num_cached_tokens for o in outputs_2] == [rows["a2"].cached_tokens, rows["b2"].cached_tokens]
 
     with factory() as session:
-        chat, text = get_session(session, "chat"), get_session(session, "text")
+        chat, text = _session(session, "chat"), _session(session, "text")
         assert (chat.turns, chat.job_id) == (2, job_id)
         assert chat.history == [*chat_history, *CHAT_2, {"role": "assistant", "content": a2}]
         assert text.turns == 2
@@ -152,7 +157,7 @@ def test_history_carries_over_to_a_later_job(settings: Settings, loop, tmp_path:
     a3 = _rows(factory, second_job)["a3"]
     assert a3.prompt_tokens == len(prompt) and a3.cached_tokens >= 64
     with factory() as session:
-        record = get_session(session, "chat")
+        record = _session(session, "chat")
         assert (record.turns, record.job_id) == (2, second_job)
         assert record.history == [*history, *third, {"role": "assistant", "content": a3.text}]
 
@@ -170,7 +175,7 @@ def test_a_redelivered_chunk_appends_no_turn_twice(settings: Settings, loop, tmp
     assert len(spy.calls) == 4  # both runs ran both turns
     rows = _rows(factory, job_id)
     with factory() as session:
-        record = get_session(session, "chat")
+        record = _session(session, "chat")
         assert record.turns == 2
         assert record.history == [*CHAT_1, {"role": "assistant", "content": rows["a1"].text},
                                    *CHAT_2, {"role": "assistant", "content": rows["a2"].text}]

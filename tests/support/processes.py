@@ -105,3 +105,33 @@ def worker(env: dict[str, str], cwd: Path, log: Path, *args: str,
         wait_until(lambda: process.poll() is not None or log_count(log, " ready.") > 0, "worker ready", log)
         assert process.poll() is None, f"the worker exited with {process.returncode}:\n{log.read_text()}"
         yield process
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@contextmanager
+def api_server(env: dict[str, str], cwd: Path, log: Path) -> Iterator[str]:
+    """A `pipeline serve` process on a free 127.0.0.1 port, writing `log`; yields its base URL once
+    `/healthz` answers, stopped after."""
+    import urllib.request
+
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+
+    def healthy() -> bool:
+        try:
+            with urllib.request.urlopen(f"{url}/healthz", timeout=2) as response:
+                return response.status == 200
+        except OSError:
+            return False
+
+    with background([*PIPELINE, "serve", "--host", "127.0.0.1", "--port", str(port)], env, cwd, log) as process:
+        wait_until(healthy, "the API server answering /healthz", log, process=process)
+        yield url

@@ -1,0 +1,55 @@
+"""The API server's files. Every lookup takes the tenant: another tenant's file is not found."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+
+from sqlalchemy import delete, select
+from sqlalchemy.orm import Session
+
+from db.base import utcnow
+from db.files import OUTPUT_PURPOSE, StoredFile
+
+
+def new_file_id() -> str:
+    return "file-" + uuid.uuid4().hex
+
+
+def add_file(session: Session, *, file_id: str, tenant_id: str, purpose: str, filename: str, size: int,
+             storage_path: str, job_id: str | None = None, now: datetime | None = None) -> StoredFile:
+    """Record a file already written to `storage_path`."""
+    row = StoredFile(id=file_id, tenant_id=tenant_id, purpose=purpose, filename=filename, bytes=size,
+                     storage_path=storage_path, job_id=job_id, created_at=now or utcnow())
+    session.add(row)
+    session.flush()
+    return row
+
+
+def get_file(session: Session, tenant_id: str, file_id: str) -> StoredFile | None:
+    """The tenant's file `file_id`, or None (also for another tenant's)."""
+    return session.scalar(select(StoredFile).where(StoredFile.id == file_id, StoredFile.tenant_id == tenant_id))
+
+
+def list_files(session: Session, tenant_id: str, *, purpose: str | None = None) -> list[StoredFile]:
+    """The tenant's files, newest first, only those of `purpose` when given."""
+    query = select(StoredFile).where(StoredFile.tenant_id == tenant_id)
+    if purpose is not None:
+        query = query.where(StoredFile.purpose == purpose)
+    return list(session.scalars(query.order_by(StoredFile.created_at.desc(), StoredFile.id.desc())))
+
+
+def delete_file(session: Session, tenant_id: str, file_id: str) -> StoredFile | None:
+    """Delete the tenant's file row and return it (the caller removes it from disk once the
+    transaction commits); None if there is none."""
+    row = get_file(session, tenant_id, file_id)
+    if row is not None:
+        session.execute(delete(StoredFile).where(StoredFile.id == file_id))
+    return row
+
+
+def job_output_files(session: Session, job_id: str) -> dict[str, StoredFile]:
+    """A batch's output files by file name (`<job>_output.jsonl`, `<job>_error.jsonl`), if written."""
+    rows = session.scalars(select(StoredFile).where(StoredFile.job_id == job_id,
+                                                    StoredFile.purpose == OUTPUT_PURPOSE))
+    return {row.filename: row for row in rows}
