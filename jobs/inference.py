@@ -14,6 +14,7 @@ from typing import Any
 from celery import shared_task
 
 from jobs.engine_host import get_engine_loop
+from jobs.finalize import JOB_ENDED_TASK
 from jobs.execution import Prices, execute_chunk
 from jobs.process_state import worker_sessions, worker_settings
 from jobs.worker_health import report_unhealthy
@@ -36,4 +37,6 @@ def run_chunk(self: Any, chunk_id: int) -> None:
         # unhealthy (jobs.worker_health): a hang is recovered as a crash is.
         stall_timeout=timedelta(seconds=settings.stall_timeout_s),
         on_unhealthy=functools.partial(report_unhealthy, self.app, self.request.hostname or "worker"),
+        # Export (nightly runs) and webhook in a task of their own: a slow webhook holds no chunk slot.
+        on_job_ended=lambda job_id: self.app.send_task(JOB_ENDED_TASK, args=[job_id], ignore_result=True),
     )

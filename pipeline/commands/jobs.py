@@ -109,7 +109,8 @@ def status(
     quiet: QuietOption = False,
     as_json: JsonOption = False,
 ) -> None:
-    """A job's status, line counts and timestamps."""
+    """A job's status, line counts and timestamps; its usage, cost, prefix-cache hit rate, rate and ETA."""
+    from pipeline.job_stats import extras_line, job_extras
     from pipeline.settings import load_settings
     from pipeline.submit import job_summary
 
@@ -117,11 +118,17 @@ def status(
         settings = load_settings()
         factory = sessions(settings.database_url)
         if watch:
-            return wait_for_job(factory, job_id, quiet=quiet, notice_after_s=settings.no_worker_notice_after_s)
+            summary = wait_for_job(factory, job_id, quiet=quiet, notice_after_s=settings.no_worker_notice_after_s)
+        else:
+            with factory() as session:
+                summary = job_summary(session, job_id)
         with factory() as session:
-            return job_summary(session, job_id)
+            return {**summary, **job_extras(session, job_id)}
 
-    print_job(guarded(action), as_json)
+    summary = guarded(action)
+    print_job(summary, as_json)
+    if not as_json:
+        typer.echo(extras_line(summary))
 
 
 def results(
