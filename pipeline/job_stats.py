@@ -27,7 +27,8 @@ def job_extras(session: Session, job_id: str) -> dict[str, Any]:
     stats = figures.as_dict()
     remaining = job.request_total - job.request_completed - job.request_failed
     stats["eta_s"] = eta_s(remaining, figures.lines_per_s) if job.status.value in UNFINISHED else None
-    cost = {"amount": "0" if usage is None else str(usage.cost), "currency": "USD" if usage is None else usage.currency,
+    # f"{cost:f}": plain digits, never "0E-8".
+    cost = {"amount": "0" if usage is None else f"{usage.cost:f}", "currency": "USD" if usage is None else usage.currency,
             "compute_seconds": 0.0 if usage is None else round(usage.compute_seconds, 6)}
     return {"cost": cost, "stats": stats}
 

@@ -39,8 +39,7 @@ def render_report(data: ReportData, prices: Prices) -> bytes:
     for title, draw in zip(PLOT_TITLES, drawers, strict=True):
         fig, ax = plt.subplots(figsize=(8, 3.2), dpi=90)
         try:
-            ax.set_title(title)
-            draw(ax)
+            draw(ax)  # the page gives each plot its title
             fig.tight_layout()
             buffer = io.BytesIO()
             fig.savefig(buffer, format="png")
@@ -137,7 +136,7 @@ def _page(data: ReportData, figures: list[tuple[str, str]]) -> str:
     job = data.job
     e = html.escape
     summary = (f"{e(job.status.value)}: {job.request_completed:,} completed, {job.request_failed:,} failed of "
-               f"{job.request_total:,} lines; {data.compute_seconds:,.2f} s compute; cost {data.cost} {e(data.currency)}")
+               f"{job.request_total:,} lines; {data.compute_seconds:,.2f} s compute; cost {data.cost:f} {e(data.currency)}")
     images = "\n".join(f'<section><h2>{e(title)}</h2><img class="plot" alt="{e(title)}" '
                        f'src="data:image/png;base64,{b64}"></section>' for title, b64 in figures)
     return f"""<!DOCTYPE html>

@@ -63,7 +63,7 @@ class UsageRow:
     def as_dict(self) -> dict[str, Any]:
         return {"key": self.key, "jobs": self.jobs, "prompt_tokens": self.prompt_tokens,
                 "cached_tokens": self.cached_tokens, "completion_tokens": self.completion_tokens,
-                "compute_seconds": round(self.compute_seconds, 6), "cost": str(self.cost)}
+                "compute_seconds": round(self.compute_seconds, 6), "cost": f"{self.cost:f}"}
 
 
 def _finished(since: datetime | None, job_id: str | None) -> ColumnElement[bool]:

@@ -239,14 +239,14 @@ def test_errors_and_status(deployment: Deployment) -> None:
 
     status = json.loads(cli_ok(env, cwd, "status", job_id, "--json").stdout)
     usage = _usage(deployment.pg_url, job_id)
-    assert status["cost"]["amount"] == str(usage.cost) and status["cost"]["compute_seconds"] == pytest.approx(
+    assert status["cost"]["amount"] == f"{usage.cost:f}" and status["cost"]["compute_seconds"] == pytest.approx(
         usage.compute_seconds, abs=1e-6)
     assert status["usage"]["output_tokens"] == usage.completion_tokens  # OpenAI's own usage object is kept
     assert status["stats"]["prefix_cache_hit_rate"] == pytest.approx(usage.cached_tokens / usage.prompt_tokens,
                                                                      abs=1e-6)
     assert status["stats"]["lines_per_s"] > 0 and status["stats"]["eta_s"] is None  # finished: no ETA
     text = cli_ok(env, cwd, "status", job_id).stdout
-    assert f"cost {usage.cost} USD" in text and "hit rate" in text and "lines/s" in text
+    assert f"cost {usage.cost:f} USD" in text and "hit rate" in text and "lines/s" in text
 
 
 @pytest.mark.workers
