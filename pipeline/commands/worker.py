@@ -9,6 +9,7 @@ import typer
 
 if TYPE_CHECKING:
     from pipeline.settings import Settings
+    from workers.engine_loop import EngineLoop
 
 
 def register(app: typer.Typer) -> None:
@@ -53,10 +54,11 @@ def worker(
     ])
 
 
-def _serve_metrics(loop: object, settings: Settings) -> None:
+def _serve_metrics(loop: EngineLoop, settings: Settings) -> None:
+    """This worker's Prometheus endpoint, on the first free port of `metrics_port` (none for 'off')."""
     from jobs import worker_metrics
 
-    metrics = worker_metrics.install(loop)  # type: ignore[arg-type]
+    metrics = worker_metrics.install(loop)
     ports = settings.metrics_ports
     if ports is None:
         return
