@@ -28,8 +28,17 @@ def test_shares_of_engine_time_add_up_to_the_busy_time(engine: LLMEngine) -> Non
     # Each step's time is split, not copied: the shares sum to the steps' time, counted once.
     assert sum(shares) == pytest.approx(spent, rel=1e-6, abs=1e-6)
     assert sum(r.seconds for r in reports) == pytest.approx(spent, rel=1e-6, abs=1e-6)
-    # By tokens: the 90-token prompt's prefill outweighs the others' prompts and decodes.
-    assert shares[2] == max(shares)
+
+
+def test_a_request_alone_is_charged_every_step_it_ran(engine: LLMEngine) -> None:
+    reports: list[StepReport] = []
+    engine.add_step_callback(reports.append)
+    try:
+        [out] = engine.generate(["alone"], SamplingParams(max_tokens=7, ignore_eos=True))
+    finally:
+        engine.remove_step_callback(reports.append)
+    assert len(reports) == 7  # one prefill step sampling the first token, then six decodes
+    assert out.metrics.engine_seconds == pytest.approx(sum(r.seconds for r in reports), rel=1e-9)
 
 
 def test_step_callback_sees_every_token_as_it_is_sampled(engine: LLMEngine) -> None:
