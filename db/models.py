@@ -137,11 +137,19 @@ class Request(Base):
     error_code: Mapped[str | None] = mapped_column(String(64))
     error_message: Mapped[str | None] = mapped_column(Text)
     completed_at: Mapped[datetime | None]  # when the result or the failure was written
+    # Timings in seconds, None where the request never reached the engine. queue_wait: from its
+    # chunk's enqueueing to its first engine step; latency and ttft: from entering the engine to its
+    # last and first token; engine: its share of the engine steps it ran in (what it cost).
+    queue_wait_s: Mapped[float | None]
+    latency_s: Mapped[float | None]
+    ttft_s: Mapped[float | None]
+    engine_s: Mapped[float | None]
 
     __table_args__ = (
         UniqueConstraint("job_id", "custom_id"),
         UniqueConstraint("job_id", "line"),  # also serves export in input order
         Index("ix_requests_job_id_status", "job_id", "status"),
+        Index("ix_requests_completed_at", "completed_at"),  # `pipeline stats` over a time window
     )
 
     def __repr__(self) -> str:

@@ -13,6 +13,16 @@ def storable_text(text: str) -> str:
 
 
 @dataclass(slots=True, frozen=True)
+class RequestTimings:
+    """Seconds a request spent waiting and running (the columns of the same names with `_s`)."""
+
+    queue_wait: float | None
+    latency: float
+    ttft: float | None
+    engine: float
+
+
+@dataclass(slots=True, frozen=True)
 class RequestResult:
     """What running one request produced: text and usage, or an error (`error_code` set).
     Token counts are None when unknown (a request that failed before the engine saw it)."""
@@ -25,6 +35,7 @@ class RequestResult:
     completion_tokens: int | None = None
     error_code: str | None = None
     error_message: str | None = None
+    timings: RequestTimings | None = None  # None: the request never reached the engine
 
     @property
     def failed(self) -> bool:
@@ -41,6 +52,7 @@ class RecordOutcome:
     prompt_tokens: int
     cached_tokens: int
     completion_tokens: int
+    engine_seconds: float  # the written requests' share of engine time (their compute seconds)
     written_ids: tuple[int, ...]  # in the order of the results given
     chunk_done: bool  # the chunk has no pending request left
 

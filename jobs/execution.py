@@ -34,7 +34,6 @@ import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from datetime import timedelta
-from decimal import Decimal
 from typing import Any
 
 from sqlalchemy.orm import Session, sessionmaker
@@ -55,11 +54,14 @@ from db.repository import (
     upsert_session,
 )
 from db.retry import db_attempts
-from db.results import RecordOutcome, RequestResult, storable_text
+from db.base import utcnow
+from db.results import RecordOutcome, RequestResult, RequestTimings, storable_text
 from jobs.engine_host import to_engine_request
+from jobs import worker_metrics
 from jobs.chunk_progress import ChunkProgress
 from jobs.lease_keeper import Watchdog, keep_lease
 from jobs.sessions import Message, turn_messages, with_history
+from pipeline.prices import Prices
 from workers.engine_loop import EngineLoop
 from workers.errors import ChatTemplateError, PromptTooLongError, RequestEngineError
 from workers.outputs import CompletionOutput
@@ -70,23 +72,22 @@ DEFAULT_LEASE = timedelta(hours=1)
 
 
 @dataclass(frozen=True, slots=True)
-class Prices:
-    """Price per 1,000 tokens (the settings' price table): uncached prompt, cached prompt, completion."""
+class _QueueClock:
+    """Turns the engine's clock (perf_counter) into seconds since the chunk was enqueued."""
 
-    prompt: Decimal = Decimal(0)
-    cached: Decimal = Decimal(0)
-    completion: Decimal = Decimal(0)
+    waited_before_claim: float  # wall seconds from enqueueing to this claim
+    claimed_at: float  # perf_counter at the claim
 
     @classmethod
-    def from_settings(cls, settings: Any) -> Prices:
-        # str() first: Decimal(0.1) would carry the float's binary error into every bill.
-        return cls(Decimal(str(settings.price_per_1k_prompt_tokens)), Decimal(str(settings.price_per_1k_cached_tokens)),
-                   Decimal(str(settings.price_per_1k_completion_tokens)))
+    def start(cls, chunk: Chunk) -> _QueueClock:
+        enqueued = chunk.enqueued_at or chunk.created_at  # `pipeline run` never enqueues its chunks
+        waited = max(0.0, (utcnow() - enqueued).total_seconds()) if enqueued is not None else 0.0
+        return cls(waited, time.perf_counter())
 
-    def cost(self, outcome: RecordOutcome) -> Decimal:
-        uncached = outcome.prompt_tokens - outcome.cached_tokens
-        total = uncached * self.prompt + outcome.cached_tokens * self.cached + outcome.completion_tokens * self.completion
-        return total / 1000
+    def queue_wait(self, first_scheduled: float | None) -> float | None:
+        if first_scheduled is None:
+            return None
+        return self.waited_before_claim + max(0.0, first_scheduled - self.claimed_at)
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,6 +136,7 @@ def execute_chunk(
     stall_timeout: timedelta | None = None,
     on_unhealthy: Callable[[str], None] | None = None,
     on_tokens: Callable[[str, int], None] | None = None,
+    on_job_ended: Callable[[str], None] | None = None,
 ) -> None:
     """Run chunk `chunk_id` and record its results; finalize its job when nothing is left pending.
 
@@ -152,6 +154,9 @@ def execute_chunk(
     renewed, so it is taken over as a dead worker's chunk would be, the stall goes to the error
     history with the stuck thread's stack, and `on_unhealthy(reason)` tells the worker.
 
+    `on_job_ended(job_id)` is called once the transaction that completed the job has committed
+    (one chunk's run completes a job; the worker sends the export and webhook task from it).
+
     A chunk claimed more than 1 + `max_redeliveries` times (each earlier run died with its worker,
     or crashed) is not run again: its pending requests fail with `worker_lost` (None: no cap).
     Each transaction is run again through a brief database outage (`db.retry`).
@@ -168,6 +173,7 @@ def execute_chunk(
             given_up_after = chunk.attempts - 1 if deliveries_used_up(chunk.attempts - 1, max_redeliveries) else None
             if given_up_after is None:
                 work, histories, owner = _load_chunk(session, chunk)
+                clock = _QueueClock.start(chunk)
     if given_up_after is not None:
         # In a transaction of its own, once the claim (and its lease) is committed: failing the
         # requests locks the job's row, and taking that after the chunk's, which the claim holds,
@@ -181,28 +187,26 @@ def execute_chunk(
     progress = ChunkProgress(lambda: loop.num_steps)
     watchdog = None if stall_timeout is None else Watchdog(progress, stall_timeout, _stall_reporter(
         session_factory, job_id, chunk_id, worker_name, threading.get_ident(), on_unhealthy))
-    started = time.perf_counter()
     try:
         with keep_lease(session_factory, chunk_id, worker_name, lease, watchdog):
-            results, turns = _run(loop, work, owner, histories, engine_tracebacks, progress)
+            results, turns = _run(loop, work, owner, histories, engine_tracebacks, progress, clock)
     except Exception:
         for attempt in db_attempts(f"record the engine failure of chunk {chunk_id}"):
             with attempt, session_factory.begin() as session:
                 record_error(session, "engine", f"chunk {chunk_id} failed in the engine; it will be retried",
                              job_id=job_id, chunk_id=chunk_id, traceback=traceback.format_exc())
         raise
-    compute_seconds = time.perf_counter() - started
 
     # Safe to repeat: only requests still pending are written, so a retry after a commit whose reply
     # was lost writes and bills nothing.
     for attempt in db_attempts(f"write the results of chunk {chunk_id}"):
         with attempt, session_factory.begin() as session:
             outcome = record_results(session, chunk_id, results)  # locks the job row first
+            written = set(outcome.written_ids)
             if outcome.written:
                 add_usage(session, job_id, prompt_tokens=outcome.prompt_tokens, cached_tokens=outcome.cached_tokens,
-                          completion_tokens=outcome.completion_tokens, compute_seconds=compute_seconds,
+                          completion_tokens=outcome.completion_tokens, compute_seconds=outcome.engine_seconds,
                           cost=prices.cost(outcome))
-            written = set(outcome.written_ids)
             for turn in turns:  # in turn order, so each session's history grows in order
                 if turn.request_id in written:
                     upsert_session(session, turn.session_id, turn.messages, tenant_id=tenant_id, job_id=job_id)
@@ -213,12 +217,17 @@ def execute_chunk(
                     record_error(session, "engine", f"[{result.error_code}] {result.error_message}", job_id=job_id,
                                  chunk_id=chunk_id, line=w.line, custom_id=w.custom_id,
                                  traceback=engine_tracebacks.get(result.request_id))
-            finish_job_if_done(session, job_id)
+            ended = finish_job_if_done(session, job_id)
     if on_tokens is not None and tenant_id is not None and outcome.written:
         try:
             on_tokens(tenant_id, outcome.prompt_tokens + outcome.completion_tokens)
         except Exception:  # noqa: BLE001 - the results are written; only the day's count misses them
             log.warning("could not count chunk %s's tokens against tenant %s's day", chunk_id, tenant_id, exc_info=True)
+    if ended and on_job_ended is not None:
+        on_job_ended(job_id)
+    metrics = worker_metrics.current()
+    if metrics is not None:  # counted once committed, so a retried transaction counts nothing twice
+        metrics.count(r for r in results if r.request_id in written)
 
 
 def _load_chunk(session: Session, chunk: Chunk) -> tuple[list[_Work], dict[str, list[Message]], _Owner]:
@@ -264,7 +273,7 @@ def _stall_reporter(session_factory: sessionmaker[Session], job_id: str, chunk_i
 
 def _run(
     loop: EngineLoop, work: list[_Work], owner: _Owner, histories: dict[str, list[Message]],
-    engine_tracebacks: dict[int, str], progress: ChunkProgress,
+    engine_tracebacks: dict[int, str], progress: ChunkProgress, clock: _QueueClock,
 ) -> tuple[list[RequestResult], list[_Turn]]:
     """Every request of `work` through the engine: (results in `work` order, session turns that
     succeeded in the order they ran). `histories` (session id -> messages) grows as turns finish;
@@ -286,7 +295,7 @@ def _run(
         batch = [*(singles if k == 0 else ()), *(ws[k] for ws in sessions.values() if k < len(ws))]
         if not batch:
             break
-        results.update(_generate(loop, batch, owner.cache_salt, histories, engine_tracebacks, progress))
+        results.update(_generate(loop, batch, owner.cache_salt, histories, engine_tracebacks, progress, clock))
         for w in batch:
             result = results[w.request_id]
             if w.session_id is not None and not result.failed:
@@ -298,7 +307,8 @@ def _run(
 
 
 def _generate(loop: EngineLoop, batch: list[_Work], cache_salt: str | None, histories: dict[str, list[Message]],
-              engine_tracebacks: dict[int, str], progress: ChunkProgress) -> dict[int, RequestResult]:
+              engine_tracebacks: dict[int, str], progress: ChunkProgress,
+              clock: _QueueClock) -> dict[int, RequestResult]:
     """One engine call for `batch` (so its requests are batched together); each dedupe key once."""
     results: dict[int, RequestResult] = {}
     leaders: dict[str, int] = {}  # dedupe key -> request id of the one that runs
@@ -326,16 +336,20 @@ def _generate(loop: EngineLoop, batch: list[_Work], cache_salt: str | None, hist
         outputs = (loop.generate([t for _, t, _ in runnable], [p for _, _, p in runnable], cache_salt)
                    if runnable else [])
     for (w, _, _), out in zip(runnable, outputs, strict=True):
-        results[w.request_id] = _result(w.request_id, out)
+        results[w.request_id] = _result(w.request_id, out, clock)
         if isinstance(out, RequestEngineError):
             engine_tracebacks[w.request_id] = out.traceback
     for request_id, leader_id in followers:
         leader = results[leader_id]
-        results[request_id] = replace(leader, request_id=request_id, cached_tokens=leader.prompt_tokens)
+        # A copy took no engine time of its own: billing it the leader's would count those steps twice.
+        timings = None if leader.timings is None else replace(leader.timings, engine=0.0)
+        results[request_id] = replace(leader, request_id=request_id, cached_tokens=leader.prompt_tokens,
+                                      timings=timings)
     return results
 
 
-def _result(request_id: int, out: CompletionOutput | ValueError | RequestEngineError) -> RequestResult:
+def _result(request_id: int, out: CompletionOutput | ValueError | RequestEngineError,
+            clock: _QueueClock) -> RequestResult:
     if isinstance(out, RequestEngineError):
         return RequestResult(request_id, error_code="engine_error", error_message=str(out))
     if isinstance(out, ValueError):
@@ -344,6 +358,9 @@ def _result(request_id: int, out: CompletionOutput | ValueError | RequestEngineE
         return RequestResult(request_id, error_code=code, error_message=message)
     # The text as the database keeps it, so that later turns of a session in this chunk see the
     # history that later chunks will read back.
+    m = out.metrics
+    timings = RequestTimings(queue_wait=clock.queue_wait(m.first_scheduled_time),
+                             latency=m.latency, ttft=m.ttft, engine=m.engine_seconds)
     return RequestResult(request_id, text=storable_text(out.text), finish_reason=out.finish_reason,
                          prompt_tokens=out.num_prompt_tokens, cached_tokens=out.num_cached_tokens,
-                         completion_tokens=len(out.token_ids))
+                         completion_tokens=len(out.token_ids), timings=timings)

@@ -14,6 +14,7 @@ from typing import Any
 from celery import shared_task
 
 from jobs.engine_host import get_engine_loop
+from jobs.finalize import JOB_ENDED_TASK
 from jobs.execution import Prices, execute_chunk
 from jobs.process_state import worker_quotas, worker_sessions, worker_settings
 from jobs.worker_health import report_unhealthy
@@ -38,4 +39,6 @@ def run_chunk(self: Any, chunk_id: int) -> None:
         on_unhealthy=functools.partial(report_unhealthy, self.app, self.request.hostname or "worker"),
         # Each tenant's tokens of the day, for its `tokens_per_day` quota (pipeline/quotas.py).
         on_tokens=worker_quotas(settings).add_tokens,
+        # Export (nightly runs) and webhook in a task of their own: a slow webhook holds no chunk slot.
+        on_job_ended=lambda job_id: self.app.send_task(JOB_ENDED_TASK, args=[job_id], ignore_result=True),
     )

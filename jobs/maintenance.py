@@ -31,6 +31,7 @@ from db.repository import (
     record_error,
 )
 from jobs.beat_lock import take_slot
+from jobs.finalize import finish_job
 from jobs.process_state import worker_sessions, worker_settings
 from pipeline.celery_app import chunk_sender
 from pipeline.settings import Settings
@@ -194,4 +195,6 @@ def start_nightly_run(self: Any, name: str, input_path: str, priority: str) -> s
             record_error(session, NIGHTLY_ERROR_KIND, message, traceback=traceback.format_exc())
         return None
     logger.info("nightly run %r submitted as %s", name, summary["id"])
+    if summary["status"] == "failed":  # every line rejected: no worker will end it, so say so here
+        finish_job(settings, sessions, summary["id"])
     return summary["id"]

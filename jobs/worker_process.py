@@ -18,13 +18,13 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 def start_worker(settings: Settings, cwd: Path, log: IO[str], *, concurrency: int) -> subprocess.Popen:
-    """`pipeline worker` on `settings`' model, database, broker, key prefix, chunk size and CPU
-    threads (passed as PIPELINE_* variables; the caller's own PIPELINE_* variables are not
+    """`pipeline worker` on `settings`' model, database, broker, key prefix, chunk size, metrics
+    port and CPU threads (passed as PIPELINE_* variables; the caller's own PIPELINE_* variables are not
     inherited), logging to `log`."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("PIPELINE_")}
     env.update(PYTHONPATH=str(REPO_ROOT), PIPELINE_MODEL=settings.model, PIPELINE_DATABASE_URL=settings.database_url,
                PIPELINE_BROKER_URL=settings.broker_url, PIPELINE_REDIS_KEY_PREFIX=settings.redis_key_prefix,
-               PIPELINE_CHUNK_SIZE=str(settings.chunk_size))
+               PIPELINE_CHUNK_SIZE=str(settings.chunk_size), PIPELINE_METRICS_PORT=settings.metrics_port)
     if settings.cpu_threads is not None:
         env["PIPELINE_CPU_THREADS"] = str(settings.cpu_threads)
     return subprocess.Popen([sys.executable, "-m", "pipeline", "worker", "--concurrency", str(concurrency)],

@@ -30,7 +30,7 @@ from pipeline.settings import Settings, cron_fields, load_settings
 # Task modules a worker imports. The jobs/ modules join here as they land (inference, dispatch,
 # finalize, maintenance); a name in the beat schedule whose module is missing is only an
 # "unregistered task" error on the worker that receives it.
-TASK_MODULES: tuple[str, ...] = ("jobs.health", "jobs.inference", "jobs.maintenance")
+TASK_MODULES: tuple[str, ...] = ("jobs.health", "jobs.inference", "jobs.maintenance", "jobs.finalize")
 
 # The task that runs one chunk (`jobs.inference.run_chunk`); named here so that senders need not
 # import the task module (which loads the engine and torch).
@@ -68,6 +68,20 @@ def health_command(state: Any, **kwargs: Any) -> dict[str, Any]:
     from jobs.worker_health import current  # the worker process's own state
 
     return current().as_dict()
+
+
+@inspect_command(name="engine_stats")
+def engine_stats_command(state: Any, **kwargs: Any) -> dict[str, Any]:
+    """`celery -A pipeline.celery_app inspect engine_stats`: one reply with what `pipeline stats`,
+    `health` and `monitor` show of a worker: its own health, the chunks it runs, and its engine (KV
+    blocks, steps, requests in flight, metrics port; None without an engine)."""
+    from celery.worker import state as worker_state
+
+    from jobs import worker_health, worker_metrics  # the worker process's own state
+
+    metrics = worker_metrics.current()
+    return {**worker_health.current().as_dict(), "active_chunks": len(worker_state.active_requests),
+            "engine": None if metrics is None else metrics.status().as_dict()}
 
 
 def chunk_sender(app: Celery) -> Callable[[int, str], None]:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import typer
 
-from pipeline.commands import control, jobs, serve, worker
+from pipeline.commands import accounting, control, generate, jobs, monitor, ops, serve, worker
 from pipeline.commands.bench import bench_app
 from pipeline.commands.config import config_app
 from pipeline.commands.database import db_app
@@ -22,6 +22,10 @@ worker.register(app)
 jobs.register(app)
 control.register(app)
 serve.register(app)
+ops.register(app)
+accounting.register(app)
+monitor.register(app)
+generate.register(app)
 
 
 @app.callback()

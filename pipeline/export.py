@@ -110,7 +110,8 @@ def _write_error(writer: JsonlResultWriter | None, record: ResultRecord) -> int:
 def _request_record(request: Request, job_id: str, model: str) -> ResultRecord:
     created = int(request.completed_at.timestamp()) if request.completed_at is not None else 0
     common = dict(custom_id=request.custom_id, line=request.line, ids=request_line_ids(job_id, request.id),
-                  endpoint=URL_ENDPOINTS[request.endpoint], model=model, created=created)
+                  endpoint=URL_ENDPOINTS[request.endpoint], model=model, created=created,
+                  queue_wait_s=request.queue_wait_s, latency_s=request.latency_s, ttft_s=request.ttft_s)
     if request.status == RequestStatus.COMPLETED:
         return ResultRecord(**common, text=request.text or "", finish_reason=request.finish_reason,
                             prompt_tokens=request.prompt_tokens or 0, cached_tokens=request.cached_tokens or 0,

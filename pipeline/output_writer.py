@@ -64,6 +64,10 @@ class ResultRecord:
     error_code: str | None = None
     error_message: str | None = None
     never_ran: bool = False
+    # Seconds (the results table's columns); None where unknown (never ran, or stored before 0004).
+    queue_wait_s: float | None = None
+    latency_s: float | None = None
+    ttft_s: float | None = None
 
     def __post_init__(self) -> None:
         assert (self.error_code is None) == (self.error_message is None), "an error has a code and a message"
@@ -209,6 +213,9 @@ RESULT_SCHEMA = pa.schema([
     pa.field("completion_tokens", pa.int64(), nullable=False),
     pa.field("error_code", pa.string()),
     pa.field("error_message", pa.string()),
+    pa.field("queue_wait_s", pa.float64()),
+    pa.field("latency_s", pa.float64()),
+    pa.field("ttft_s", pa.float64()),
 ])
 
 
@@ -235,7 +242,8 @@ class ParquetResultWriter(_AtomicWriter):
             ("custom_id", _utf8(rec.custom_id)), ("text", _utf8(rec.text)), ("finish_reason", rec.finish_reason),
             ("prompt_tokens", rec.prompt_tokens), ("cached_tokens", rec.cached_tokens),
             ("completion_tokens", rec.completion_tokens), ("error_code", rec.error_code),
-            ("error_message", _utf8(rec.error_message)),
+            ("error_message", _utf8(rec.error_message)), ("queue_wait_s", rec.queue_wait_s),
+            ("latency_s", rec.latency_s), ("ttft_s", rec.ttft_s),
         ):
             self._columns[name].append(value)
         self.num_written += 1
@@ -277,3 +285,11 @@ def _fsync_folder(folder: Path) -> None:
 def _utf8(text: str | None) -> str | None:
     # Arrow strings must be valid UTF-8: a lone surrogate becomes U+FFFD rather than fail the batch.
     return None if text is None else _SURROGATE.sub("\ufffd", text)
+
+
+class AtomicFile(_AtomicWriter):
+    """Any other output file (a report): bytes written to a temporary file, moved into place on close,
+    under the same rules as result files."""
+
+    def write(self, data: bytes) -> None:
+        self._file.write(data)

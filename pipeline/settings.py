@@ -169,6 +169,18 @@ class Settings:
     price_per_1k_completion_tokens: float = field(
         default=0.0, metadata=_doc("Price of 1,000 generated tokens.")
     )
+    # Operations
+    metrics_port: str = field(
+        default="9464-9479", metadata=_doc(
+            "Port of each worker's Prometheus metrics (and beat's queue depths): one port, or a range "
+            "'first-last' of which each process on a host takes the first free one; 'off' serves none.",
+            '"9464-9479"'))
+    webhook_url: str | None = field(
+        default=None, metadata=_doc("Where a JSON summary is POSTed when a nightly run's job finishes or fails; "
+                                    "unset: none. Kept out of logs (it may hold a token).",
+                                    '"https://hooks.example.com/T0/B0/secret"'))
+    webhook_timeout_s: float = field(default=10.0, metadata=_doc("Seconds one webhook POST may take."))
+    webhook_retries: int = field(default=2, metadata=_doc("Webhook POSTs retried this many times after a failure."))
     # Files
     results_dir: Path = field(
         default_factory=lambda: Path.cwd() / "results", metadata=_doc("Where exported result files go.")
@@ -233,6 +245,14 @@ class Settings:
     @property
     def no_worker_notice_after_s(self) -> int:
         return duration_s(self.no_worker_notice_after)
+
+    @property
+    def metrics_ports(self) -> range | None:
+        """The ports `metrics_port` names, None for 'off'."""
+        if self.metrics_port == "off":
+            return None
+        first, _, last = self.metrics_port.partition("-")
+        return range(int(first), int(last or first) + 1)
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-ready values for `config show`; passwords in URLs are masked as ***."""
@@ -359,6 +379,19 @@ def _check_nightly_runs(runs: tuple[NightlyRun, ...]) -> str | None:
     return f"expected unique names; repeated: {', '.join(duplicates)}" if duplicates else None
 
 
+def mask_webhook(url: str) -> str:
+    """A webhook URL as logs may show it: scheme and host; its path and query often hold the token."""
+    scheme, sep, rest = url.partition("://")
+    return f"{scheme}{sep}{rest.split('/', 1)[0].rpartition('@')[2]}/***" if sep else "***"
+
+
+def _check_metrics_port(value: str) -> str | None:
+    match = re.fullmatch(r"([0-9]{1,5})(?:-([0-9]{1,5}))?", value)
+    if value == "off" or (match and 1 <= int(match[1]) <= int(match[2] or match[1]) <= 65535):
+        return None
+    return "expected a port such as '9464', a range such as '9464-9479', or 'off'"
+
+
 _CHECKS: dict[str, typing.Callable[[Any], str | None]] = {
     "preset": lambda v: None if v is None or v in PRESETS else f"expected one of {', '.join(PRESETS)}",
     "database_url": _check_database_url,
@@ -402,6 +435,11 @@ _CHECKS: dict[str, typing.Callable[[Any], str | None]] = {
     "price_per_1k_completion_tokens": _check_price,
     "nightly_runs": _check_nightly_runs,
     "max_upload_bytes": lambda v: None if v is None or v > 0 else "expected a positive size such as '200MiB'",
+    "metrics_port": _check_metrics_port,
+    "webhook_url": lambda v: None if v is None or re.fullmatch(r"https?://[^/\s]+(/\S*)?", v) else (
+        "expected an http:// or https:// URL"),
+    "webhook_timeout_s": lambda v: None if math.isfinite(v) and 0 < v <= 300 else "expected seconds in (0, 300]",
+    "webhook_retries": _int_range(0, 10, "retries"),
 }
 
 
@@ -455,10 +493,14 @@ def field_problem(name: str, value: Any) -> str | None:
 
 
 def _shown(name: str, value: Any) -> str:
+    if name == "webhook_url" and isinstance(value, str):
+        return repr(mask_webhook(value))
     return repr(mask_url(value)) if name in URL_FIELDS and isinstance(value, str) else repr(value)
 
 
 def _jsonable(name: str, value: Any) -> Any:
+    if name == "webhook_url":
+        return None if value is None else mask_webhook(value)
     if name in URL_FIELDS:
         return mask_url(value)
     if isinstance(value, Path):

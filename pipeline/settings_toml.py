@@ -27,7 +27,7 @@ NIGHTLY_EXAMPLE = """\
 
 
 def render_toml(settings: Settings) -> str:
-    from pipeline.settings import URL_FIELDS, mask_url
+    from pipeline.settings import URL_FIELDS, mask_url, mask_webhook
 
     parts = [HEADER]
     for f in fields(settings):
@@ -37,6 +37,9 @@ def render_toml(settings: Settings) -> str:
         lines = [f"# {line}" for line in textwrap.wrap(f.metadata["doc"], 96)]
         if value is None:
             lines.append(f"# {f.name} = {f.metadata.get('example', '')}")
+        elif f.name == "webhook_url":  # its path is usually the token
+            lines.append("# may hold a token: set PIPELINE_WEBHOOK_URL in the environment instead")
+            lines.append(f"# {f.name} = {toml_value(mask_webhook(value))}")
         elif f.name in URL_FIELDS and mask_url(value) != value:
             lines.append(f"# holds a password: set PIPELINE_{f.name.upper()} in the environment instead")
             lines.append(f"# {f.name} = {toml_value(mask_url(value))}")

@@ -11,6 +11,7 @@ import os
 import secrets
 import sys
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -73,9 +74,8 @@ def pg_admin() -> Iterator[Engine]:
     engine.dispose()
 
 
-@pytest.fixture
-def pg_url(pg_admin: Engine) -> Iterator[str]:
-    require_marker("postgres")
+@contextmanager
+def _fresh_database(pg_admin: Engine) -> Iterator[str]:
     name = f"pipeline_test_{os.getpid()}_{secrets.token_hex(4)}"
     with pg_admin.connect() as connection:
         connection.execute(text(f'CREATE DATABASE "{name}"'))
@@ -89,6 +89,21 @@ def pg_url(pg_admin: Engine) -> Iterator[str]:
             {"name": name},
         )
         connection.execute(text(f'DROP DATABASE IF EXISTS "{name}"'))
+
+
+@pytest.fixture
+def pg_url(pg_admin: Engine) -> Iterator[str]:
+    require_marker("postgres")
+    with _fresh_database(pg_admin) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def pg_url_module(pg_admin: Engine) -> Iterator[str]:
+    """A fresh database shared by a module's tests (one set of worker processes serves them all)."""
+    require_marker("postgres")
+    with _fresh_database(pg_admin) as url:
+        yield url
 
 
 @pytest.fixture

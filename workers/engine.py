@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import itertools
 import time
-from collections.abc import Sequence as Seq
+from dataclasses import dataclass
+from collections.abc import Callable, Sequence as Seq
 
 import torch
 
@@ -21,12 +22,23 @@ from workers.memory import num_kv_blocks
 from workers.model_runner import ModelRunner
 from workers.outputs import CompletionOutput, RequestMetrics
 from workers.sampling import SamplingParams
-from workers.scheduler import Scheduler
+from workers.scheduler import Scheduler, SchedulerOutput
 from workers.sequence import Sequence
 from workers.stats import EngineStats
 from workers.stop_checker import StopChecker
 
 Prompt = str | list[int]
+StepCallback = Callable[["StepReport"], None]
+
+
+@dataclass(frozen=True, slots=True)
+class StepReport:
+    """What one step did, for step callbacks (metrics, streaming)."""
+
+    seconds: float
+    num_batched_tokens: int
+    sampled: dict[str, int]  # request id -> the token this step sampled for it
+    finished: list[CompletionOutput]
 
 
 class LLMEngine:
@@ -74,6 +86,7 @@ class LLMEngine:
         self._ids = itertools.count()
         self._live: dict[str, Sequence] = {}
         self._stats = EngineStats()
+        self._step_callbacks: list[StepCallback] = []
 
     # -- requests --------------------------------------------------------------------------------
     def add_request(
@@ -104,8 +117,15 @@ class LLMEngine:
         finished = self.scheduler.update(scheduled, sampled)
         for seq in finished:
             self.runner.release(seq.request_id)
-        self._stats.record_step(scheduled.num_batched_tokens, len(sampled), time.perf_counter() - started)
-        return [self._finish(seq) for seq in finished]
+        seconds = time.perf_counter() - started
+        _charge(scheduled, seconds)
+        self._stats.record_step(scheduled.num_batched_tokens, len(sampled), seconds)
+        outputs = [self._finish(seq) for seq in finished]
+        if self._step_callbacks:
+            report = StepReport(seconds, scheduled.num_batched_tokens, sampled, outputs)
+            for callback in self._step_callbacks:
+                callback(report)
+        return outputs
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished()
@@ -150,6 +170,19 @@ class LLMEngine:
         while any(not s.is_finished for s in seqs):
             self.step()
         return [s.last_logits for s in seqs]
+
+    @property
+    def counters(self) -> EngineStats:
+        """The engine's lifetime counters (steps, tokens, busy seconds), live."""
+        return self._stats
+
+    def add_step_callback(self, callback: StepCallback) -> None:
+        """Calls `callback(report)` after every step, on the thread that steps the engine
+        (metrics, streaming). It must be quick: the next step waits for it."""
+        self._step_callbacks.append(callback)
+
+    def remove_step_callback(self, callback: StepCallback) -> None:
+        self._step_callbacks.remove(callback)
 
     # -- cache -----------------------------------------------------------------------------------
     def reset_prefix_cache(self) -> int:
@@ -231,7 +264,8 @@ class LLMEngine:
     def _finish(self, seq: Sequence) -> CompletionOutput:
         self._live.pop(seq.request_id, None)
         text = self.scheduler.stop_checker.final_text(seq) if seq.params.stop else self.tokenizer.decode(seq.output_token_ids)
-        metrics = RequestMetrics(seq.arrival_time, seq.first_scheduled_time, seq.first_token_time, seq.finished_time)
+        metrics = RequestMetrics(seq.arrival_time, seq.first_scheduled_time, seq.first_token_time, seq.finished_time,
+                                 seq.engine_seconds)
         self._stats.record_finished(seq.num_prompt_tokens, metrics)
         return CompletionOutput(
             request_id=seq.request_id,
@@ -242,6 +276,15 @@ class LLMEngine:
             num_cached_tokens=seq.num_cached_tokens or 0,
             metrics=metrics,
         )
+
+
+def _charge(scheduled: SchedulerOutput, seconds: float) -> None:
+    """Split a step's `seconds` over the sequences it ran, by their share of its tokens: the linear
+    layers, which dominate a step, cost per token. Several callers' requests share steps, so timing
+    each caller's wall clock would count the same step once per caller."""
+    total = scheduled.num_batched_tokens
+    for s in scheduled.scheduled:
+        s.seq.engine_seconds += seconds * s.num_new_tokens / total if total else seconds / len(scheduled.scheduled)
 
 
 def _device(config: EngineConfig) -> torch.device:

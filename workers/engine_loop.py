@@ -87,6 +87,12 @@ class EngineLoop:
                 results.append(e)
         return results
 
+    @property
+    def num_in_flight(self) -> int:
+        """Requests handed to the loop and not finished (queued for the engine or in it)."""
+        with self._lock:
+            return len(self._incoming) + len(self._in_flight)
+
     def close(self) -> None:
         with self._wake:
             self._closed = True

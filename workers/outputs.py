@@ -13,6 +13,10 @@ class RequestMetrics:
     first_scheduled_time: float | None
     first_token_time: float | None
     finished_time: float
+    # Seconds of engine steps charged to this request: each step's time split over the sequences it
+    # ran, by their share of its tokens. Summed over requests it is the engine's busy time, counted
+    # once, however many callers' requests shared the steps.
+    engine_seconds: float = 0.0
 
     @property
     def ttft(self) -> float | None:
@@ -22,6 +26,11 @@ class RequestMetrics:
     @property
     def latency(self) -> float:
         return self.finished_time - self.arrival_time
+
+    @property
+    def queue_time(self) -> float | None:
+        """Time from arrival until the scheduler first gave the request a step."""
+        return None if self.first_scheduled_time is None else self.first_scheduled_time - self.arrival_time
 
 
 @dataclass(frozen=True, slots=True)

@@ -25,7 +25,7 @@ class Sequence:
         "request_id", "prompt_token_ids", "output_token_ids", "params", "status", "num_computed_tokens",
         "blocks", "block_hashes", "root_hash", "num_cached_tokens", "finish_reason", "generator",
         "arrival_time", "first_scheduled_time", "first_token_time", "finished_time",
-        "num_preemptions", "num_registered_blocks", "keep_logits", "last_logits",
+        "num_preemptions", "num_registered_blocks", "keep_logits", "last_logits", "engine_seconds",
     )
 
     def __init__(
@@ -48,6 +48,8 @@ class Sequence:
         self.first_scheduled_time: float | None = None
         self.first_token_time: float | None = None
         self.finished_time: float | None = None
+        # This sequence's share of the steps it ran in (see LLMEngine.step): what it cost the engine.
+        self.engine_seconds = 0.0
         self.num_preemptions = 0
         self.num_registered_blocks = 0  # leading blocks already offered to the prefix cache
         self.keep_logits = False  # evaluation: keep the full logits of the last sampled position

@@ -112,6 +112,7 @@ def record_results(
         prompt_tokens=sum(r.prompt_tokens or 0 for r in written),
         cached_tokens=sum(r.cached_tokens or 0 for r in written),
         completion_tokens=sum(r.completion_tokens or 0 for r in written),
+        engine_seconds=sum(r.timings.engine for r in written if r.timings is not None),
         written_ids=tuple(r.request_id for r in written),
         chunk_done=_close_chunks_if_finished(session, [chunk_id], now) == [chunk_id],
     )
@@ -192,6 +193,10 @@ def _write_results(session: Session, results: list[RequestResult], now: datetime
             error_code=bindparam("b_error_code"),
             error_message=bindparam("b_error_message"),
             completed_at=bindparam("b_completed_at"),
+            queue_wait_s=bindparam("b_queue_wait_s"),
+            latency_s=bindparam("b_latency_s"),
+            ttft_s=bindparam("b_ttft_s"),
+            engine_s=bindparam("b_engine_s"),
         )
     )
     params = [
@@ -206,6 +211,10 @@ def _write_results(session: Session, results: list[RequestResult], now: datetime
             "b_error_code": r.error_code,
             "b_error_message": r.error_message,
             "b_completed_at": now,
+            "b_queue_wait_s": None if r.timings is None else r.timings.queue_wait,
+            "b_latency_s": None if r.timings is None else r.timings.latency,
+            "b_ttft_s": None if r.timings is None else r.timings.ttft,
+            "b_engine_s": None if r.timings is None else r.timings.engine,
         }
         for r in results
     ]

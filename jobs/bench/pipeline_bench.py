@@ -200,9 +200,10 @@ def _job_usage(factory: sessionmaker[Session], job_id: str, seconds: float) -> S
 
 
 def run_pipeline_bench(num_requests: int = 512, scale: str = "full", broker_url: str | None = None,
-                       database_url: str | None = None) -> PipelineBenchResult:
+                       database_url: str | None = None, *, metrics_port: str = "9464-9479") -> PipelineBenchResult:
     """Builds the benchmark model, runs the scaled workload on the raw engine, then through the
-    pipeline; `database_url` None: a fresh local PostgreSQL database, dropped afterwards."""
+    pipeline; `database_url` None: a fresh local PostgreSQL database, dropped afterwards.
+    `metrics_port`: the worker's (`off`: no Prometheus endpoint, to measure what metrics cost)."""
     if num_requests < 1:
         raise ValueError(f"--requests {num_requests}: use at least 1")
     if scale not in SHAPES:
@@ -226,7 +227,7 @@ def run_pipeline_bench(num_requests: int = 512, scale: str = "full", broker_url:
         gc.collect()
         settings = Settings(
             model=str(folder), database_url=url, broker_url=broker_url or Settings().broker_url,
-            redis_key_prefix=f"pipeline-bench-{uuid.uuid4().hex[:12]}:",
+            redis_key_prefix=f"pipeline-bench-{uuid.uuid4().hex[:12]}:", metrics_port=metrics_port,
         )
         log(f"raw engine: {num_requests} requests")
         engine = run_engine(settings, workload, warmup)

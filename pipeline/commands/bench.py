@@ -108,12 +108,14 @@ def bench_pipeline(
     scale: Annotated[ScaleChoice, typer.Option(help="'small': a tiny model, short prompts.")] = ScaleChoice.full,
     database_url: DatabaseUrlOption = None,
     broker_url: BrokerUrlOption = None,
+    metrics_port: Annotated[str, typer.Option(
+        help="The worker's PIPELINE_METRICS_PORT; 'off' measures the pipeline without its metrics.")] = "9464-9479",
 ) -> None:
     """The whole pipeline (submit, Redis, one worker, PostgreSQL) against the raw engine, same prompts."""
     from jobs.bench.pipeline_bench import format_pipeline_report, run_pipeline_bench
 
     try:
-        result = run_pipeline_bench(requests, scale.value, broker_url, database_url)
+        result = run_pipeline_bench(requests, scale.value, broker_url, database_url, metrics_port=metrics_port)
     except (ValueError, RuntimeError) as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(1) from None

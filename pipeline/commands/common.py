@@ -67,10 +67,18 @@ def print_job(summary: dict[str, Any], as_json: bool) -> None:
                f"{counts['total']} lines")
 
 
-def progress_line(summary: dict[str, Any]) -> str:
-    """`[#####.....] 12/40 lines  in_progress`: lines done (completed or failed) of the total."""
+def progress_line(summary: dict[str, Any], lines_per_s: float | None = None) -> str:
+    """`[#####.....] 12/40 lines  in_progress  3.1 lines/s  ETA 9s`: lines done (completed or failed)
+    of the total, and, once measured, the rate and the time left at it."""
+    from pipeline.job_stats import eta_s
+
     counts = summary["request_counts"]
-    return f"{bar(counts['completed'] + counts['failed'], counts['total'])} lines  {summary['status']}"
+    done = counts["completed"] + counts["failed"]
+    line = f"{bar(done, counts['total'])} lines  {summary['status']}"
+    if lines_per_s is None:
+        return line
+    eta = eta_s(counts["total"] - done, lines_per_s)
+    return f"{line}  {lines_per_s:.1f} lines/s" + ("" if eta is None else f"  ETA {eta:.0f}s")
 
 
 def tenant_id_of(factory, name: str | None) -> str | None:
@@ -93,9 +101,14 @@ def wait_for_job(factory, job_id: str, *, quiet: bool = False, notice_after_s: i
     progress = Progress(job_id, enabled=not quiet)
     counts, since = None, time.monotonic()
     noticed = notice_after_s is None
+    first: tuple[float, int] | None = None  # (when, lines done) at the first poll: the rate's origin
     while True:
         with factory() as session:
             summary = job_summary(session, job_id, tenant_id=tenant_id)
+            done = summary["request_counts"]["completed"] + summary["request_counts"]["failed"]
+            now = time.monotonic()
+            first = first or (now, done)
+            rate = (done - first[1]) / (now - first[0]) if done > first[1] else None
             if summary["status"] in ("completed", "failed", "expired", "cancelled"):
                 progress.finish(progress_line(summary))
                 return summary
@@ -104,7 +117,7 @@ def wait_for_job(factory, job_id: str, *, quiet: bool = False, notice_after_s: i
             elif not noticed and time.monotonic() - since >= notice_after_s and not chunks_taken(session, job_id):
                 noticed = True
                 progress.note(no_worker_notice(summary, notice_after_s))
-        progress.update(progress_line(summary))
+        progress.update(progress_line(summary, rate))
         time.sleep(POLL_S)
 
 

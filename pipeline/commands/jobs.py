@@ -119,7 +119,8 @@ def status(
     quiet: QuietOption = False,
     as_json: JsonOption = False,
 ) -> None:
-    """A job's status, line counts and timestamps."""
+    """A job's status, line counts and timestamps; its usage, cost, prefix-cache hit rate, rate and ETA."""
+    from pipeline.job_stats import extras_line, job_extras
     from pipeline.settings import load_settings
     from pipeline.submit import job_summary
 
@@ -128,12 +129,18 @@ def status(
         factory = sessions(settings.database_url)
         tenant_id = tenant_id_of(factory, tenant)
         if watch:
-            return wait_for_job(factory, job_id, quiet=quiet, notice_after_s=settings.no_worker_notice_after_s,
-                                tenant_id=tenant_id)
+            summary = wait_for_job(factory, job_id, quiet=quiet, notice_after_s=settings.no_worker_notice_after_s,
+                                   tenant_id=tenant_id)
+        else:
+            with factory() as session:
+                summary = job_summary(session, job_id, tenant_id=tenant_id)
         with factory() as session:
-            return job_summary(session, job_id, tenant_id=tenant_id)
+            return {**summary, **job_extras(session, job_id)}
 
-    print_job(guarded(action), as_json)
+    summary = guarded(action)
+    print_job(summary, as_json)
+    if not as_json:
+        typer.echo(extras_line(summary))
 
 
 def results(

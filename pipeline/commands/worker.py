@@ -9,6 +9,7 @@ import typer
 
 if TYPE_CHECKING:
     from pipeline.settings import Settings
+    from workers.engine_loop import EngineLoop
 
 
 def register(app: typer.Typer) -> None:
@@ -40,10 +41,11 @@ def worker(
         # be served stops the worker here with one line, instead of failing every chunk it takes.
         from jobs.engine_host import get_engine_loop
 
-        get_engine_loop(settings)
+        loop = get_engine_loop(settings)
     except ValueError as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(1) from None
+    _serve_metrics(loop, settings)
     # Threads, not processes: every task of this worker hands its requests to the one engine, whose
     # scheduler batches them together; no max-tasks-per-child, so the model stays loaded.
     make_celery(settings).worker_main([
@@ -51,6 +53,21 @@ def worker(
         "--prefetch-multiplier=1", "--loglevel=INFO", *([f"--hostname={name}"] if name else []),
     ])
 
+
+def _serve_metrics(loop: EngineLoop, settings: Settings) -> None:
+    """This worker's Prometheus endpoint, on the first free port of `metrics_port` (none for 'off')."""
+    from jobs import worker_metrics
+
+    metrics = worker_metrics.install(loop)
+    ports = settings.metrics_ports
+    if ports is None:
+        return
+    try:
+        port = metrics.serve(ports)
+    except OSError as e:
+        typer.echo(f"error: cannot serve metrics: {e.strerror or e}", err=True)
+        raise typer.Exit(1) from None
+    typer.echo(f"metrics: http://0.0.0.0:{port}/metrics", err=True)
 
 
 def beat(
@@ -72,6 +89,15 @@ def beat(
     if check:
         _check_beat(settings)
         return
+    if settings.metrics_ports is not None:
+        from pipeline.beat_metrics import serve_queue_depths
+
+        try:
+            port = serve_queue_depths(settings.broker_url, settings.redis_key_prefix, settings.metrics_ports)
+        except OSError as e:
+            typer.echo(f"error: cannot serve metrics: {e.strerror or e}", err=True)
+            raise typer.Exit(1) from None
+        typer.echo(f"metrics (queue depths): http://0.0.0.0:{port}/metrics", err=True)
     make_celery(settings).start(["beat", "--loglevel=INFO"])
 
 

@@ -45,7 +45,7 @@ def table_names(url: str) -> set[str]:
 def test_upgrade_to_head_matches_the_models(db_url):
     assert current(db_url) is None
     upgrade(db_url)
-    assert current(db_url) == head() == "0005"
+    assert current(db_url) == head() == "0006"
     assert table_names(db_url) == TABLES
     assert differences(db_url) == []
 

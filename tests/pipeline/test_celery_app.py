@@ -128,7 +128,7 @@ def test_nightly_runs_become_crontab_entries(settings: Settings) -> None:
 
 def test_tasks_are_registered_and_only_ping_keeps_a_result(settings: Settings) -> None:
     app = make_celery(settings)
-    assert TASK_MODULES == ("jobs.health", "jobs.inference", "jobs.maintenance")
+    assert TASK_MODULES == ("jobs.health", "jobs.inference", "jobs.maintenance", "jobs.finalize")
     app.loader.import_default_modules()
     for task, _ in periodic_tasks(settings).values():  # beat names no task that a worker would call unregistered
         assert task in app.tasks, task

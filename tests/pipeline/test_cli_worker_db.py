@@ -40,7 +40,7 @@ def test_db_upgrade_creates_the_schema(tmp_path):
     url = f"sqlite:///{tmp_path / 'jobs.sqlite3'}"
     result = cli(pipeline_env(PIPELINE_DATABASE_URL=url), tmp_path, "db", "upgrade")
     assert result.returncode == 0, result.stderr
-    assert "is at revision 0005" in result.stderr
+    assert "is at revision 0006" in result.stderr
     tables = set(sa.inspect(sa.create_engine(url)).get_table_names())
     assert {"jobs", "chunks", "requests", "sessions", "error_history", "alembic_version"} <= tables
 

@@ -120,6 +120,8 @@ def pipeline_commands(services: dict) -> list[tuple[str, list[str]]]:
         test = service.get("healthcheck", {}).get("test", [])
         if test[:2] == ["CMD", "pipeline"]:
             found.append((f"{name} healthcheck", test[1:]))
+        elif test[:1] == ["CMD-SHELL"] and test[1].startswith("pipeline "):
+            found.append((f"{name} healthcheck", shlex.split(test[1].replace("$$", "$"))))
     return found
 
 
@@ -128,7 +130,8 @@ PIPELINE_COMMANDS = pipeline_commands(yaml.safe_load((REPO_ROOT / "docker-compos
 
 def test_every_pipeline_command_is_checked() -> None:
     assert [where for where, _ in PIPELINE_COMMANDS] == [
-        "migrate", "worker", "worker-gpu", "beat", "beat healthcheck", "cli"]
+        "migrate", "worker", "worker healthcheck", "worker-gpu", "worker-gpu healthcheck", "beat",
+        "beat healthcheck", "cli"]
 
 
 @pytest.mark.parametrize(("name", "argv"), PIPELINE_COMMANDS, ids=[where for where, _ in PIPELINE_COMMANDS])
@@ -176,19 +179,21 @@ def test_environment_variables_are_settings_with_valid_values(services: dict, na
 
 
 @pytest.mark.parametrize("name", WORKERS)
-def test_workers_stop_gracefully_within_a_chunk_lease_and_answer_a_ping(services: dict, name: str) -> None:
+def test_workers_stop_gracefully_within_a_chunk_lease_and_probe_their_own_health(services: dict, name: str) -> None:
     worker = services[name]
     # SIGTERM finishes the running chunk; the grace period lets one run for as long as its lease.
     assert duration_s(worker["stop_grace_period"]) >= Settings().visibility_timeout_s
     kind, command = worker["healthcheck"]["test"]
     words = shlex.split(command.replace("$$", "$"))  # compose's $$ is a literal $ for the shell
-    assert kind == "CMD-SHELL" and words[:5] == ["celery", "-A", "pipeline.celery_app", "inspect", "ping"]
+    assert kind == "CMD-SHELL" and words[:2] == ["pipeline", "health"]
     # Its own node: `pipeline worker` without --name is celery@<hostname>, the container's $HOSTNAME.
-    assert "--name" not in worker["command"] and words[words.index("--destination") + 1] == "celery@$HOSTNAME"
+    assert "--name" not in worker["command"] and words[words.index("--worker") + 1] == "celery@$HOSTNAME"
+    # Answers well within the check's own timeout (compose kills a check that overruns it).
+    assert float(words[words.index("--timeout") + 1]) < duration_s(worker["healthcheck"]["timeout"])
 
 
 def test_beat_and_flower_have_real_health_checks(services: dict) -> None:
-    assert services["beat"]["healthcheck"]["test"] == ["CMD", "pipeline", "beat", "--check"]
+    assert services["beat"]["healthcheck"]["test"] == ["CMD", "pipeline", "health", "--beat"]
     flower = services["flower"]
     kind, python, flag, code = flower["healthcheck"]["test"]
     assert (kind, python, flag) == ("CMD", "python", "-c")

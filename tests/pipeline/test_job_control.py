@@ -197,7 +197,9 @@ def test_expired_job_shows_in_status_and_its_lines_in_the_errors(env, tmp_path: 
         assert expire_jobs(session, now=created + timedelta(hours=1)) == [job_id]
 
     status = cli_ok(env, tmp_path, "status", job_id)
-    assert status.stdout == f"{job_id}  expired  0 completed, 3 failed, 3 lines\n"
+    assert status.stdout == (f"{job_id}  expired  0 completed, 3 failed, 3 lines\n"  # and its usage: none ran
+                             "usage: 0 prompt tokens (0.0% hit rate), 0 completion tokens; 0.00 s compute; cost 0 USD; "
+                             "0.00 lines/s\n")
     watched = cli_ok(env, tmp_path, "status", job_id, "--watch")  # an ended job: returns at once
     assert watched.stdout == status.stdout and "3 lines  expired" in watched.stderr
     assert cli_ok(env, tmp_path, "status", job_id, "--watch", "--quiet").stderr == ""

@@ -22,7 +22,8 @@ from pipeline.output_writer import (
 
 IDS_1, IDS_2, IDS_3 = (LineIds(f"batch_req_{n}", f"req_{n}", f"{n}") for n in ("r1", "r2", "r3"))
 DONE = ResultRecord(custom_id="a", line=1, ids=IDS_1, endpoint="completions", model="tiny", created=1700000000,
-                    text="Hello", finish_reason="stop", prompt_tokens=5, cached_tokens=4, completion_tokens=2)
+                    text="Hello", finish_reason="stop", prompt_tokens=5, cached_tokens=4, completion_tokens=2,
+                    queue_wait_s=0.5, latency_s=1.25, ttft_s=0.125)
 CHAT = ResultRecord(custom_id="b", line=2, ids=IDS_2, endpoint="chat.completions", model="tiny",
                     created=1700000001, text="Hi!", finish_reason="length", prompt_tokens=9, completion_tokens=3)
 FAILED = ResultRecord(custom_id="c", line=3, ids=IDS_3, endpoint="completions", model="tiny", created=1700000002,
@@ -167,12 +168,15 @@ def test_parquet_writer_flat_columns_in_batches(tmp_path):
     rows = file.read().to_pylist()
     assert rows[:3] == [
         {"custom_id": "a", "text": "Hello", "finish_reason": "stop", "prompt_tokens": 5, "cached_tokens": 4,
-         "completion_tokens": 2, "error_code": None, "error_message": None},
+         "completion_tokens": 2, "error_code": None, "error_message": None, "queue_wait_s": 0.5, "latency_s": 1.25,
+         "ttft_s": 0.125},
         {"custom_id": "b", "text": "Hi!", "finish_reason": "length", "prompt_tokens": 9, "cached_tokens": 0,
-         "completion_tokens": 3, "error_code": None, "error_message": None},
+         "completion_tokens": 3, "error_code": None, "error_message": None, "queue_wait_s": None, "latency_s": None,
+         "ttft_s": None},
         {"custom_id": "c", "text": None, "finish_reason": None, "prompt_tokens": 0, "cached_tokens": 0,
          "completion_tokens": 0, "error_code": "prompt_too_long",
-         "error_message": "the prompt is 9000 tokens; the model takes 8192"},
+         "error_message": "the prompt is 9000 tokens; the model takes 8192", "queue_wait_s": None, "latency_s": None,
+         "ttft_s": None},
     ]
     assert [r["custom_id"] for r in rows] == ["a", "b", "c"] * 3
     assert leftovers(tmp_path) == []

@@ -115,3 +115,12 @@ def test_a_note_is_a_line_of_its_own_even_when_quiet(clock):
     log = io.StringIO()
     Progress("batch_1", enabled=False, stream=log).note("a\x1b]0;x\x07")
     assert log.getvalue() == "a\\x1b]0;x\\x07\n"
+
+
+def test_watch_shows_the_rate_and_the_time_left_once_measured():
+    from pipeline.commands.common import progress_line
+
+    summary = {"request_counts": {"total": 40, "completed": 9, "failed": 1}, "status": "in_progress"}
+    assert progress_line(summary) == f"{bar(10, 40)} lines  in_progress"
+    assert progress_line(summary, 2.0) == f"{bar(10, 40)} lines  in_progress  2.0 lines/s  ETA 15s"
+    assert progress_line(summary, 0.0) == f"{bar(10, 40)} lines  in_progress  0.0 lines/s"

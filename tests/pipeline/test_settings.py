@@ -4,6 +4,7 @@ messages that name their source, masking, and the TOML round trip."""
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 
 import pytest
@@ -346,3 +347,20 @@ EXPECTED_URL = ("expected an SQLAlchemy URL such as sqlite:////srv/pipeline.sqli
 def test_a_bad_database_url_is_one_masked_error(url: str, problem: str, shown: str) -> None:
     assert error(env={"PIPELINE_DATABASE_URL": url}) == (
         f"environment variable PIPELINE_DATABASE_URL: {problem}; got {shown!r}")
+
+
+def test_metrics_port_is_a_port_a_range_or_off() -> None:
+    assert Settings().metrics_ports == range(9464, 9480)
+    assert Settings(metrics_port="9100").metrics_ports == range(9100, 9101)
+    assert Settings(metrics_port="off").metrics_ports is None
+    for bad in ("9480-9464", "0", "70000", "9464-", "on"):
+        with pytest.raises(ValueError, match="metrics_port=.*expected a port such as '9464'"):
+            Settings(metrics_port=bad)
+
+
+def test_a_webhook_url_is_kept_out_of_logs_and_files() -> None:
+    settings = Settings(webhook_url="https://user:pw@hooks.example.com/T0/B0/tok3n?x=1")
+    shown = repr(settings) + json.dumps(settings.as_dict()) + settings.to_toml()
+    assert "tok3n" not in shown and "pw@" not in shown and "https://hooks.example.com/***" in shown
+    with pytest.raises(ValueError, match="webhook_url='ftp://h/\\*\\*\\*': expected an http:// or https:// URL"):
+        Settings(webhook_url="ftp://h/secret")
