@@ -6,18 +6,21 @@ from __future__ import annotations
 
 import typer
 
-from pipeline.commands import control, jobs, worker
+from pipeline.commands import backup, control, jobs, worker
 from pipeline.commands.bench import bench_app
+from pipeline.commands.cache import cache_app
 from pipeline.commands.config import config_app
 from pipeline.commands.database import db_app
 
 app = typer.Typer(help="Bulk LLM batch inference.", no_args_is_help=True, add_completion=False)
 app.add_typer(bench_app, name="bench")
+app.add_typer(cache_app, name="cache")
 app.add_typer(config_app, name="config")
 app.add_typer(db_app, name="db")
 worker.register(app)
 jobs.register(app)
 control.register(app)
+backup.register(app)
 
 
 @app.callback()
