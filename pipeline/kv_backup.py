@@ -8,9 +8,11 @@ write outside the cache folder.
 
 from __future__ import annotations
 
+import gzip
 import os
 import re
 import tarfile
+import zlib
 from pathlib import Path
 
 from pipeline.errors import FileError
@@ -51,6 +53,11 @@ def restore_snapshots(archive: Path, cache_dir: Path, *, force: bool = False) ->
         raise FileError(cache_dir, f"already holds {len(existing)} KV snapshots; restore into an empty cache_dir, "
                                    "or pass --force")
     try:
+        # Read the whole stream first: gzip's CRC is checked only at its end, which tarfile may
+        # never reach, and a flipped bit inside a member can inflate without an error.
+        with gzip.open(archive, "rb") as packed:
+            while packed.read(1 << 20):
+                pass
         with tarfile.open(archive, "r:gz") as tar:
             members = tar.getmembers()
             names = {Path(m.name).parts[:2] for m in members}
@@ -58,7 +65,7 @@ def restore_snapshots(archive: Path, cache_dir: Path, *, force: bool = False) ->
                 raise FileError(archive, "holds files that are not KV snapshots; not restored")
             cache_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
             tar.extractall(cache_dir, filter="data")
-    except (tarfile.TarError, EOFError, OSError) as e:
+    except (tarfile.TarError, EOFError, OSError, zlib.error) as e:
         raise FileError(archive, f"corrupted KV snapshot archive ({type(e).__name__}: {e}); use another backup") \
             from None
     return len(names)
