@@ -1,5 +1,6 @@
 """Database backups: SQLite through the sqlite3 online backup API (a consistent copy while other
-processes write), PostgreSQL through `pg_dump -Fc`. Files are named `pipeline-<UTC time>.<ext>`.
+processes write), gzipped; PostgreSQL through `pg_dump -Fc` (compressed by pg_dump). Files are named
+`pipeline-<UTC time>.sqlite3.gz` or `pipeline-<UTC time>.dump`; `prune_backups` keeps the newest N.
 
 A backup holds every prompt and answer: the files are created owner-only (0600), and so is the
 backups folder when this module creates it (0700). The database password reaches `pg_dump` through
@@ -9,7 +10,9 @@ command line, which every local user can read.
 
 from __future__ import annotations
 
+import gzip
 import os
+import re
 import shutil
 import sqlite3
 import subprocess
@@ -33,26 +36,43 @@ class BackupError(RuntimeError):
 _SERVICE = "pipeline-backup"
 
 
-def backup_database(database_url: str, backups_dir: Path, *, now: datetime | None = None) -> Path:
-    """Back up the database at `database_url` into `backups_dir` (created if missing) and return the
-    file. The file appears under its final name only once complete. Raises BackupError."""
+SQLITE_SUFFIX = ".sqlite3.gz"
+POSTGRES_SUFFIX = ".dump"
+# A backup's files share its stamp: the database's, and the KV snapshots' archive (pipeline/kv_backup.py).
+_BACKUP_NAME = re.compile(r"pipeline-(\d{8}T\d{6}Z)(\.sqlite3\.gz|\.sqlite3|\.dump|\.kv\.tar\.gz)")
+
+
+def backup_database(database_url: str, backups_dir: Path, *, now: datetime | None = None,
+                    output: Path | None = None) -> Path:
+    """Back up the database at `database_url` into `backups_dir` (created if missing), or into the
+    file `output` when given, and return the file. The file appears under its final name only once
+    complete. Raises BackupError."""
     url = make_url(database_url)
     stamp = (now or utcnow()).strftime("%Y%m%dT%H%M%SZ")
-    backups_dir.mkdir(mode=FOLDER_MODE, parents=True, exist_ok=True)
     backend = url.get_backend_name()
     if backend == "sqlite":
         if not url.database or url.database == ":memory:":
             raise BackupError("an in-memory SQLite database cannot be backed up; use a file database")
-        target = backups_dir / f"pipeline-{stamp}.sqlite3"
+        suffix = SQLITE_SUFFIX
     elif backend == "postgresql":
-        target = backups_dir / f"pipeline-{stamp}.dump"
+        suffix = POSTGRES_SUFFIX
     else:
         raise BackupError(f"cannot back up a {backend} database; SQLite and PostgreSQL are supported")
+    if output is None:
+        backups_dir.mkdir(mode=FOLDER_MODE, parents=True, exist_ok=True)
+        target = backups_dir / f"pipeline-{stamp}{suffix}"
+    else:
+        target = output
+        if not "".join(target.suffixes[-2:]).endswith(suffix):
+            raise BackupError(f"{target}: a backup of this {backend} database is a {suffix} file; name it so")
+        if not target.parent.is_dir():
+            raise BackupError(f"{target}: the folder {target.parent} does not exist; create it first")
+        if target.exists() and not target.is_file():
+            raise BackupError(f"{target}: exists and is not a regular file; choose another path")
     partial = _private_file(target.with_name(target.name + ".partial"))
     try:
         if backend == "sqlite":
-            with closing(sqlite3.connect(url.database)) as source, closing(sqlite3.connect(partial)) as copy:
-                source.backup(copy)
+            _sqlite_backup(url.database, partial)
         else:
             _pg_dump(database_url, partial)
         partial.replace(target)
@@ -60,6 +80,39 @@ def backup_database(database_url: str, backups_dir: Path, *, now: datetime | Non
         partial.unlink(missing_ok=True)  # no half backup left beside the complete ones
         raise
     return target
+
+
+def prune_backups(backups_dir: Path, keep: int) -> list[Path]:
+    """Deletes all but the newest `keep` backups in `backups_dir` (the files this module names, a
+    backup's database file and KV archive together); returns the deleted files. Other files there
+    are left alone."""
+    if keep < 1:
+        raise ValueError(f"keep={keep} must be at least 1")
+    if not backups_dir.is_dir():
+        return []
+    by_stamp: dict[str, list[Path]] = {}
+    for path in backups_dir.iterdir():
+        match = _BACKUP_NAME.fullmatch(path.name)
+        if match and path.is_file():
+            by_stamp.setdefault(match[1], []).append(path)
+    deleted = [path for stamp in sorted(by_stamp, reverse=True)[keep:] for path in sorted(by_stamp[stamp])]
+    for path in deleted:
+        path.unlink(missing_ok=True)
+    return deleted
+
+
+def _sqlite_backup(database: str, target: Path) -> None:
+    """A consistent copy through the online backup API, then gzipped into `target`."""
+    with tempfile.TemporaryDirectory(prefix="pipeline-backup-", dir=target.parent) as private:  # 0700
+        copy_path = Path(private) / "copy.sqlite3"
+        with closing(sqlite3.connect(database)) as source, closing(sqlite3.connect(copy_path)) as copy:
+            source.backup(copy)
+        with open(copy_path, "rb") as raw, open(target, "wb") as out, \
+                gzip.GzipFile(filename="", mode="wb", fileobj=out, mtime=0) as packed:
+            shutil.copyfileobj(raw, packed, 1 << 20)
+            # gzip's CRC over the whole copy is what tells a corrupted backup at restore
+        with open(target, "rb+") as f:
+            os.fsync(f.fileno())
 
 
 def _pg_dump(database_url: str, target: Path) -> None:

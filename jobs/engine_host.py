@@ -47,6 +47,11 @@ def get_engine_loop(settings: Settings) -> EngineLoop:
         return _loop
 
 
+def current_engine_loop() -> EngineLoop | None:
+    """This process's engine loop if it was built (a worker builds it when it starts), else None."""
+    return _loop
+
+
 def to_engine_request(endpoint: str, body: dict[str, Any], tokenizer: Tokenizer) -> tuple[list[int], SamplingParams]:
     """(prompt token ids, sampling parameters) for a stored request.
 

@@ -20,7 +20,7 @@ from celery import shared_task
 from celery.utils.log import get_task_logger
 from sqlalchemy.orm import Session, sessionmaker
 
-from db.backup import BackupError, backup_database as backup_database_to
+from db.backup import BackupError, backup_database as backup_database_to, prune_backups
 from db.base import utcnow
 from db.repository import (
     deliveries_used_up,
@@ -36,6 +36,7 @@ from jobs.process_state import worker_sessions, worker_settings
 from pipeline.celery_app import chunk_sender
 from pipeline.settings import Settings
 from pipeline.errors import PipelineError
+from pipeline.kv_backup import archive_snapshots
 from pipeline.submit import SendChunk, send_chunks, submit_file
 
 logger = get_task_logger(__name__)
@@ -157,6 +158,8 @@ def backup_database(self: Any) -> str | None:
 def _backup(settings: Settings) -> Path | None:
     try:
         path = backup_database_to(settings.database_url, settings.backups_dir)
+        archive_snapshots(settings.cache_dir, path)  # on beat's host: the snapshots of workers sharing it
+        prune_backups(settings.backups_dir, settings.backups_keep)
     except (BackupError, OSError, sqlite3.Error) as e:
         message = f"database backup failed: {e}"
         logger.error(message)
@@ -165,6 +168,19 @@ def _backup(settings: Settings) -> Path | None:
         return None
     logger.info("database backed up to %s", path)
     return path
+
+
+@shared_task(name="jobs.maintenance.checkpoint_kv_caches", bind=True)
+def checkpoint_kv_caches(self: Any) -> bool | None:
+    """Has every live worker write a KV snapshot of its cache (the `cache_persist` broadcast), each
+    into its own folder. Fire and forget: a worker that misses one writes the next."""
+    settings = worker_settings()
+
+    def work() -> bool:
+        self.app.control.broadcast("cache_persist", reply=False)
+        return True
+
+    return run_once(settings, self.name, work)
 
 
 NIGHTLY_ERROR_KIND = "nightly_run"

@@ -19,7 +19,7 @@ from typing import Any
 
 from celery import Celery
 from celery.schedules import crontab
-from celery.worker.control import inspect_command
+from celery.worker.control import control_command, inspect_command
 from kombu import Exchange
 from kombu import Queue as KombuQueue
 
@@ -45,8 +45,6 @@ TASK_ROUTES: dict[str, dict[str, str]] = {
     "jobs.maintenance.*": {"queue": Queue.HIGH.value},
 }
 
-# No KV cache checkpoint entry: KV persistence is not built yet, and a schedule naming a task that
-# does not exist only fills the logs with "unregistered task" errors. It joins with its task.
 def periodic_tasks(settings: Settings) -> dict[str, tuple[str, timedelta | crontab]]:
     """Beat's entries: name -> (task name, interval or crontab). Nightly runs are added by
     `beat_schedule`. The beat lock (`jobs.beat_lock`) reads its slots from here too."""
@@ -55,6 +53,8 @@ def periodic_tasks(settings: Settings) -> dict[str, tuple[str, timedelta | cront
         "job-expiry": ("jobs.maintenance.expire_jobs", timedelta(minutes=5)),
         "lost-chunk-sweep": ("jobs.maintenance.sweep_lost_chunks", timedelta(seconds=settings.sweep_interval_s)),
         "database-backup": ("jobs.maintenance.backup_database", crontab(minute="0", hour="3")),
+        "kv-cache-checkpoint": ("jobs.maintenance.checkpoint_kv_caches",
+                                timedelta(seconds=settings.kv_checkpoint_interval_s)),
     }
 
 NIGHTLY_RUN_TASK = "jobs.maintenance.start_nightly_run"
@@ -82,6 +82,75 @@ def engine_stats_command(state: Any, **kwargs: Any) -> dict[str, Any]:
     metrics = worker_metrics.current()
     return {**worker_health.current().as_dict(), "active_chunks": len(worker_state.active_requests),
             "engine": None if metrics is None else metrics.status().as_dict()}
+
+
+# The KV cache commands (`pipeline cache ...`, or `celery -A pipeline.celery_app control cache_stats`):
+# broadcast to every worker, each answering for its own cache. Registered here so that the command
+# line knows them; they run in the worker, on its engine loop (jobs/kv_cache_host.py).
+CACHE_COMMANDS = ("cache_stats", "cache_warm", "cache_pin", "cache_unpin", "cache_clear", "cache_persist")
+
+
+def _in_worker(action: Any) -> dict[str, Any]:
+    """`action(settings, loop)` in this worker, its error as {"error": one line} (never a traceback
+    on the caller's screen; the worker's log keeps it)."""
+    import logging
+
+    from jobs.engine_host import current_engine_loop
+    from jobs.process_state import worker_settings
+    from pipeline.errors import PipelineError
+
+    loop = current_engine_loop()
+    if loop is None:
+        return {"error": "this worker has no engine"}
+    try:
+        return action(worker_settings(), loop)
+    except (PipelineError, ValueError, OSError) as e:
+        return {"error": str(e)}
+    except Exception as e:  # noqa: BLE001 - a bug: logged with its traceback, one line to the caller
+        logging.getLogger(__name__).exception("cache command failed")
+        return {"error": f"{type(e).__name__}: {e} (the worker's log has the traceback)"}
+
+
+@control_command(name="cache_stats")
+def cache_stats_command(state: Any, **kwargs: Any) -> dict[str, Any]:
+    from jobs import kv_cache_host
+
+    return _in_worker(kv_cache_host.stats)
+
+
+@control_command(name="cache_warm", args=[("prompts", list)], signature="<prompts>")
+def cache_warm_command(state: Any, prompts: list, **kwargs: Any) -> dict[str, Any]:
+    from jobs import kv_cache_host
+
+    return _in_worker(lambda settings, loop: kv_cache_host.warm(loop, prompts))
+
+
+@control_command(name="cache_pin", args=[("prompts", list)], signature="<prompts>")
+def cache_pin_command(state: Any, prompts: list, **kwargs: Any) -> dict[str, Any]:
+    from jobs import kv_cache_host
+
+    return _in_worker(lambda settings, loop: kv_cache_host.pin(loop, prompts))
+
+
+@control_command(name="cache_unpin", args=[("prompts", list)], signature="[prompts]")
+def cache_unpin_command(state: Any, prompts: list | None = None, **kwargs: Any) -> dict[str, Any]:
+    from jobs import kv_cache_host
+
+    return _in_worker(lambda settings, loop: kv_cache_host.unpin(loop, prompts))
+
+
+@control_command(name="cache_clear", args=[("unpin", bool)], signature="[unpin]")
+def cache_clear_command(state: Any, unpin: bool = False, **kwargs: Any) -> dict[str, Any]:
+    from jobs import kv_cache_host
+
+    return _in_worker(lambda settings, loop: kv_cache_host.clear(loop, unpin_all=unpin))
+
+
+@control_command(name="cache_persist")
+def cache_persist_command(state: Any, **kwargs: Any) -> dict[str, Any]:
+    from jobs import kv_cache_host
+
+    return _in_worker(kv_cache_host.persist)
 
 
 def chunk_sender(app: Celery) -> Callable[[int, str], None]:

@@ -6,14 +6,16 @@ from __future__ import annotations
 
 import typer
 
-from pipeline.commands import accounting, control, generate, jobs, monitor, ops, serve, worker
+from pipeline.commands import accounting, backup, control, generate, jobs, monitor, ops, serve, worker
 from pipeline.commands.bench import bench_app
+from pipeline.commands.cache import cache_app
 from pipeline.commands.config import config_app
 from pipeline.commands.database import db_app
 from pipeline.commands.tenants import key_app, tenant_app
 
 app = typer.Typer(help="Bulk LLM batch inference.", no_args_is_help=True, add_completion=False)
 app.add_typer(bench_app, name="bench")
+app.add_typer(cache_app, name="cache")
 app.add_typer(config_app, name="config")
 app.add_typer(db_app, name="db")
 app.add_typer(tenant_app, name="tenant")
@@ -26,6 +28,7 @@ ops.register(app)
 accounting.register(app)
 monitor.register(app)
 generate.register(app)
+backup.register(app)
 
 
 @app.callback()

@@ -188,8 +188,34 @@ class Settings:
     backups_dir: Path = field(
         default_factory=lambda: Path.cwd() / "backups", metadata=_doc("Where database backups go.")
     )
+    backups_keep: int = field(
+        default=7, metadata=_doc("Database backups kept in backups_dir; older ones are deleted after each backup.")
+    )
     cache_dir: Path = field(
-        default_factory=lambda: Path.cwd() / "kv_cache", metadata=_doc("Where KV cache snapshots go.")
+        default_factory=lambda: Path.cwd() / "kv_cache",
+        metadata=_doc("Where KV cache snapshots go: one folder per worker (its node name) under it."),
+    )
+    # KV cache persistence, warming and pinning
+    kv_snapshot_on_start: bool = field(
+        default=True, metadata=_doc("A worker loads its newest valid KV snapshot when it starts (a warm restart).")
+    )
+    kv_checkpoint_interval: str = field(
+        default="15m", metadata=_doc("How often beat has every worker write a KV snapshot: '15m', '1h', '30s'.")
+    )
+    kv_snapshot_max_blocks: int | None = field(
+        default=None, metadata=_doc("Most KV blocks a snapshot holds (the hottest); unset: every cached block.",
+                                    "4096"),
+    )
+    kv_snapshots_keep: int = field(default=2, metadata=_doc("KV snapshots kept per worker; older ones are deleted."))
+    max_pinned_fraction: float = field(
+        default=0.5, metadata=_doc("Share of the KV pool that pinned prefixes may fill; pinning more is refused.")
+    )
+    kv_warm_file: str | None = field(
+        default=None, metadata=_doc("A JSONL file whose prompts a worker prefills when it starts.", '"warm.jsonl"')
+    )
+    kv_pin_file: str | None = field(
+        default=None, metadata=_doc("A JSONL file whose prompts a worker prefills and pins when it starts.",
+                                    '"system_prompts.jsonl"'),
     )
     nightly_runs: tuple[NightlyRun, ...] = field(
         default=(), metadata=_doc("Bulk runs beat submits on a schedule: [[nightly_runs]] tables.")
@@ -227,7 +253,7 @@ class Settings:
         """Keyword arguments for `workers.EngineConfig` (which validates them again)."""
         names = ("model", "device", "dtype", "attention_backend", "block_size", "kv_cache_memory_bytes",
                  "kv_cache_dtype", "eviction_policy", "enable_prefix_caching", "max_num_seqs", "max_num_batched_tokens",
-                 "cpu_threads", "chat_template_timeout_s")
+                 "cpu_threads", "chat_template_timeout_s", "max_pinned_fraction")
         return {name: getattr(self, name) for name in names}
 
     @property
@@ -241,6 +267,10 @@ class Settings:
     @property
     def sweep_interval_s(self) -> int:
         return duration_s(self.sweep_interval)
+
+    @property
+    def kv_checkpoint_interval_s(self) -> int:
+        return duration_s(self.kv_checkpoint_interval)
 
     @property
     def no_worker_notice_after_s(self) -> int:
@@ -416,6 +446,12 @@ _CHECKS: dict[str, typing.Callable[[Any], str | None]] = {
     "no_worker_notice_after": lambda v: None if re.fullmatch(r"[1-9][0-9]*[smhd]", v) else (
         "expected a duration such as '1m', '30s' or '1h'"),
     "timezone": _check_timezone,
+    "backups_keep": _int_range(1, 10_000, "backups kept"),
+    "kv_checkpoint_interval": lambda v: None if re.fullmatch(r"[1-9][0-9]*[smhd]", v) else (
+        "expected a duration such as '15m', '1h' or '30s'"),
+    "kv_snapshot_max_blocks": lambda v: None if v is None or v >= 1 else "expected a positive number of blocks, or unset",
+    "kv_snapshots_keep": _int_range(1, 100, "snapshots kept per worker"),
+    "max_pinned_fraction": lambda v: None if math.isfinite(v) and 0 <= v < 1 else "expected a fraction in [0, 1)",
     "model": lambda v: None if v.strip() else "expected 'tiny' or the path of a local Hugging Face model folder",
     "model_aliases": _check_aliases,
     "device": _check_device,

@@ -29,6 +29,8 @@ class EngineConfig:
     gpu_memory_utilization: float = 0.9
     enable_prefix_caching: bool = True
     eviction_policy: str = "lru"
+    # Pinned (warmed) prefix blocks may fill at most this share of the pool: the rest stays for work.
+    max_pinned_fraction: float = 0.5
     kv_cache_dtype: str = "auto"
     attention_backend: str = "auto"  # workers/attention: "reference", "cpu", "triton"; auto: the fastest here
     max_num_seqs: int = 256
@@ -64,6 +66,9 @@ class EngineConfig:
             raise ValueError(
                 f"eviction_policy={self.eviction_policy!r} is unknown; use one of {', '.join(EVICTION_POLICIES)}"
             )
+        if isinstance(self.max_pinned_fraction, bool) or not isinstance(self.max_pinned_fraction, (int, float)) \
+                or not 0.0 <= self.max_pinned_fraction < 1.0:
+            raise ValueError(f"max_pinned_fraction={self.max_pinned_fraction!r} must be in [0, 1)")
         if not 1 <= self.block_size <= 256:
             raise ValueError(f"block_size={self.block_size} must be between 1 and 256 tokens (16 is usual)")
         if self.num_kv_blocks is not None and self.num_kv_blocks < 2:

@@ -14,13 +14,14 @@ from workers.layers.dense_ops import make_dense_ops
 from workers.config import EngineConfig
 from workers.dtype_choice import resolve_dtype
 from workers.errors import PromptTooLongError
-from workers.hashing import root_hash
+from workers.hashing import BlockHash, hash_full_blocks, root_hash
 from workers.kv_cache import PagedKVCache
 from workers.kv_cache_manager import KVCacheManager
 from workers.loader import DTYPES, load_model
 from workers.memory import num_kv_blocks
 from workers.model_runner import ModelRunner
 from workers.outputs import CompletionOutput, RequestMetrics
+from workers.persistence import CacheIdentity
 from workers.sampling import SamplingParams
 from workers.scheduler import Scheduler, SchedulerOutput
 from workers.sequence import Sequence
@@ -39,6 +40,9 @@ class StepReport:
     num_batched_tokens: int
     sampled: dict[str, int]  # request id -> the token this step sampled for it
     finished: list[CompletionOutput]
+
+# A warming request: prefill the prompt, generate one token (greedy, whatever it is).
+WARM_PARAMS = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
 
 
 class LLMEngine:
@@ -75,7 +79,8 @@ class LLMEngine:
         self.loaded.model.dense_ops = dense_ops
         self.kv_cache = self.attention.make_cache(cfg.num_layers, num_blocks, config.block_size, dtype, self.device,
                                                   config.kv_cache_dtype)
-        self.kv_manager = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching, config.eviction_policy)
+        self.kv_manager = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching,
+                                         config.eviction_policy, config.max_pinned_fraction)
         eos = frozenset(self.tokenizer.eos_token_ids | set(cfg.eos_token_ids))
         self.scheduler = Scheduler(
             self.kv_manager, StopChecker(eos, self.tokenizer.decode, self.max_model_len),
@@ -186,22 +191,72 @@ class LLMEngine:
 
     # -- cache -----------------------------------------------------------------------------------
     def reset_prefix_cache(self) -> int:
-        """Drops every cached prefix block that no running request holds; returns how many."""
+        """Drops every cached prefix block that no running request holds and no pin keeps; returns
+        how many."""
         return self.kv_manager.pool.reset_prefix_cache()
 
     def scrub_kv_cache(self) -> None:
-        """Drops every cached prefix and zeroes the whole KV pool, after a failed step's requests
-        were aborted. A step that raised may have registered blocks it never wrote, or written NaN
-        or inf (a corrupted weight, say) into blocks that later requests reuse; attention reads whole
-        blocks and 0 x NaN is NaN, so a free slot must hold zeros, as the pool did when allocated."""
+        """Drops every cached prefix and zeroes the KV pool, after a failed step's requests were
+        aborted. A step that raised may have registered blocks it never wrote, or written NaN or inf
+        (a corrupted weight, say) into blocks that later requests reuse; attention reads whole blocks
+        and 0 x NaN is NaN, so a free slot must hold zeros, as the pool did when allocated. Pinned
+        blocks keep their contents: they were complete before the step, which writes only new slots."""
         if self.scheduler.has_unfinished():
             raise RuntimeError("scrub_kv_cache needs every request finished or aborted first")
-        self.kv_manager.pool.reset_prefix_cache()
-        self.kv_cache.clear()
+        pool = self.kv_manager.pool
+        pool.reset_prefix_cache()
+        self.kv_cache.clear(keep=pool.pinned_block_ids)
+
+    def warm(self, prompts: Seq[Prompt], cache_salt: str | None = None) -> list[BlockHash]:
+        """Prefills `prompts` (one token generated each) so their full blocks are cached; returns
+        their hashes (for `pin`). Runs the engine to completion, so no other request may be in it:
+        a caller with requests in flight (the worker's engine loop) submits the prompts as requests
+        of `WARM_PARAMS` instead, then calls `prompt_block_hashes`."""
+        if self.scheduler.has_unfinished():
+            raise RuntimeError("warm runs the engine alone; submit WARM_PARAMS requests while others run")
+        self.generate(prompts, WARM_PARAMS, cache_salt)
+        return self.prompt_block_hashes(prompts, cache_salt)
+
+    def prompt_block_hashes(self, prompts: Seq[Prompt], cache_salt: str | None = None) -> list[BlockHash]:
+        """The chained hashes of every full block of `prompts`, without duplicates."""
+        root = root_hash(self.loaded.fingerprint, cache_salt)
+        hashes = [h for p in prompts for h in hash_full_blocks(root, self._tokens(p), self.config.block_size, [])]
+        return list(dict.fromkeys(hashes))
+
+    def pin(self, prompts: Seq[Prompt], cache_salt: str | None = None) -> list[int]:
+        """Warms `prompts` and pins their full blocks: they are never evicted until `unpin`. Raises
+        ValueError, pinning nothing, past `max_pinned_fraction` of the pool. Returns the ids pinned."""
+        return self.kv_manager.pool.pin(self.warm(prompts, cache_salt))
+
+    def unpin(self, prompts: Seq[Prompt] | None = None, cache_salt: str | None = None) -> list[int]:
+        """Unpins the full blocks of `prompts` (every pinned block when None); returns their ids."""
+        pool = self.kv_manager.pool
+        return pool.unpin() if prompts is None else pool.unpin(self.prompt_block_hashes(prompts, cache_salt))
+
+    def cache_identity(self) -> CacheIdentity:
+        """What a KV snapshot must match to be loaded here (workers/persistence.py)."""
+        cfg = self.loaded.config
+        kv_dtype = self.config.kv_cache_dtype if self.kv_cache.quantized else self.dtype
+        return CacheIdentity(self.loaded.fingerprint, self.config.block_size, kv_dtype, cfg.num_layers,
+                             cfg.num_kv_heads, cfg.head_dim)
+
+    def cache_stats(self) -> dict[str, float | int]:
+        """The KV pool's blocks (used, free, cached, pinned) and the prefix cache's token hit rate."""
+        pool, kv = self.kv_manager.pool, self.kv_manager
+        return {
+            "num_total_blocks": pool.num_blocks,
+            "num_used_blocks": pool.num_blocks - pool.num_free_blocks,
+            "num_free_blocks": pool.num_free_blocks,
+            "num_cached_blocks": pool.num_cached_blocks,
+            "num_pinned_blocks": pool.num_pinned_blocks,
+            "max_pinned_blocks": pool.max_pinned_blocks,
+            "num_evictions": pool.num_evictions,
+            "prefix_cache_queries": kv.prefix_cache_queries,
+            "prefix_cache_hits": kv.prefix_cache_hits,
+            "prefix_cache_hit_rate": kv.prefix_cache_hits / kv.prefix_cache_queries if kv.prefix_cache_queries else 0.0,
+        }
 
     def stats(self) -> dict[str, float | int | str]:
-        pool = self.kv_manager.pool
-        kv = self.kv_manager
         return {
             "model": self.config.model,
             "device": str(self.device),
@@ -212,17 +267,10 @@ class LLMEngine:
             "eviction_policy": self.config.eviction_policy,
             "block_size": self.config.block_size,
             "kv_cache_bytes": self.kv_cache.nbytes,
-            "num_total_blocks": pool.num_blocks,
-            "num_free_blocks": pool.num_free_blocks,
-            "num_used_blocks": pool.num_blocks - pool.num_free_blocks,
-            "num_cached_blocks": pool.num_cached_blocks,
-            "peak_used_blocks": kv.peak_used_blocks,
-            "num_evictions": pool.num_evictions,
+            **self.cache_stats(),
+            "peak_used_blocks": self.kv_manager.peak_used_blocks,
             "num_preemptions": self.scheduler.num_preemptions,
             "num_cascade_steps": self.runner.num_cascade_steps,
-            "prefix_cache_queries": kv.prefix_cache_queries,
-            "prefix_cache_hits": kv.prefix_cache_hits,
-            "prefix_cache_hit_rate": kv.prefix_cache_hits / kv.prefix_cache_queries if kv.prefix_cache_queries else 0.0,
             "num_running": len(self.scheduler.running),
             "num_waiting": len(self.scheduler.waiting),
             **self._stats.summary(),

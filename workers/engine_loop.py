@@ -24,6 +24,7 @@ import traceback
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 from workers.engine import LLMEngine, Prompt
 from workers.errors import RequestEngineError
@@ -31,6 +32,7 @@ from workers.outputs import CompletionOutput
 from workers.sampling import SamplingParams
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,6 +52,7 @@ class EngineLoop:
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
         self._incoming: list[_Submitted] = []
+        self._calls: list[tuple[Callable[[LLMEngine], Any], Future]] = []
         self._in_flight: dict[str, _Submitted] = {}  # engine request id -> its request
         self._closed = False
         # Engine steps completed (or failed): a caller's watchdog reads it to tell a busy engine from
@@ -71,6 +74,17 @@ class EngineLoop:
             self._incoming.append(_Submitted(prompt, params, cache_salt, future))
             self._wake.notify()
         return future
+
+    def call(self, fn: Callable[[LLMEngine], T]) -> T:
+        """Runs `fn(engine)` on the loop thread between two steps (the engine is not thread-safe)
+        and returns its result, or raises what it raised. For cache work: pins, snapshots, stats."""
+        future: Future = Future()
+        with self._wake:
+            if self._closed:
+                raise RuntimeError("the engine loop is closed")
+            self._calls.append((fn, future))
+            self._wake.notify()
+        return future.result()
 
     def generate(
         self, prompts: Sequence[Prompt], params: Sequence[SamplingParams], cache_salt: str | None = None
@@ -107,11 +121,17 @@ class EngineLoop:
             return
         while True:
             with self._wake:
-                while not self._incoming and not self._in_flight and not self._closed:
+                while not self._incoming and not self._in_flight and not self._calls and not self._closed:
                     self._wake.wait()
-                if self._closed and not self._incoming and not self._in_flight:
+                if self._closed and not self._incoming and not self._in_flight and not self._calls:
                     return
                 incoming, self._incoming = self._incoming, []
+                calls, self._calls = self._calls, []
+            for fn, future in calls:
+                try:
+                    future.set_result(fn(self.engine))
+                except BaseException as e:  # noqa: BLE001 - the caller's to handle
+                    future.set_exception(e)
             for request in incoming:
                 try:
                     request_id = self.engine.add_request(request.prompt, request.params, cache_salt=request.cache_salt)

@@ -50,6 +50,11 @@ class EvictionPolicy(ABC):
         """Removes and returns the block to evict next."""
 
     @abstractmethod
+    def ranked(self) -> list[int]:
+        """Every evictable block id, the one to evict last first (the hottest), without changing
+        anything: a KV snapshot keeps the head of this list."""
+
+    @abstractmethod
     def __len__(self) -> int: ...
 
 
@@ -69,6 +74,9 @@ class LRUPolicy(EvictionPolicy):
 
     def pop(self) -> int:
         return self._order.popitem(last=False)[0]
+
+    def ranked(self) -> list[int]:
+        return list(reversed(self._order))
 
     def __len__(self) -> int:
         return len(self._order)
@@ -104,6 +112,10 @@ class _HeapPolicy(EvictionPolicy):
 
     def _evicted(self, key: tuple) -> None:
         pass
+
+    def ranked(self) -> list[int]:
+        # The live keys in ascending order are exactly the order `pop` would take them in.
+        return [key[-1] for key in sorted(self._live.values(), reverse=True)]
 
     def __len__(self) -> int:
         return len(self._live)

@@ -53,11 +53,47 @@ class PagedKVCache:
     def nbytes(self) -> int:
         return self.kv.nbytes + (self.scales.nbytes if self.scales is not None else 0)
 
-    def clear(self) -> None:
-        """Zero every slot (and scale), as at allocation."""
+    def clear(self, keep: list[int] | None = None) -> None:
+        """Zero every slot (and scale), as at allocation, except the blocks `keep` (pinned ones)."""
+        saved = self.export_blocks(keep) if keep else None
         self.kv.zero_()
         if self.scales is not None:
             self.scales.zero_()
+        if saved is not None:
+            self.import_blocks(keep, *saved)
+
+    def export_blocks(self, block_ids: list[int]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Copies of blocks `block_ids` in the backend-neutral layout of a snapshot: (values
+        [N, layers, 2, KVH, BS, D] in the storage dtype, scales [N, layers, 2, KVH, BS] float32 or
+        None), on the CPU. A block's tokens are rows `[BS, D]` whatever this backend stores."""
+        index = torch.tensor(block_ids, dtype=torch.long, device=self.device)
+        layers, _, kvh, _, _ = self.kv.shape
+        n, bs, d = len(block_ids), self.block_size, self.head_dim
+        kv = self.kv.index_select(3, index).permute(3, 0, 1, 2, 4).reshape(n, layers, 2, kvh, bs, d)
+        kv = self._canonical(kv).cpu().contiguous()
+        scales = None
+        if self.scales is not None:
+            scales = self.scales.index_select(3, index).permute(3, 0, 1, 2, 4).cpu().contiguous()
+        return kv, scales
+
+    def import_blocks(self, block_ids: list[int], kv: torch.Tensor, scales: torch.Tensor | None) -> None:
+        """Writes blocks exported by `export_blocks` (of any backend) into blocks `block_ids`."""
+        index = torch.tensor(block_ids, dtype=torch.long, device=self.device)
+        layers, _, kvh, _, width = self.kv.shape
+        n = len(block_ids)
+        stored = self._stored(kv.to(self.device)).reshape(n, layers, 2, kvh, width).permute(1, 2, 3, 0, 4)
+        self.kv.index_copy_(3, index, stored)
+        if self.scales is not None:
+            assert scales is not None, "a quantized cache needs the blocks' scales"
+            self.scales.index_copy_(3, index, scales.to(self.device).permute(1, 2, 3, 0, 4))
+
+    def _canonical(self, kv: torch.Tensor) -> torch.Tensor:
+        """This backend's blocks [N, layers, 2, KVH, BS, D] as rows [BS, D] (here they already are)."""
+        return kv
+
+    def _stored(self, kv: torch.Tensor) -> torch.Tensor:
+        """The inverse of `_canonical`."""
+        return kv
 
     @property
     def block_nbytes(self) -> int:

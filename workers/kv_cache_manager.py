@@ -9,11 +9,13 @@ from workers.sequence import Sequence
 
 class KVCacheManager:
     def __init__(
-        self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True, eviction_policy: str = "lru"
+        self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True, eviction_policy: str = "lru",
+        max_pinned_fraction: float = 0.5,
     ) -> None:
         self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching
-        self.pool = BlockPool(num_blocks, eviction_policy, enable_caching=enable_prefix_caching)
+        self.pool = BlockPool(num_blocks, eviction_policy, enable_caching=enable_prefix_caching,
+                              max_pinned_fraction=max_pinned_fraction)
         self.prefix_cache_queries = 0  # prompt tokens looked up
         self.prefix_cache_hits = 0  # of which served from the cache
         self.peak_used_blocks = 0
@@ -72,7 +74,8 @@ class KVCacheManager:
             return
         hashes = hash_full_blocks(seq.root_hash, seq.token_view(num_tokens), self.block_size, seq.block_hashes)
         for depth in range(seq.num_registered_blocks, num_full):
-            self.pool.cache_block(seq.blocks[depth], hashes[depth], depth)
+            parent = hashes[depth - 1] if depth else seq.root_hash
+            self.pool.cache_block(seq.blocks[depth], hashes[depth], depth, parent)
         seq.num_registered_blocks = num_full
 
     def free(self, seq: Sequence) -> None:

@@ -161,3 +161,23 @@ def bench_api(
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(1) from None
     typer.echo(format_api_report(result))
+
+
+@bench_app.command("warm")
+def bench_warm(
+    dtype: Annotated[Optional[list[DtypeChoice]], typer.Option(
+        help="Dtypes to measure (repeatable); default: float32 and bfloat16.")] = None,
+    repeat: Annotated[int, typer.Option(min=1, help="Runs of each measurement; the report gives medians.")] = 3,
+    scale: Annotated[ScaleChoice, typer.Option(help="'small': a tiny model, short prompts.")] = ScaleChoice.full,
+) -> None:
+    """A restarted engine warm (KV snapshot loaded) against cold: first token, TTFT and throughput of
+    the first shared-prefix chunk; and the snapshot's load time against recomputing its prefixes."""
+    from workers.bench.warm_bench import format_warm_report, run_warm_bench
+
+    dtypes = [d.value for d in dtype] if dtype else ["float32", "bfloat16"]
+    try:
+        results = run_warm_bench(dtypes, scale.value, repeat)
+    except ValueError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(1) from None
+    typer.echo(format_warm_report(results))

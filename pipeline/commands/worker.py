@@ -27,6 +27,7 @@ def worker(
 ) -> None:
     """A Celery worker that keeps the model and its KV cache warm across tasks."""
     from pipeline.celery_app import make_celery
+    from pipeline.errors import PipelineError
     from pipeline.queues import queue_for
     from pipeline.settings import load_settings
 
@@ -40,12 +41,19 @@ def worker(
         # The model (and its chat template) loads before the worker takes a task: one that cannot
         # be served stops the worker here with one line, instead of failing every chunk it takes.
         from jobs.engine_host import get_engine_loop
+        from jobs import kv_cache_host
 
         loop = get_engine_loop(settings)
-    except ValueError as e:
+        # Warm before the first task: the newest valid KV snapshot of this node (a refused one is a
+        # log line and a cold start), then the settings' warm and pin files.
+        node = _node_name(name)
+        for line in kv_cache_host.start(settings, loop, node):
+            typer.echo(line, err=True)
+    except (ValueError, PipelineError) as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(1) from None
     _serve_metrics(loop, settings)
+    _snapshot_on_shutdown(settings, loop)
     # Threads, not processes: every task of this worker hands its requests to the one engine, whose
     # scheduler batches them together; no max-tasks-per-child, so the model stays loaded.
     make_celery(settings).worker_main([
@@ -68,6 +76,31 @@ def _serve_metrics(loop: EngineLoop, settings: Settings) -> None:
         typer.echo(f"error: cannot serve metrics: {e.strerror or e}", err=True)
         raise typer.Exit(1) from None
     typer.echo(f"metrics: http://0.0.0.0:{port}/metrics", err=True)
+
+
+def _node_name(name: str | None) -> str:
+    """The node name Celery will give this worker (`--name`, %h expanded; default celery@<host>)."""
+    from celery.utils.nodenames import default_nodename, host_format
+
+    return host_format(default_nodename(name))
+
+
+def _snapshot_on_shutdown(settings: Settings, loop) -> None:
+    """On a warm shutdown (SIGTERM, SIGINT), once the running chunk is done, write a KV snapshot so
+    the next start of this node is warm. A failure is logged; the worker still exits."""
+    from celery.signals import worker_shutdown
+
+    from jobs import kv_cache_host
+
+    def persist(**_: object) -> None:
+        import logging
+
+        try:
+            kv_cache_host.persist(settings, loop)
+        except (OSError, RuntimeError) as e:
+            logging.getLogger(__name__).error("no KV snapshot written at shutdown: %s", e)
+
+    worker_shutdown.connect(persist, weak=False)
 
 
 def beat(

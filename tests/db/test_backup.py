@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import gzip
 import os
 import sqlite3
 import stat
@@ -118,7 +119,9 @@ def test_backups_and_their_folder_are_owner_only(fake_pg_dump, tmp_path: Path, o
     upgrade(f"sqlite:///{db}")
     backups = tmp_path / "backups" / "nested"
     sqlite_copy = backup_database(f"sqlite:///{db}", backups, now=T0)
-    with closing(sqlite3.connect(sqlite_copy)) as copy:
+    unpacked = tmp_path / "unpacked.sqlite3"
+    unpacked.write_bytes(gzip.decompress(sqlite_copy.read_bytes()))
+    with closing(sqlite3.connect(unpacked)) as copy:
         assert copy.execute("PRAGMA integrity_check").fetchone() == ("ok",)
     dump = backup_database(f"postgresql+psycopg://u:{PASSWORD}@h/pipeline", backups, now=T0)
     assert mode(backups) == 0o700

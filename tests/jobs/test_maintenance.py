@@ -5,6 +5,7 @@ keeps a second beat from running a task twice."""
 from __future__ import annotations
 
 import dataclasses
+import gzip
 import json
 import sqlite3
 import threading
@@ -191,12 +192,14 @@ def test_sqlite_backup_opens_with_the_same_rows(task_settings: Settings, tmp_pat
     submit_file(task_settings, factory, tmp_path / "in.jsonl", send_chunk=lambda c, q: None)
     path = Path(maintenance.backup_database())
     assert path.parent == task_settings.backups_dir and path.name.startswith("pipeline-")
-    assert path.suffix == ".sqlite3" and list(task_settings.backups_dir.iterdir()) == [path]
-    with sqlite3.connect(path) as copy:
+    assert path.name.endswith(".sqlite3.gz") and list(task_settings.backups_dir.iterdir()) == [path]
+    unpacked = tmp_path / "unpacked.sqlite3"
+    unpacked.write_bytes(gzip.decompress(path.read_bytes()))
+    with sqlite3.connect(unpacked) as copy:
         assert copy.execute("PRAGMA integrity_check").fetchone() == ("ok",)
     counts = _row_counts(task_settings.database_url)
     assert counts["requests"] == 7 and counts["error_history"] == 1 and counts["jobs"] == 1
-    assert _row_counts(f"sqlite:///{path}") == counts
+    assert _row_counts(f"sqlite:///{unpacked}") == counts
 
 
 def test_postgres_backup_is_a_pg_dump_archive(pg_url: str, tmp_path: Path) -> None:

@@ -67,7 +67,7 @@ def test_beat_writes_no_file_and_keeps_its_last_run_times_in_redis_as_json(tmp_p
         assert log_count(first, "ignoring the stored state of 'job-expiry'") == 1
         assert _sent(first, "job-expiry") == 0  # the bad value was dropped, not read as a last run
         state = {name.decode(): json.loads(value) for name, value in redis_client.hgetall(key).items()}
-        assert set(state) == {SWEEP, CLEANUP, "job-expiry", "database-backup"}
+        assert set(state) == {SWEEP, CLEANUP, "job-expiry", "database-backup", "kv-cache-checkpoint"}
         assert all(set(value) == {"last_run_at"} for value in state.values())
         assert decode_last_run(redis_client.hget(key, CLEANUP)) > two_hours_ago + timedelta(hours=1)
         # The messages are in Redis (maintenance tasks go to `high`; no worker takes them here).

@@ -105,6 +105,7 @@ def test_beat_schedule_names_and_intervals(settings: Settings) -> None:
         "job-expiry": "jobs.maintenance.expire_jobs",
         "lost-chunk-sweep": "jobs.maintenance.sweep_lost_chunks",
         "database-backup": "jobs.maintenance.backup_database",
+        "kv-cache-checkpoint": "jobs.maintenance.checkpoint_kv_caches",
     }
     assert all(isinstance(entry["task"], str) for entry in schedule.values())
     assert schedule["job-expiry"]["schedule"] == timedelta(minutes=5)
@@ -112,6 +113,8 @@ def test_beat_schedule_names_and_intervals(settings: Settings) -> None:
     assert set(periodic_tasks(settings)) == set(schedule)
     assert schedule["lost-chunk-sweep"]["schedule"] == timedelta(minutes=10)  # the default sweep_interval
     assert beat_schedule(Settings(sweep_interval="30s"))["lost-chunk-sweep"]["schedule"] == timedelta(seconds=30)
+    assert schedule["kv-cache-checkpoint"]["schedule"] == timedelta(minutes=15)  # the default kv_checkpoint_interval
+    assert beat_schedule(Settings(kv_checkpoint_interval="1h"))["kv-cache-checkpoint"]["schedule"] == timedelta(hours=1)
 
 
 def test_nightly_runs_become_crontab_entries(settings: Settings) -> None:

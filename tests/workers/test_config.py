@@ -24,6 +24,7 @@ BAD = [
     *(("max_model_len", v) for v in (1, 0, -1)),
     *(("seed", v) for v in (-1, 2**63, 1.5, "0", None, True)),
     *(("chat_template_timeout_s", v) for v in (0, -1.0, 3601, float("nan"), "10", None, True)),
+    *(("max_pinned_fraction", v) for v in (-0.1, 1.0, float("nan"), "0.5", None, True)),
 ]
 
 
@@ -47,7 +48,8 @@ def test_defaults() -> None:
     c = EngineConfig()
     assert dataclasses.asdict(c) == dict(
         model="tiny", device="cpu", dtype="auto", block_size=16, num_kv_blocks=None, kv_cache_memory_bytes=None,
-        gpu_memory_utilization=0.9, enable_prefix_caching=True, eviction_policy="lru", kv_cache_dtype="auto", attention_backend="auto",
+        gpu_memory_utilization=0.9, enable_prefix_caching=True, eviction_policy="lru", max_pinned_fraction=0.5, kv_cache_dtype="auto",
+        attention_backend="auto",
         max_num_seqs=256, max_num_batched_tokens=2048, max_model_len=None, seed=0, cpu_threads=None,
         chat_template_timeout_s=10.0,
     )

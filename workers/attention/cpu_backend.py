@@ -57,6 +57,17 @@ class CpuKVCache(PagedKVCache):
             kp, vp, ks, vs, self.num_kv_heads, self.num_blocks, self.block_size, self.head_dim, self.kv_code,
         )
 
+    def _canonical(self, kv: torch.Tensor) -> torch.Tensor:
+        # Keys are laid out [D, BS] where [BS, D] would be: read them back as rows.
+        n, layers, _, kvh, bs, d = kv.shape
+        keys = kv[:, :, 0].reshape(n, layers, kvh, d, bs).transpose(-1, -2)
+        return torch.stack((keys, kv[:, :, 1]), dim=2)
+
+    def _stored(self, kv: torch.Tensor) -> torch.Tensor:
+        n, layers, _, kvh, bs, d = kv.shape
+        keys = kv[:, :, 0].transpose(-1, -2).contiguous().view(n, layers, kvh, bs, d)
+        return torch.stack((keys, kv[:, :, 1]), dim=2)
+
     def gather(self, layer: int, index: torch.Tensor, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
         """-> k, v [KVH, B, L, D] in the compute dtype (for tests and evaluation; the kernel never gathers)."""
         keys, values = super().gather(layer, index, batch)

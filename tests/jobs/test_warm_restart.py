@@ -1,0 +1,102 @@
+"""A restarted worker starts warm: SIGTERM writes a KV snapshot into the worker's own folder, the
+next start of the same node loads it, and the first request after the restart is served partly
+from the cache (`cached_tokens` > 0). The `pipeline cache` commands reach the live worker through
+Celery remote control and come back with its answer."""
+
+from __future__ import annotations
+
+import json
+import socket
+from pathlib import Path
+
+import pytest
+
+from jobs.worker_process import delete_prefixed_keys
+
+from support.processes import BROKER_URL, cli, cli_ok, key_prefix, log_count, pipeline_env, wait_until, worker
+
+SYSTEM = "You are a careful assistant who answers in one short sentence. " * 3  # 189 bytes: 11 full blocks
+
+
+def _line(custom_id: str, question: str) -> str:
+    return json.dumps({"custom_id": custom_id, "text": SYSTEM + question, "max_tokens": 4, "temperature": 0}) + "\n"
+
+
+def _run_job(env: dict[str, str], cwd: Path, name: str, lines: list[str]) -> dict[str, dict]:
+    """Submits `lines`, waits for the job, returns custom_id -> its result line."""
+    path = cwd / f"{name}.jsonl"
+    path.write_text("".join(lines))
+    job_id = cli_ok(env, cwd, "submit", str(path), "--wait", "--quiet").stdout.strip().split()[0]
+    cli_ok(env, cwd, "results", job_id, "-o", str(cwd / f"{name}.out.jsonl"))
+    return {r["custom_id"]: r for r in map(json.loads, (cwd / f"{name}.out.jsonl").read_text().splitlines())}
+
+
+def _cached(result: dict) -> int:
+    return result["response"]["body"]["usage"]["prompt_tokens_details"]["cached_tokens"]
+
+
+@pytest.fixture
+def env(pg_url: str, tmp_path: Path, redis_client):
+    prefix = key_prefix()
+    env = pipeline_env(PIPELINE_DATABASE_URL=pg_url, PIPELINE_BROKER_URL=BROKER_URL, PIPELINE_REDIS_KEY_PREFIX=prefix,
+                       PIPELINE_CACHE_DIR=str(tmp_path / "kv"), PIPELINE_KV_CACHE_MEMORY_BYTES="64MiB",
+                       PIPELINE_CPU_THREADS="1")
+    cli_ok(env, tmp_path, "db", "upgrade")
+    yield env
+    delete_prefixed_keys(redis_client, prefix)
+
+
+@pytest.mark.workers
+def test_a_restarted_worker_serves_its_first_request_from_the_snapshot(env, tmp_path: Path) -> None:
+    node = f"warm@{socket.gethostname()}"
+    first_log, second_log = tmp_path / "first.log", tmp_path / "second.log"
+    with worker(env, tmp_path, first_log, "--name", "warm@%h"):
+        assert log_count(first_log, "starting cold") == 1
+        first = _run_job(env, tmp_path, "before", [_line("a", "What is a cache?")])
+        assert _cached(first["a"]) == 0
+    # SIGTERM (the helper's stop) wrote a snapshot into this node's own folder.
+    assert log_count(first_log, "KV snapshot") >= 1 and "written" in first_log.read_text()
+    snapshots = sorted((tmp_path / "kv" / node).glob("snapshot-*"))
+    assert len(snapshots) == 1 and (snapshots[0] / "manifest.json").is_file()
+
+    with worker(env, tmp_path, second_log, "--name", "warm@%h"):
+        assert log_count(second_log, f"KV snapshot {snapshots[0]} loaded") == 1
+        after = _run_job(env, tmp_path, "after", [_line("b", "And what is a prefix?")])
+    # The shared system prompt's full blocks came from the snapshot: 11 blocks of 16 tokens.
+    assert _cached(after["b"]) == 176
+
+
+@pytest.mark.workers
+def test_cache_commands_reach_the_live_worker(env, tmp_path: Path) -> None:
+    log = tmp_path / "worker.log"
+    prompts = tmp_path / "system.jsonl"
+    prompts.write_text(_line("s", ""))  # the system prompt alone: 11 full blocks
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(_line("s", "") + "not json\n")
+    with worker(env, tmp_path, log, "--name", "cmds@%h"):
+        node = f"cmds@{socket.gethostname()}"
+        stats = json.loads(cli_ok(env, tmp_path, "cache", "stats", "--json").stdout)
+        assert list(stats) == [node] and stats[node]["num_pinned_blocks"] == 0
+        assert stats[node]["num_cached_blocks"] == 0
+
+        pinned = json.loads(cli_ok(env, tmp_path, "cache", "pin", str(prompts), "--json").stdout)[node]
+        assert pinned["pinned_blocks"] == 11 and pinned["num_pinned_blocks"] == 11
+        cleared = json.loads(cli_ok(env, tmp_path, "cache", "clear", "--json").stdout)[node]
+        assert cleared["num_pinned_blocks"] == 11 and cleared["num_cached_blocks"] == 11  # pins survive a clear
+        table = cli_ok(env, tmp_path, "cache", "stats").stdout.splitlines()
+        assert table[1].split()[:1] == [node] and table[1].split()[4] == "11"
+
+        persisted = json.loads(cli_ok(env, tmp_path, "cache", "persist", "--json").stdout)[node]
+        assert persisted["num_blocks"] == 11 and Path(persisted["path"]).parent == tmp_path / "kv" / node
+
+        unpinned = json.loads(cli_ok(env, tmp_path, "cache", "unpin", "--json").stdout)[node]
+        assert unpinned == {"unpinned_blocks": 11, "num_pinned_blocks": 0}
+        cleared = json.loads(cli_ok(env, tmp_path, "cache", "clear", "--json").stdout)[node]
+        assert cleared["dropped_blocks"] == 11 and cleared["num_cached_blocks"] == 0
+
+        warmed = json.loads(cli_ok(env, tmp_path, "cache", "warm", str(prompts), "--json").stdout)[node]
+        assert warmed["cached_blocks"] == 11 and warmed["failed"] == 0
+
+        refused = cli(env, tmp_path, "cache", "warm", str(bad))
+        assert refused.returncode == 1 and refused.stderr.startswith(f"error: {bad}: line 2:")
+        assert len(refused.stderr.strip().splitlines()) == 1
