@@ -48,8 +48,11 @@ def start(settings: Settings, loop: EngineLoop, node: str) -> list[str]:
         from workers import persistence
 
         folder = snapshot_dir(settings.cache_dir, node)
-        loaded, refused = persistence.load_first(loop.engine, candidate_snapshots(settings.cache_dir, folder),
-                                                 run_on_engine=loop.call)
+        try:
+            loaded, refused = persistence.load_first(loop.engine, candidate_snapshots(settings.cache_dir, folder),
+                                                     run_on_engine=loop.call)
+        except OSError as e:  # an unreadable cache_dir: a cold start, never a failed one
+            loaded, refused = None, [f"KV snapshots under {settings.cache_dir} cannot be read ({e}); starting cold"]
         lines += refused
         if loaded is not None:
             lines.append(f"KV snapshot {loaded.path} loaded: {loaded.num_imported} of its {loaded.num_blocks} "

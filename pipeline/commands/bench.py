@@ -169,6 +169,8 @@ def bench_warm(
         help="Dtypes to measure (repeatable); default: float32 and bfloat16.")] = None,
     repeat: Annotated[int, typer.Option(min=1, help="Runs of each measurement; the report gives medians.")] = 3,
     scale: Annotated[ScaleChoice, typer.Option(help="'small': a tiny model, short prompts.")] = ScaleChoice.full,
+    prefix_len: Annotated[Optional[int], typer.Option(
+        min=16, help="Tokens of the shared prefix (a system prompt); default 256 (64 with --scale small).")] = None,
 ) -> None:
     """A restarted engine warm (KV snapshot loaded) against cold: first token, TTFT and throughput of
     the first shared-prefix chunk; and the snapshot's load time against recomputing its prefixes."""
@@ -176,7 +178,7 @@ def bench_warm(
 
     dtypes = [d.value for d in dtype] if dtype else ["float32", "bfloat16"]
     try:
-        results = run_warm_bench(dtypes, scale.value, repeat)
+        results = run_warm_bench(dtypes, scale.value, repeat, prefix_len=prefix_len)
     except ValueError as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(1) from None

@@ -1,8 +1,9 @@
 """Warm restarts measured: a restarted engine with and without a KV snapshot, and the snapshot's
 load time against recomputing the same prefixes.
 
-For each dtype, an engine runs the shared-prefix workload and writes a snapshot. Then, on fresh
-engines (a restarted worker: same model, empty pool; each first runs one unrelated prompt so that
+For each dtype, an engine runs one chunk of the shared-prefix workload (a 256-token prefix, each
+prompt 16-64 tokens of its own) and writes a snapshot. The chunk measured next is another chunk of
+the same job: the same prefix, other prompts. Then, on fresh engines (a restarted worker: same model, empty pool; each first runs one unrelated prompt so that
 kernel set-up is not counted against either side):
 
 - cold: the workload's first chunk of requests, as a fresh worker runs it;
@@ -36,6 +37,7 @@ class ChunkRun:
 @dataclass(frozen=True, slots=True)
 class WarmBenchResult:
     dtype: str
+    prefix_len: int
     num_prompts: int
     snapshot_blocks: int
     snapshot_bytes: int
@@ -45,10 +47,16 @@ class WarmBenchResult:
     recompute_s: float  # median: prefill of the same prompts' blocks
 
 
-def run_warm_bench(dtypes: list[str], scale: str = "full", repeat: int = 3, chunk: int = 64) -> list[WarmBenchResult]:
+def run_warm_bench(dtypes: list[str], scale: str = "full", repeat: int = 3, chunk: int = 64,
+                   prefix_len: int | None = None) -> list[WarmBenchResult]:
     shape = SHAPES[scale]
-    workload = shared_prefix(shape.vocab_size, num_prompts=chunk, prefix_len=256 if scale == "full" else 64)
-    params = [SamplingParams(max_tokens=n, ignore_eos=True) for n in workload.max_tokens]
+    prefix_len = prefix_len or (256 if scale == "full" else 64)
+    if prefix_len + 64 + 64 > shape.max_position_embeddings:
+        raise ValueError(f"--prefix-len {prefix_len} leaves no room in the model's "
+                         f"{shape.max_position_embeddings} positions; use at most {shape.max_position_embeddings - 128}")
+    workload = shared_prefix(shape.vocab_size, num_prompts=2 * chunk, prefix_len=prefix_len)
+    params = [SamplingParams(max_tokens=n, ignore_eos=True) for n in workload.max_tokens[:chunk]]
+    before, measured = workload.prompts[:chunk], workload.prompts[chunk:]  # one job's two chunks
     results = []
     with tempfile.TemporaryDirectory(prefix="bench-warm-") as tmp:
         folder = Path(tmp) / "model"
@@ -57,7 +65,7 @@ def run_warm_bench(dtypes: list[str], scale: str = "full", repeat: int = 3, chun
         for dtype in dtypes:
             config = EngineConfig(model=str(folder), dtype=dtype, num_kv_blocks=4096)
             source = _fresh(config)
-            source.generate(workload.prompts, params)
+            source.generate(before, params)
             snapshot_dir = Path(tmp) / f"snapshots-{dtype}"
             path = persistence.write(persistence.capture(source), snapshot_dir)
             size = sum(f.stat().st_size for f in path.iterdir())
@@ -66,24 +74,26 @@ def run_warm_bench(dtypes: list[str], scale: str = "full", repeat: int = 3, chun
             colds, warms, loads, recomputes = [], [], [], []
             for i in range(repeat):
                 _log(f"{dtype}: run {i + 1} of {repeat}")
-                colds.append(_chunk(_fresh(config), workload.prompts, params))
+                colds.append(_chunk(_fresh(config), measured, params))
                 engine = _fresh(config)
                 started = time.perf_counter()
                 loaded, refused = persistence.load_newest(engine, snapshot_dir)
                 loads.append(time.perf_counter() - started)
                 assert loaded is not None and not refused, refused
-                warms.append(_chunk(engine, workload.prompts, params))
+                warms.append(_chunk(engine, measured, params))
                 engine = _fresh(config)
                 started = time.perf_counter()
-                engine.warm(workload.prompts)
+                engine.warm(before)  # what the snapshot holds, computed instead
                 recomputes.append(time.perf_counter() - started)
-            results.append(WarmBenchResult(dtype, chunk, blocks, size, _median_run(colds), _median_run(warms),
+            results.append(WarmBenchResult(dtype, prefix_len, chunk, blocks, size, _median_run(colds), _median_run(warms),
                                            statistics.median(loads), statistics.median(recomputes)))
     return results
 
 
 def format_warm_report(results: list[WarmBenchResult]) -> str:
-    lines = ["| dtype | restart | first token (s) | TTFT p50 (s) | tokens/s | cached tokens |",
+    lines = [f"First chunk of {results[0].num_prompts} prompts after a restart, shared prefix of "
+             f"{results[0].prefix_len} tokens:" if results else "", "",
+             "| dtype | restart | first token (s) | TTFT p50 (s) | tokens/s | cached tokens |",
              "|---|---|---|---|---|---|"]
     for r in results:
         for name, run in (("cold", r.cold), ("warm (snapshot)", r.warm)):
