@@ -59,10 +59,12 @@ def start(settings: Settings, loop: EngineLoop, node: str) -> list[str]:
                          f"blocks cached in {loaded.seconds:.3f} s")
         else:
             lines.append(f"no KV snapshot to load in {folder}; starting cold")
+    if settings.kv_warm_file or settings.kv_pin_file:
+        salt = tenant_cache_salt(settings, settings.kv_warm_tenant)
     if settings.kv_warm_file:
-        lines.append(f"warmed {settings.kv_warm_file}: {warm(loop, read_prompts(settings.kv_warm_file))}")
+        lines.append(f"warmed {settings.kv_warm_file}: {warm(loop, read_prompts(settings.kv_warm_file), salt)}")
     if settings.kv_pin_file:
-        outcome = pin(loop, read_prompts(settings.kv_pin_file))
+        outcome = pin(loop, read_prompts(settings.kv_pin_file), salt)
         if "error" in outcome:
             raise ValueError(f"kv_pin_file {settings.kv_pin_file}: {outcome['error']}")
         lines.append(f"pinned {settings.kv_pin_file}: {outcome}")
@@ -109,28 +111,42 @@ def prompt_tokens(prompt: WarmPrompt, tokenizer: Tokenizer) -> list[int]:
     raise ValueError("a warm prompt is {'prompt': text} or {'messages': [...]}")
 
 
-def warm(loop: EngineLoop, prompts: list[WarmPrompt]) -> dict[str, Any]:
-    """Prefills `prompts` beside whatever runs; their full blocks end up cached."""
-    return _warm(loop, prompts)[0]
+def tenant_cache_salt(settings: Settings, tenant: str) -> str:
+    """The cache salt of the tenant named `tenant`: warmed and pinned blocks are hashed under it, as
+    that tenant's requests are, so they are hits for its jobs and for no other tenant's. The default
+    tenant is created on first use, as `submit` does; another unknown name is a ValueError."""
+    from db.repository.tenants import DEFAULT_TENANT, ensure_tenant, get_tenant
+    from jobs.process_state import worker_sessions
+
+    with worker_sessions(settings.database_url).begin() as session:
+        found = ensure_tenant(session, tenant) if tenant == DEFAULT_TENANT else get_tenant(session, tenant)
+        if found is None:
+            raise ValueError(f"no tenant {tenant!r}; `pipeline tenant list` shows them")
+        return found.cache_salt
 
 
-def _warm(loop: EngineLoop, prompts: list[WarmPrompt]) -> tuple[dict[str, Any], list[bytes]]:
+def warm(loop: EngineLoop, prompts: list[WarmPrompt], cache_salt: str) -> dict[str, Any]:
+    """Prefills `prompts` under `cache_salt` beside whatever runs; their full blocks end up cached."""
+    return _warm(loop, prompts, cache_salt)[0]
+
+
+def _warm(loop: EngineLoop, prompts: list[WarmPrompt], cache_salt: str) -> tuple[dict[str, Any], list[bytes]]:
     from workers.engine import WARM_PARAMS
 
     tokens = [prompt_tokens(p, loop.engine.tokenizer) for p in prompts]
-    results = loop.generate(tokens, [WARM_PARAMS] * len(tokens))
+    results = loop.generate(tokens, [WARM_PARAMS] * len(tokens), cache_salt)
     ok = [t for t, r in zip(tokens, results) if not isinstance(r, Exception)]
     failed = [str(r) for r in results if isinstance(r, Exception)]
-    hashes = loop.call(lambda e: e.prompt_block_hashes(ok))
+    hashes = loop.call(lambda e: e.prompt_block_hashes(ok, cache_salt))
     cached = loop.call(lambda e: sum(1 for h in hashes if e.kv_manager.pool.get_cached_block(h) is not None))
     return {"prompts": len(prompts), "failed": len(failed), "first_error": failed[0] if failed else None,
             "blocks": len(hashes), "cached_blocks": cached}, hashes
 
 
-def pin(loop: EngineLoop, prompts: list[WarmPrompt]) -> dict[str, Any]:
-    """Warms `prompts`, then pins their full blocks; over the pin limit nothing is pinned and the
-    answer carries the error."""
-    outcome, hashes = _warm(loop, prompts)
+def pin(loop: EngineLoop, prompts: list[WarmPrompt], cache_salt: str) -> dict[str, Any]:
+    """Warms `prompts` under `cache_salt`, then pins their full blocks; over the pin limit nothing
+    is pinned and the answer carries the error."""
+    outcome, hashes = _warm(loop, prompts, cache_salt)
     try:
         pinned = loop.call(lambda e: e.kv_manager.pool.pin(hashes))
     except ValueError as e:
@@ -139,10 +155,11 @@ def pin(loop: EngineLoop, prompts: list[WarmPrompt]) -> dict[str, Any]:
         lambda e: e.kv_manager.pool.num_pinned_blocks)}
 
 
-def unpin(loop: EngineLoop, prompts: list[WarmPrompt] | None) -> dict[str, Any]:
-    """Unpins the full blocks of `prompts`, or every pinned block when None."""
+def unpin(loop: EngineLoop, prompts: list[WarmPrompt] | None, cache_salt: str | None) -> dict[str, Any]:
+    """Unpins the full blocks of `prompts` (pinned under `cache_salt`), or every pinned block when
+    `prompts` is None."""
     tokens = None if prompts is None else [prompt_tokens(p, loop.engine.tokenizer) for p in prompts]
-    unpinned = loop.call(lambda e: e.unpin(tokens))
+    unpinned = loop.call(lambda e: e.unpin(tokens, cache_salt))
     return {"unpinned_blocks": len(unpinned), "num_pinned_blocks": loop.call(
         lambda e: e.kv_manager.pool.num_pinned_blocks)}
 

@@ -118,25 +118,29 @@ def cache_stats_command(state: Any, **kwargs: Any) -> dict[str, Any]:
     return _in_worker(kv_cache_host.stats)
 
 
-@control_command(name="cache_warm", args=[("prompts", list)], signature="<prompts>")
-def cache_warm_command(state: Any, prompts: list, **kwargs: Any) -> dict[str, Any]:
+@control_command(name="cache_warm", args=[("prompts", list), ("tenant", str)], signature="<prompts> <tenant>")
+def cache_warm_command(state: Any, prompts: list, tenant: str, **kwargs: Any) -> dict[str, Any]:
     from jobs import kv_cache_host
 
-    return _in_worker(lambda settings, loop: kv_cache_host.warm(loop, prompts))
+    return _in_worker(lambda settings, loop: kv_cache_host.warm(
+        loop, prompts, kv_cache_host.tenant_cache_salt(settings, tenant)))
 
 
-@control_command(name="cache_pin", args=[("prompts", list)], signature="<prompts>")
-def cache_pin_command(state: Any, prompts: list, **kwargs: Any) -> dict[str, Any]:
+@control_command(name="cache_pin", args=[("prompts", list), ("tenant", str)], signature="<prompts> <tenant>")
+def cache_pin_command(state: Any, prompts: list, tenant: str, **kwargs: Any) -> dict[str, Any]:
     from jobs import kv_cache_host
 
-    return _in_worker(lambda settings, loop: kv_cache_host.pin(loop, prompts))
+    return _in_worker(lambda settings, loop: kv_cache_host.pin(
+        loop, prompts, kv_cache_host.tenant_cache_salt(settings, tenant)))
 
 
-@control_command(name="cache_unpin", args=[("prompts", list)], signature="[prompts]")
-def cache_unpin_command(state: Any, prompts: list | None = None, **kwargs: Any) -> dict[str, Any]:
+@control_command(name="cache_unpin", args=[("prompts", list), ("tenant", str)], signature="[prompts tenant]")
+def cache_unpin_command(state: Any, prompts: list | None = None, tenant: str | None = None,
+                        **kwargs: Any) -> dict[str, Any]:
     from jobs import kv_cache_host
 
-    return _in_worker(lambda settings, loop: kv_cache_host.unpin(loop, prompts))
+    return _in_worker(lambda settings, loop: kv_cache_host.unpin(
+        loop, prompts, None if prompts is None else kv_cache_host.tenant_cache_salt(settings, tenant or "default")))
 
 
 @control_command(name="cache_clear", args=[("unpin", bool)], signature="[unpin]")

@@ -217,6 +217,10 @@ class Settings:
         default=None, metadata=_doc("A JSONL file whose prompts a worker prefills and pins when it starts.",
                                     '"system_prompts.jsonl"'),
     )
+    kv_warm_tenant: str = field(
+        default="default", metadata=_doc("The tenant whose jobs the start-up warm and pin files are for: "
+                                         "cached blocks are hits for that tenant's requests only.", '"acme"'),
+    )
     nightly_runs: tuple[NightlyRun, ...] = field(
         default=(), metadata=_doc("Bulk runs beat submits on a schedule: [[nightly_runs]] tables.")
     )
@@ -392,6 +396,16 @@ def _check_database_url(value: str) -> str | None:
     return None
 
 
+def _check_tenant_name(name: str) -> str | None:
+    from db.repository.tenants import check_tenant_name  # the one rule for tenant names
+
+    try:
+        check_tenant_name(name)
+    except ValueError as e:
+        return str(e)
+    return None
+
+
 def _check_price(value: float) -> str | None:
     return None if math.isfinite(value) and value >= 0 else "expected a price of 0 or more"
 
@@ -452,6 +466,7 @@ _CHECKS: dict[str, typing.Callable[[Any], str | None]] = {
     "kv_snapshot_max_blocks": lambda v: None if v is None or v >= 1 else "expected a positive number of blocks, or unset",
     "kv_snapshots_keep": _int_range(1, 100, "snapshots kept per worker"),
     "max_pinned_fraction": lambda v: None if math.isfinite(v) and 0 <= v < 1 else "expected a fraction in [0, 1)",
+    "kv_warm_tenant": _check_tenant_name,
     "model": lambda v: None if v.strip() else "expected 'tiny' or the path of a local Hugging Face model folder",
     "model_aliases": _check_aliases,
     "device": _check_device,

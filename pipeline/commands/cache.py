@@ -16,6 +16,8 @@ cache_app = typer.Typer(help="The workers' KV caches: stats, warm, pin, unpin, c
 PING_S = 2.0  # how long live workers have to answer the ping that counts them
 TimeoutOption = Annotated[float, typer.Option(
     min=0.1, help="Seconds to wait for the workers' answers (warming a large file takes longer).")]
+# Cached blocks are hashed under their tenant's salt: warmed prompts are hits for that tenant only.
+TenantOption = Annotated[str, typer.Option(help="The tenant whose jobs the prompts are for (their cache hits).")]
 
 
 @cache_app.callback()
@@ -41,24 +43,25 @@ def cache_stats(as_json: JsonOption = False, timeout: TimeoutOption = 10.0) -> N
 
 @cache_app.command("warm")
 def cache_warm(file: Annotated[Path, typer.Argument(help="A JSONL or Parquet request file; its prompts are prefilled.")],
-               as_json: JsonOption = False, timeout: TimeoutOption = 300.0) -> None:
-    """Prefill the prompts of FILE on every live worker, so their prefixes are cached."""
-    _report(_broadcast("cache_warm", {"prompts": _prompts(file)}, timeout), as_json)
+               tenant: TenantOption = "default", as_json: JsonOption = False, timeout: TimeoutOption = 300.0) -> None:
+    """Prefill the prompts of FILE on every live worker, so their prefixes are cached for TENANT's jobs."""
+    _report(_broadcast("cache_warm", {"prompts": _prompts(file), "tenant": tenant}, timeout), as_json)
 
 
 @cache_app.command("pin")
 def cache_pin(file: Annotated[Path, typer.Argument(help="A JSONL or Parquet request file.")],
-              as_json: JsonOption = False, timeout: TimeoutOption = 300.0) -> None:
-    """Prefill and pin the prompts of FILE on every live worker: their blocks are never evicted.
-    Refused on a worker (nothing pinned there) past max_pinned_fraction of its pool."""
-    _report(_broadcast("cache_pin", {"prompts": _prompts(file)}, timeout), as_json)
+              tenant: TenantOption = "default", as_json: JsonOption = False, timeout: TimeoutOption = 300.0) -> None:
+    """Prefill and pin the prompts of FILE for TENANT's jobs on every live worker: their blocks are
+    never evicted. Refused on a worker (nothing pinned there) past max_pinned_fraction of its pool."""
+    _report(_broadcast("cache_pin", {"prompts": _prompts(file), "tenant": tenant}, timeout), as_json)
 
 
 @cache_app.command("unpin")
 def cache_unpin(file: Annotated[Optional[Path], typer.Argument(help="The prompts to unpin; none: every pin.")] = None,
-                as_json: JsonOption = False, timeout: TimeoutOption = 30.0) -> None:
-    """Unpin the prompts of FILE (every pinned block without FILE); they become evictable again."""
-    arguments = {} if file is None else {"prompts": _prompts(file)}
+                tenant: TenantOption = "default", as_json: JsonOption = False, timeout: TimeoutOption = 30.0) -> None:
+    """Unpin the prompts of FILE pinned for TENANT (every pinned block without FILE); they become
+    evictable again."""
+    arguments = {} if file is None else {"prompts": _prompts(file), "tenant": tenant}
     _report(_broadcast("cache_unpin", arguments, timeout), as_json)
 
 

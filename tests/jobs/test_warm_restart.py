@@ -22,12 +22,12 @@ def _line(custom_id: str, question: str) -> str:
     return json.dumps({"custom_id": custom_id, "text": SYSTEM + question, "max_tokens": 4, "temperature": 0}) + "\n"
 
 
-def _run_job(env: dict[str, str], cwd: Path, name: str, lines: list[str]) -> dict[str, dict]:
-    """Submits `lines`, waits for the job, returns custom_id -> its result line."""
+def _run_job(env: dict[str, str], cwd: Path, name: str, lines: list[str], tenant: str = "default") -> dict[str, dict]:
+    """Submits `lines` as `tenant`, waits for the job, returns custom_id -> its result line."""
     path = cwd / f"{name}.jsonl"
     path.write_text("".join(lines))
-    job_id = cli_ok(env, cwd, "submit", str(path), "--wait", "--quiet").stdout.strip().split()[0]
-    cli_ok(env, cwd, "results", job_id, "-o", str(cwd / f"{name}.out.jsonl"))
+    job_id = cli_ok(env, cwd, "submit", str(path), "--tenant", tenant, "--wait", "--quiet").stdout.strip().split()[0]
+    cli_ok(env, cwd, "results", job_id, "--tenant", tenant, "-o", str(cwd / f"{name}.out.jsonl"))
     return {r["custom_id"]: r for r in map(json.loads, (cwd / f"{name}.out.jsonl").read_text().splitlines())}
 
 
@@ -96,6 +96,13 @@ def test_cache_commands_reach_the_live_worker(env, tmp_path: Path) -> None:
 
         warmed = json.loads(cli_ok(env, tmp_path, "cache", "warm", str(prompts), "--json").stdout)[node]
         assert warmed["cached_blocks"] == 11 and warmed["failed"] == 0
+        # Warmed under the default tenant's cache salt: its next job is served from those blocks, and
+        # another tenant's job with the same prompt is not (blocks are never hits across tenants).
+        assert _cached(_run_job(env, tmp_path, "hit", [_line("h", "Why warm a cache?")])["h"]) == 176
+        assert _cached(_run_job(env, tmp_path, "miss", [_line("m", "Why warm a cache?")], tenant="acme")["m"]) == 0
+        # For a tenant named nowhere, every worker answers with one line and nothing is warmed.
+        unknown = cli(env, tmp_path, "cache", "warm", str(prompts), "--tenant", "nosuch", "--json")
+        assert unknown.returncode == 1 and "no tenant 'nosuch'" in json.loads(unknown.stdout)[node]["error"]
 
         refused = cli(env, tmp_path, "cache", "warm", str(bad))
         assert refused.returncode == 1 and refused.stderr.startswith(f"error: {bad}: line 2:")
