@@ -17,6 +17,7 @@ from sqlalchemy.orm import InstrumentedAttribute, Session
 from db.enums import JobStatus, RequestStatus
 from db.models import Job, Request
 from db.records import JobUsage
+from db.tenants import Tenant
 
 PERCENTILES = (0.50, 0.95, 0.99)
 TIMING_COLUMNS = ("latency_s", "ttft_s", "queue_wait_s")
@@ -50,7 +51,7 @@ class Percentiles:
 
 @dataclass(frozen=True, slots=True)
 class UsageRow:
-    """Usage of one group (`key`: a job id, tenant id, day 'YYYY-MM-DD' or model; None: no tenant)."""
+    """Usage of one group (`key`: a job id, tenant name, day 'YYYY-MM-DD' or model; None: no tenant)."""
 
     key: str | None
     jobs: int
@@ -119,7 +120,7 @@ def usage_by(session: Session, by: str, *, since: datetime | None = None) -> lis
     if by == "job":
         key = Job.id
     elif by == "tenant":
-        key = Job.tenant_id
+        key = Tenant.name  # operators name tenants; their ids are internal
     elif by == "model":
         key = Job.model
     elif dialect == "postgresql":
@@ -130,6 +131,7 @@ def usage_by(session: Session, by: str, *, since: datetime | None = None) -> lis
         select(key, func.count(), func.sum(JobUsage.prompt_tokens), func.sum(JobUsage.cached_tokens),
                func.sum(JobUsage.completion_tokens), func.sum(JobUsage.compute_seconds), func.sum(JobUsage.cost))
         .join(Job, Job.id == JobUsage.job_id)
+        .outerjoin(Tenant, Tenant.id == Job.tenant_id)
         .group_by(key)
         .order_by(func.sum(JobUsage.cost).desc(), key)
     )

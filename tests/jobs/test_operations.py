@@ -214,7 +214,7 @@ def test_usage_bills_engine_time_and_prices(deployment: Deployment) -> None:
         prompt, cached, completion)
     assert float(row["cost"]) == pytest.approx(((prompt - cached) * 0.5 + completion * 2) / 1000)
     assert row["compute_seconds"] == pytest.approx(usage.compute_seconds, abs=1e-6)
-    for by, key in (("tenant", None), ("model", "tiny")):
+    for by, key in (("tenant", "default"), ("model", "tiny")):
         [grouped] = json.loads(cli_ok(env, cwd, "usage", "--by", by, "--json").stdout)
         assert grouped[by] == key and grouped["jobs"] == 1
     [day] = json.loads(cli_ok(env, cwd, "usage", "--by", "day", "--json").stdout)
