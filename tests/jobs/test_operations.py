@@ -265,7 +265,7 @@ def test_monitor_shows_a_running_job_and_quits_on_q(deployment: Deployment) -> N
         child.expect("pipeline monitor")
         child.expect("Running jobs")
         # The job's row once it has results: its id, priority, lines done, rate and ETA.
-        child.expect(rf"{job_id}\s*│\s*low\s*│\s*[\d,]+\s*│\s*300\s*│\s*[\d.]+/s\s*│\s*\d+[smh]")
+        child.expect(rf"{job_id}\s*│\s*low\s*│\s*[\d,]+\s*│\s*300\s*│\s*[\d,.]+/s\s*│\s*\d+[smh]")
         child.expect(deployment.worker_name)
         child.expect("Queues")
         child.send("q")
