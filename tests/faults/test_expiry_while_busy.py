@@ -69,7 +69,7 @@ def test_expiry_and_retry_while_the_worker_is_busy(services) -> None:
     assert json.loads(s.cli("status", job_id, "--json").stdout)["status"] == "expired"
 
     # One task at a time: the retried line runs once the slow chunk has ended (and tried to write).
-    # That chunk's 2 x 2000 decode steps took close to the usual 120 s deadline on a 2-core machine, so this
+    # That chunk's 2 x 2000 decode steps took over the usual 120 s deadline on a busy 2-core machine, so this
     # wait gets more than the usual deadline: what it checks is the order of events, not speed.
     s.wait(lambda: _counts(s, retried_job) == {"total": 2, "completed": 1, "failed": 1}, "the retried line run",
            deadline_s=600)
