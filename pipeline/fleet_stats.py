@@ -66,7 +66,8 @@ def fleet_stats(factory: sessionmaker[Session], client: redis.Redis, key_prefix:
     with factory() as session:
         figures = window_figures(session, since=now - timedelta(seconds=window_s), now=now)
         jobs = [{"id": j.id, "status": j.status.value, "priority": j.priority.value, "total": j.request_total,
-                 "completed": j.request_completed, "failed": j.request_failed} for j in running_jobs(session)]
+                 "completed": j.request_completed, "failed": j.request_failed,
+                 "created_at": j.created_at.isoformat()} for j in running_jobs(session)]
     return {
         "window_s": window_s,
         **figures.as_dict(),

@@ -58,27 +58,27 @@ def _frame(factory: Any, client: Any, key_prefix: str, app: Any) -> Any:
 
     import redis
 
+    from datetime import datetime
+
     from db.base import utcnow
     from pipeline.fleet import worker_reports
     from pipeline.fleet_stats import fleet_stats
     from pipeline.job_stats import eta_s
-    from pipeline.submit import require_job
     from pipeline.views import jobs_table, queues_table, throughput_table, workers_table
 
     try:
         data = fleet_stats(factory, client, key_prefix, worker_reports(app, timeout_s=0.5), WINDOW_S)
     except redis.RedisError as e:
         return Text(f"cannot reach Redis: {e} (retrying; q quits)")
-    with factory() as session:
-        for job in data["running_jobs"]:
-            # Lines done since the job was submitted: the span of its results alone is near zero
-            # while one chunk has finished (a chunk's results are written at once), which made the
-            # rate absurd just when the first figures appear.
-            done = job["completed"] + job["failed"]
-            elapsed = (utcnow() - require_job(session, job["id"]).created_at).total_seconds()
-            rate = done / elapsed if done and elapsed > 0 else None
-            job["lines_per_s"] = rate
-            job["eta_s"] = eta_s(job["total"] - done, rate)
+    for job in data["running_jobs"]:
+        # Lines done since the job was submitted: the span of its results alone is near zero while
+        # one chunk has finished (a chunk's results are written at once), which made the rate
+        # absurd just when the first figures appear.
+        done = job["completed"] + job["failed"]
+        elapsed = (utcnow() - datetime.fromisoformat(job["created_at"])).total_seconds()
+        rate = done / elapsed if done and elapsed > 0 else None
+        job["lines_per_s"] = rate
+        job["eta_s"] = eta_s(job["total"] - done, rate)
     title = Text(f"pipeline monitor  {time.strftime('%H:%M:%S')}  (q quits)", style="bold")
     return Group(title, jobs_table(data["running_jobs"]), queues_table(data["queues"]), throughput_table(data),
                  workers_table(data["workers"]))
