@@ -10,6 +10,7 @@ consumer thread. Warming requests are ordinary requests, so they never disturb a
 from __future__ import annotations
 
 import logging
+import os
 import re
 import threading
 import time
@@ -26,7 +27,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-WarmPrompt = dict[str, Any]  # {"prompt": str} or {"messages": [{"role", "content"}, ...]}
+WarmPrompt = dict[str, Any]  # {"prompt": str}, {"messages": [{"role", "content"}, ...]} or {"common_prefix_of": [2]}
 _node: str | None = None
 _persist_lock = threading.Lock()  # one snapshot write at a time (beat's and SIGTERM's may meet)
 
@@ -55,8 +56,11 @@ def start(settings: Settings, loop: EngineLoop, node: str) -> list[str]:
             loaded, refused = None, [f"KV snapshots under {settings.cache_dir} cannot be read ({e}); starting cold"]
         lines += refused
         if loaded is not None:
+            pins = f", {loaded.num_pinned} pinned again" if loaded.num_pinned else ""
+            if loaded.pin_refused:
+                pins = f"; its pins were not restored ({loaded.pin_refused})"
             lines.append(f"KV snapshot {loaded.path} loaded: {loaded.num_imported} of its {loaded.num_blocks} "
-                         f"blocks cached in {loaded.seconds:.3f} s")
+                         f"blocks cached in {loaded.seconds:.3f} s{pins}")
         else:
             lines.append(f"no KV snapshot to load in {folder}; starting cold")
     if settings.kv_warm_file or settings.kv_pin_file:
@@ -103,12 +107,16 @@ def prompt_of(spec: RequestSpec) -> WarmPrompt:
 
 
 def prompt_tokens(prompt: WarmPrompt, tokenizer: Tokenizer) -> list[int]:
-    """The token ids a request with this prompt would run (chat through the model's template)."""
+    """The token ids a request with this prompt would run (chat through the model's template); for
+    `{"common_prefix_of": [a, b]}` (`pipeline.job_prefixes`), the ids the two prompts start with."""
+    if isinstance(prompt.get("common_prefix_of"), list) and len(prompt["common_prefix_of"]) == 2:
+        first, second = (prompt_tokens(p, tokenizer) for p in prompt["common_prefix_of"])
+        return os.path.commonprefix([first, second])
     if isinstance(prompt.get("messages"), list):
         return tokenizer.encode_chat([{"role": m["role"], "content": m["content"]} for m in prompt["messages"]])
     if isinstance(prompt.get("prompt"), str):
         return tokenizer.encode(prompt["prompt"])
-    raise ValueError("a warm prompt is {'prompt': text} or {'messages': [...]}")
+    raise ValueError("a warm prompt is {'prompt': text}, {'messages': [...]} or {'common_prefix_of': [two of those]}")
 
 
 def tenant_cache_salt(settings: Settings, tenant: str) -> str:

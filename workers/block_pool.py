@@ -28,6 +28,7 @@ class CachedBlockEntry:
     parent_hash: BlockHash
     depth: int
     uses: int
+    pinned: bool = False  # pinned where it was captured: a load pins it again
 
 
 class BlockPool:

@@ -3,7 +3,8 @@
 A snapshot is a folder `snapshot-<UTC time>` holding `blocks.safetensors` (the blocks' K/V, and
 int8 scales, in a backend-neutral layout: a block's tokens are rows `[block_size, head_dim]`) and
 `manifest.json` (format, model fingerprint, block size, KV dtype, layer/head shape, the sha256 of
-each file, and per block its chained hash, parent hash, depth and uses). Never pickle.
+each file, and per block its chained hash, parent hash, depth, uses and whether it was pinned: a
+load pins those again, so `pipeline cache pin` survives a restart). Never pickle.
 
 Writes are atomic: the folder is built under a hidden `.partial` name, every file and the folder
 are fsynced, then it is renamed into place; a crash leaves only a `.partial` folder, removed by the
@@ -75,7 +76,9 @@ class SnapshotLoad:
     path: Path
     num_blocks: int  # blocks in the file
     num_imported: int  # of which now cached in the engine
+    num_pinned: int  # of those, pinned again as they were
     seconds: float  # reading, checking and importing
+    pin_refused: str | None = None  # why the recorded pins were not restored (over the pin limit)
 
 
 # -- capture and restore (on the thread that steps the engine) -------------------------------------
@@ -84,21 +87,34 @@ class SnapshotLoad:
 def capture(engine: LLMEngine, max_blocks: int | None = None) -> KVSnapshot:
     """The engine's hottest cached chains (at most `max_blocks` blocks), copied out of the pool."""
     blocks = hottest_chains(engine.kv_manager.pool.ranked_cached_blocks(), max_blocks)
-    entries = [CachedBlockEntry(b.block_hash, b.parent_hash, b.usage.depth, b.usage.uses) for b in blocks]
+    entries = [CachedBlockEntry(b.block_hash, b.parent_hash, b.usage.depth, b.usage.uses, b.pinned) for b in blocks]
     kv, scales = engine.kv_cache.export_blocks([b.block_id for b in blocks])
     return KVSnapshot(engine.cache_identity(), entries, kv, scales)
 
 
-def restore(engine: LLMEngine, snapshot: KVSnapshot) -> int:
-    """Makes the snapshot's blocks cached in the engine's empty free blocks; returns how many."""
+@dataclass(frozen=True, slots=True)
+class Restored:
+    num_imported: int
+    num_pinned: int
+    pin_refused: str | None  # the pool's reason, when pinning the recorded pins would pass its limit
+
+
+def restore(engine: LLMEngine, snapshot: KVSnapshot) -> Restored:
+    """Makes the snapshot's blocks cached in the engine's empty free blocks, and pins again those
+    that were pinned (all of them, or none when that would pass the pool's pin limit)."""
     check_identity(snapshot.identity, engine.cache_identity())
-    taken = engine.kv_manager.pool.import_cached(snapshot.entries)
+    pool = engine.kv_manager.pool
+    taken = pool.import_cached(snapshot.entries)
     if not taken:
-        return 0
+        return Restored(0, 0, None)
     rows = torch.tensor([index for index, _ in taken])
     scales = snapshot.scales.index_select(0, rows) if snapshot.scales is not None else None
     engine.kv_cache.import_blocks([block.block_id for _, block in taken], snapshot.kv.index_select(0, rows), scales)
-    return len(taken)
+    try:
+        pinned = pool.pin([snapshot.entries[index].block_hash for index, _ in taken if snapshot.entries[index].pinned])
+    except ValueError as e:
+        return Restored(len(taken), 0, str(e))
+    return Restored(len(taken), len(pinned), None)
 
 
 def hottest_chains(ranked: list[KVBlock], max_blocks: int | None) -> list[KVBlock]:
@@ -227,8 +243,9 @@ def load_first(engine: LLMEngine, paths: list[Path], *, run_on_engine=None) -> t
         except SnapshotRefused as e:
             refused.append(f"KV snapshot {path} refused: {e}; starting without it")
             continue
-        imported = run(lambda e: restore(e, snapshot))
-        return SnapshotLoad(path, len(snapshot.entries), imported, time.perf_counter() - started), refused
+        restored = run(lambda e: restore(e, snapshot))
+        return SnapshotLoad(path, len(snapshot.entries), restored.num_imported, restored.num_pinned,
+                            time.perf_counter() - started, restored.pin_refused), refused
     return None, refused
 
 
@@ -245,8 +262,8 @@ def _manifest(snapshot: KVSnapshot, data: bytes, stamp: str) -> dict[str, Any]:
         "num_kv_heads": identity.num_kv_heads,
         "head_dim": identity.head_dim,
         "files": {BLOCKS_FILE: {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}},
-        "blocks": [{"hash": e.block_hash.hex(), "parent": e.parent_hash.hex(), "depth": e.depth, "uses": e.uses}
-                   for e in snapshot.entries],
+        "blocks": [{"hash": e.block_hash.hex(), "parent": e.parent_hash.hex(), "depth": e.depth, "uses": e.uses,
+                    "pinned": e.pinned} for e in snapshot.entries],
     }
 
 
@@ -262,8 +279,9 @@ def _parse_manifest(manifest: Any) -> tuple[CacheIdentity, list[CachedBlockEntry
         if identity.kv_dtype not in _STORAGE:
             raise ValueError(f"kv_dtype {identity.kv_dtype!r} is unknown")
         digest = str(manifest["files"][BLOCKS_FILE]["sha256"])
+        # "pinned" is optional: snapshots written before pins were recorded have none.
         entries = [CachedBlockEntry(bytes.fromhex(b["hash"]), bytes.fromhex(b["parent"]), _int(b["depth"]),
-                                    _int(b["uses"])) for b in manifest["blocks"]]
+                                    _int(b["uses"]), _bool(b.get("pinned", False))) for b in manifest["blocks"]]
     except KeyError as e:
         raise SnapshotRefused(f"{MANIFEST_FILE}: field {e} is missing") from None
     except (TypeError, ValueError) as e:
@@ -274,6 +292,12 @@ def _parse_manifest(manifest: Any) -> tuple[CacheIdentity, list[CachedBlockEntry
 def _int(value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         raise ValueError(f"{value!r} is not a non-negative integer")
+    return value
+
+
+def _bool(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"{value!r} is not true or false")
     return value
 
 

@@ -69,6 +69,13 @@ def iter_requests(
     yield from session.scalars(query)
 
 
+def iter_prompt_bodies(session: Session, job_id: str, *, batch_size: int = 1_000) -> Iterator[tuple[str | None, dict[str, Any]]]:
+    """A job's (prefix_key, body) pairs in input order, streamed: its prompts without the rest."""
+    query = (select(Request.prefix_key, Request.body).where(Request.job_id == job_id).order_by(Request.line)
+             .execution_options(yield_per=batch_size))
+    yield from session.execute(query).tuples()
+
+
 def chunk_requests(session: Session, chunk_id: int, *, pending_only: bool = True) -> list[Request]:
     """The requests of a chunk in the order to run them: by turn (requests without a session
     first), then input line, so each session's turns come in order and first turns batch together."""

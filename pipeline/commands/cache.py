@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import TYPE_CHECKING, Annotated, Any, Optional
 
 import typer
 
-from pipeline.commands.common import JsonOption, fail, guarded
+from pipeline.commands.common import JsonOption, fail, guarded, sessions
+
+if TYPE_CHECKING:
+    from pipeline.job_prefixes import JobPrefixes
 
 cache_app = typer.Typer(help="The workers' KV caches: stats, warm, pin, unpin, clear, persist.",
                         no_args_is_help=True)
@@ -17,7 +20,14 @@ PING_S = 2.0  # how long live workers have to answer the ping that counts them
 TimeoutOption = Annotated[float, typer.Option(
     min=0.1, help="Seconds to wait for the workers' answers (warming a large file takes longer).")]
 # Cached blocks are hashed under their tenant's salt: warmed prompts are hits for that tenant only.
-TenantOption = Annotated[str, typer.Option(help="The tenant whose jobs the prompts are for (their cache hits).")]
+TenantOption = Annotated[Optional[str], typer.Option(
+    help="The tenant whose jobs the prompts are for (their cache hits); default: 'default' (with --job: the job's).")]
+FileArgument = Annotated[Optional[Path], typer.Argument(help="A JSONL or Parquet request file; its prompts are used.")]
+JobOption = Annotated[Optional[str], typer.Option(
+    "--job", help="Instead of FILE: the system prompts of this job's chat lines and the prompt starts its "
+                  "completion lines share, for the job's tenant.")]
+MaxPromptsOption = Annotated[int, typer.Option(
+    min=1, help="With --job: at most this many prefixes, those the most lines share first.")]
 
 
 @cache_app.callback()
@@ -42,26 +52,33 @@ def cache_stats(as_json: JsonOption = False, timeout: TimeoutOption = 10.0) -> N
 
 
 @cache_app.command("warm")
-def cache_warm(file: Annotated[Path, typer.Argument(help="A JSONL or Parquet request file; its prompts are prefilled.")],
-               tenant: TenantOption = "default", as_json: JsonOption = False, timeout: TimeoutOption = 300.0) -> None:
-    """Prefill the prompts of FILE on every live worker, so their prefixes are cached for TENANT's jobs."""
-    _report(_broadcast("cache_warm", {"prompts": _prompts(file), "tenant": tenant}, timeout), as_json)
+def cache_warm(file: FileArgument = None, job: JobOption = None, tenant: TenantOption = None,
+               max_prompts: MaxPromptsOption = 64, as_json: JsonOption = False, timeout: TimeoutOption = 300.0) -> None:
+    """Prefill the prompts of FILE (or the shared prefixes of --job JOB) on every live worker, so
+    they are cached for the tenant's jobs."""
+    prompts, tenant = _prompts_for(file, job, tenant, max_prompts)
+    _report(_broadcast("cache_warm", {"prompts": prompts, "tenant": tenant}, timeout), as_json)
 
 
 @cache_app.command("pin")
-def cache_pin(file: Annotated[Path, typer.Argument(help="A JSONL or Parquet request file.")],
-              tenant: TenantOption = "default", as_json: JsonOption = False, timeout: TimeoutOption = 300.0) -> None:
-    """Prefill and pin the prompts of FILE for TENANT's jobs on every live worker: their blocks are
-    never evicted. Refused on a worker (nothing pinned there) past max_pinned_fraction of its pool."""
-    _report(_broadcast("cache_pin", {"prompts": _prompts(file), "tenant": tenant}, timeout), as_json)
+def cache_pin(file: FileArgument = None, job: JobOption = None, tenant: TenantOption = None,
+              max_prompts: MaxPromptsOption = 64, as_json: JsonOption = False, timeout: TimeoutOption = 300.0) -> None:
+    """Prefill and pin the prompts of FILE (or the shared prefixes of --job JOB) on every live
+    worker: their blocks are never evicted. Refused on a worker (nothing pinned there) past
+    max_pinned_fraction of its pool."""
+    prompts, tenant = _prompts_for(file, job, tenant, max_prompts)
+    _report(_broadcast("cache_pin", {"prompts": prompts, "tenant": tenant}, timeout), as_json)
 
 
 @cache_app.command("unpin")
-def cache_unpin(file: Annotated[Optional[Path], typer.Argument(help="The prompts to unpin; none: every pin.")] = None,
-                tenant: TenantOption = "default", as_json: JsonOption = False, timeout: TimeoutOption = 30.0) -> None:
-    """Unpin the prompts of FILE pinned for TENANT (every pinned block without FILE); they become
-    evictable again."""
-    arguments = {} if file is None else {"prompts": _prompts(file), "tenant": tenant}
+def cache_unpin(file: FileArgument = None, job: JobOption = None, tenant: TenantOption = None,
+                max_prompts: MaxPromptsOption = 64, as_json: JsonOption = False, timeout: TimeoutOption = 30.0) -> None:
+    """Unpin the prompts of FILE (or the shared prefixes of --job JOB); with neither, every pinned
+    block. They become evictable again."""
+    arguments: dict[str, Any] = {}
+    if file is not None or job is not None:
+        prompts, tenant = _prompts_for(file, job, tenant, max_prompts)
+        arguments = {"prompts": prompts, "tenant": tenant}
     _report(_broadcast("cache_unpin", arguments, timeout), as_json)
 
 
@@ -78,13 +95,46 @@ def cache_persist(as_json: JsonOption = False, timeout: TimeoutOption = 120.0) -
     _report(_broadcast("cache_persist", {}, timeout), as_json)
 
 
-def _prompts(file: Path) -> list[dict[str, Any]]:
+def _prompts_for(file: Path | None, job: str | None, tenant: str | None,
+                 max_prompts: int) -> tuple[list[dict[str, Any]], str]:
+    """The warm prompts and the tenant they are hashed for, from FILE or from --job's lines."""
+    from db.repository.tenants import DEFAULT_TENANT
     from jobs.kv_cache_host import read_prompts
 
-    prompts = guarded(lambda: read_prompts(file))
-    if not prompts:
-        raise fail(f"{file}: no prompts")
-    return prompts
+    if file is not None and job is not None:
+        raise fail("give FILE or --job, not both")
+    if job is None:
+        if file is None:
+            raise fail("give a request FILE or --job JOB")
+        prompts = guarded(lambda: read_prompts(file))
+        if not prompts:
+            raise fail(f"{file}: no prompts")
+        return prompts, tenant or DEFAULT_TENANT
+    if tenant is not None:
+        raise fail("--tenant does not go with --job: the job's prefixes are cached for the job's own tenant")
+    found, job_tenant = guarded(lambda: _job_prefixes(job, max_prompts))
+    if not found.prompts:
+        raise fail(f"job {job} has no system prompt and no prompt start shared by its lines; nothing to cache")
+    more = f"; {found.left_out} less shared ones left out (--max-prompts)" if found.left_out else ""
+    count = len(found.prompts)
+    typer.echo(f"job {job} (tenant {job_tenant}): {count} shared prefix{'es' if count > 1 else ''}; lines starting "
+               f"with each: {', '.join(map(str, found.lines_sharing))} (of {found.lines_read}){more}", err=True)
+    return found.prompts, job_tenant
+
+
+def _job_prefixes(job_id: str, limit: int) -> tuple[JobPrefixes, str]:
+    from db.repository.jobs import get_job
+    from db.repository.requests import iter_prompt_bodies
+    from db.tenants import Tenant
+    from pipeline.job_prefixes import job_prefixes
+    from pipeline.settings import load_settings
+
+    with sessions(load_settings().database_url)() as session:
+        job = get_job(session, job_id)
+        if job is None:
+            raise ValueError(f"no job {job_id!r}; `pipeline list` shows the jobs")
+        tenant = session.get(Tenant, job.tenant_id)
+        return job_prefixes(iter_prompt_bodies(session, job_id), limit), tenant.name
 
 
 def _broadcast(command: str, arguments: dict[str, Any], timeout: float) -> dict[str, dict[str, Any]]:

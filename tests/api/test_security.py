@@ -7,6 +7,7 @@ tenant whether someone else's file or batch is there.
 
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from sqlalchemy import func, select, text
 
 from db.files import StoredFile
 from db.models import Job, Request
+from db.repository.tenants import create_api_key, create_tenant
 from db.session import make_engine, session_factory
 from db.tenants import ApiKey, Tenant
 
@@ -27,18 +29,25 @@ LINE = {"custom_id": "a", "method": "POST", "url": "/v1/completions",
 
 
 class World:
-    """Two tenants with a file and a batch each; `snapshot()` is everything a refusal must not change."""
+    """Two tenants of this test's own with a file and a batch each (the server and its database
+    serve the whole module); `snapshot()` is everything a refusal must not change."""
 
     def __init__(self, server, tmp_path: Path) -> None:
         self.server = server
-        self.alice_key, self.bob_key = server.tenant("alice"), server.tenant("bob")
+        suffix = next(_worlds)
+        self.alice, self.bob = f"alice-{suffix}", f"bob-{suffix}"
+        self.factory = session_factory(make_engine(server.env["PIPELINE_DATABASE_URL"]))
+        # Made in the database directly (the admin CLI has its own tests): two CLI runs per tenant
+        # cost more than the rest of a test.
+        with self.factory.begin() as session:
+            self.alice_key, self.bob_key = (create_api_key(session, create_tenant(session, name).id)[1]
+                                            for name in (self.alice, self.bob))
         path = tmp_path / "in.jsonl"
         path.write_text(json.dumps(LINE) + "\n")
         alice = server.client(self.alice_key)
         self.alice_file = alice.files.create(file=path.open("rb"), purpose="batch").id
         self.alice_batch = alice.batches.create(input_file_id=self.alice_file, endpoint="/v1/completions",
                                                 completion_window="24h").id
-        self.factory = session_factory(make_engine(server.env["PIPELINE_DATABASE_URL"]))
 
     def snapshot(self) -> dict:
         with self.factory() as session:
@@ -50,6 +59,14 @@ class World:
         on_disk = sorted((str(p.relative_to(self.server.files_dir)), p.stat().st_size)
                          for p in self.server.files_dir.rglob("*") if p.is_file())
         return {"counts": counts, "jobs": states, "keys": keys, "tenants": tenants, "disk": on_disk}
+
+
+_worlds = itertools.count(1)
+
+
+@pytest.fixture
+def server(module_server):
+    return module_server
 
 
 @pytest.fixture
@@ -73,7 +90,7 @@ def test_keys_are_required_checked_and_revocable(world: World, server) -> None:
     assert world.snapshot() == before
     assert world.alice_key not in server.log.read_text()  # a key never reaches the server's log
 
-    key_id = json.loads(cli_ok(server.env, server.cwd, "key", "list", "--tenant", "bob", "--json").stdout)[0]["id"]
+    key_id = json.loads(cli_ok(server.env, server.cwd, "key", "list", "--tenant", world.bob, "--json").stdout)[0]["id"]
     cli_ok(server.env, server.cwd, "key", "revoke", key_id)
     before = world.snapshot()
     assert_error(call(files, key=world.bob_key), 401, "invalid_api_key")
@@ -84,7 +101,7 @@ def test_keys_are_required_checked_and_revocable(world: World, server) -> None:
 
 
 def test_a_disabled_tenant_is_forbidden(world: World, server) -> None:
-    cli_ok(server.env, server.cwd, "tenant", "disable", "alice")
+    cli_ok(server.env, server.cwd, "tenant", "disable", world.alice)
     before = world.snapshot()
     assert_error(call(f"{server.url}/v1/files", key=world.alice_key), 403, "tenant_disabled")
     assert_error(call(f"{server.url}/v1/batches/{world.alice_batch}/cancel", "POST", key=world.alice_key), 403)

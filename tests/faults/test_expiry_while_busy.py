@@ -26,7 +26,7 @@ from support.processes import assert_one_error_line, cli
 
 FAST = [{"custom_id": f"fast-{i}", "text": f"Fast line {i}", "max_tokens": 4, "temperature": 0} for i in range(2)]
 # Long enough that the retry and the expiry below happen while it runs (seconds on the tiny model).
-SLOW = [{"custom_id": f"slow-{i}", "text": f"Slow story {i}:", "max_tokens": 2000, "temperature": 0} for i in range(2)]
+SLOW = [{"custom_id": f"slow-{i}", "text": f"Slow story {i}:", "max_tokens": 1000, "temperature": 0} for i in range(2)]
 LATER = [{"custom_id": f"later-{i}", "text": f"Later line {i}", "max_tokens": 4, "temperature": 0} for i in range(4)]
 TOO_LONG = {"custom_id": "too-long", "text": "a" * 5000, "max_tokens": 4}  # over the tiny model's 4096 tokens
 
@@ -69,7 +69,7 @@ def test_expiry_and_retry_while_the_worker_is_busy(services) -> None:
     assert json.loads(s.cli("status", job_id, "--json").stdout)["status"] == "expired"
 
     # One task at a time: the retried line runs once the slow chunk has ended (and tried to write).
-    # That chunk's 2 x 2000 decode steps took over the usual 120 s deadline on a busy 2-core machine, so this
+    # That chunk's 2 x 2000 decode steps once took over the usual 120 s deadline on a busy 2-core machine, so this
     # wait gets more than the usual deadline: what it checks is the order of events, not speed.
     s.wait(lambda: _counts(s, retried_job) == {"total": 2, "completed": 1, "failed": 1}, "the retried line run",
            deadline_s=600)

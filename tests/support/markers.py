@@ -16,7 +16,7 @@ import pytest
 
 MARKERS = ("postgres", "redis", "workers")  # registered, with their meaning, in pyproject.toml
 # fixture name -> the markers every test using it gets (fixtures see their own dependencies too).
-FIXTURE_MARKERS = {"pg_admin": ("postgres",), "redis_client": ("redis",)}
+FIXTURE_MARKERS = {"pg_admin": ("postgres",), "redis_client": ("redis",), "module_server": ("redis",)}
 IMPLIED = {"workers": ("redis",)}
 
 _current: pytest.Item | None = None

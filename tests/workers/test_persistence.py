@@ -212,3 +212,43 @@ def test_pinned_blocks_survive_a_scrub_with_their_contents(tmp_path):
     assert torch.equal(before, after)
     assert target.kv_manager.pool.num_cached_blocks == 3
     assert target.generate([prompts()[1]], GREEDY)[0].num_cached_tokens == 48
+
+
+def test_pins_come_back_with_the_snapshot(tmp_path):
+    source = engine(num_kv_blocks=32)
+    source.pin([prompts()[0]])  # 3 full blocks pinned
+    source.generate(prompts()[1:], GREEDY)  # more cached blocks, not pinned
+    written = snapshot_of(source, tmp_path)
+    recorded = json.loads((written / "manifest.json").read_text())["blocks"]
+    assert sum(b["pinned"] for b in recorded) == 3 and len(recorded) > 3
+
+    target = engine(num_kv_blocks=32)
+    loaded, _ = persistence.load_newest(target, tmp_path)
+    pool = target.kv_manager.pool
+    assert (loaded.num_pinned, loaded.pin_refused) == (3, None)
+    assert pool.pinned_block_ids == sorted(pool.get_cached_block(h).block_id
+                                             for h in target.prompt_block_hashes([prompts()[0]]))
+    assert pool.num_free_blocks == 32 - 3  # pinned blocks are not free; the other imported ones are
+    target.reset_prefix_cache()
+    assert target.generate([prompts()[0]], GREEDY)[0].num_cached_tokens == 48  # only the pins survived
+
+
+def test_pins_over_the_limit_are_not_restored_but_the_blocks_are(tmp_path):
+    source = engine(num_kv_blocks=32)
+    source.pin([prompts()[0]])
+    snapshot_of(source, tmp_path)
+    target = engine(num_kv_blocks=32, max_pinned_fraction=0.05)  # at most 1 pinned block
+    loaded, _ = persistence.load_newest(target, tmp_path)
+    assert loaded.num_imported == 3 and loaded.num_pinned == 0
+    assert loaded.pin_refused.startswith("pinning 3 more blocks would pin 3 of 32")
+    assert target.kv_manager.pool.num_pinned_blocks == 0
+
+
+def test_a_snapshot_without_pin_flags_loads_unpinned(tmp_path, written):
+    manifest = json.loads((written / "manifest.json").read_text())
+    for block in manifest["blocks"]:
+        del block["pinned"]
+    (written / "manifest.json").write_text(json.dumps(manifest))
+    target = engine()
+    loaded, refused = persistence.load_newest(target, tmp_path)
+    assert refused == [] and loaded.num_imported == loaded.num_blocks and loaded.num_pinned == 0
