@@ -44,7 +44,9 @@ SIGNATURES = {
     "rms_norm": [_ptr, _i64, _ptr, _ptr, _f32, _i64, _i64, _ptr, _i32],
     "rotary": [_ptr, _i64, _i64, _i32, _i32, _ptr, _ptr, _ptr, _i32],
     "silu_and_mul": [_ptr, _i64, _i64, _ptr, _i32],
+    "matrix_tiles_used": [_i32, _i32],
 }
+RETURNS = {"matrix_tiles_used": _i32}  # the others return nothing
 
 
 def cache_folder() -> Path:
@@ -95,7 +97,7 @@ def _build_and_load(compiler: str | None) -> ctypes.CDLL | None:
     for name, argtypes in SIGNATURES.items():
         function = getattr(library, name)
         function.argtypes = argtypes
-        function.restype = None
+        function.restype = RETURNS.get(name)
     return library
 
 

@@ -91,8 +91,9 @@ CASES = {
 @pytest.mark.parametrize(("dtype", "kv_cache_dtype", "tol"), [
     (torch.float32, "auto", 2e-5), (torch.bfloat16, "auto", 2e-2), (torch.float32, "int8", 2e-5),
 ])
-# head_dim 64 with block size 16 takes the kernel's loops specialised for them; 16 the general ones.
-@pytest.mark.parametrize("head_dim", [16, 64])
+# head_dim 64 and 128 with block size 16 take the kernel's loops specialised for them (and, in
+# bfloat16 on a CPU with AMX, its matrix-tile path for tiles of more than 8 rows); 16 the general ones.
+@pytest.mark.parametrize("head_dim", [16, 64, 128])
 def test_cpu_backend_matches_reference(case, heads, kv_heads, dtype, kv_cache_dtype, tol, head_dim):
     block_size, specs, shared = CASES[case]
     meta, history = _step(block_size, specs, shared, seed=len(specs))
@@ -103,6 +104,20 @@ def test_cpu_backend_matches_reference(case, heads, kv_heads, dtype, kv_cache_dt
     # int8: both backends quantize the same values the same way (round half to even), so they
     # agree to float32 rounding, not merely to the quantization's resolution.
     torch.testing.assert_close(got.float(), ref.float(), atol=tol, rtol=tol)
+
+
+def _cpu_has(flag: str) -> bool:
+    with open("/proc/cpuinfo") as cpuinfo:
+        return any(line.startswith("flags") and flag in line.split() for line in cpuinfo)
+
+
+def test_the_matrix_unit_is_used_where_the_cpu_has_one():
+    # Where the CPU has AMX, the cases above checked the matrix-tile path against the reference
+    # (their prefill chunks and cascade groups are tiles of more than 8 rows); elsewhere the vector one.
+    backend = make_backend("cpu", torch.device("cpu"), 8, 2, 64)
+    assert backend.uses_matrix_tiles(16) == _cpu_has("amx_bf16")
+    assert not backend.uses_matrix_tiles(32)  # block size 16 only
+    assert not make_backend("cpu", torch.device("cpu"), 8, 2, 16).uses_matrix_tiles(16)
 
 
 def test_cascade_groups_gather_decodes_by_shared_blocks():

@@ -86,6 +86,11 @@ class CpuBackend:
         self.scale = head_dim**-0.5
         self.library = library
 
+    def uses_matrix_tiles(self, block_size: int) -> bool:
+        """Whether bfloat16 steps attend their many-row tiles (prefill chunks, cascade groups) on the
+        CPU's matrix unit (AMX): where it has one, for block size 16 and head dim 64 or 128."""
+        return bool(self.library.matrix_tiles_used(block_size, self.head_dim))
+
     def make_cache(self, num_layers: int, num_blocks: int, block_size: int, dtype: torch.dtype,
                    device: torch.device, kv_cache_dtype: str) -> CpuKVCache:
         if device.type != "cpu":

@@ -19,6 +19,17 @@
 #include <vector>
 #include <omp.h>
 
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+#include <sys/syscall.h>
+#include <unistd.h>
+#define HAVE_AMX 1
+#else
+#define HAVE_AMX 0
+#endif
+
 #include "../bfloat16.h"
 
 namespace {
@@ -47,6 +58,19 @@ inline void to_float(const void* p, int64_t offset, int64_t n, int dtype, float*
 #pragma omp simd
         for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<float>(src[i]);
     }
+}
+
+// max(init, s[0..n)). gcc leaves `omp simd reduction(max)` over std::max scalar, one dependent
+// compare per key, which was the hottest loop of the kernel: this one takes 16 keys a step.
+inline float max_of(const float* __restrict s, int n, float init) {
+    int k = 0;
+#if defined(__AVX512F__)
+    __m512 m = _mm512_set1_ps(init);
+    for (; k + 16 <= n; k += 16) m = _mm512_max_ps(m, _mm512_loadu_ps(s + k));
+    init = _mm512_reduce_max_ps(m);
+#endif
+    for (; k < n; ++k) init = s[k] > init ? s[k] : init;
+    return init;
 }
 
 struct Problem {
@@ -83,12 +107,20 @@ inline const float* widened(const uint16_t* __restrict p, float* __restrict buf)
 // Online-softmax state of `rows` query rows: running max, running sum, unnormalised output; and
 // the scratch of one step over up to kMaxBlocksPerStep blocks (scores, dequantized int8 blocks).
 struct RowState {
-    std::vector<float> q, m, l, acc, kbuf, vbuf, s, corr;
+    std::vector<float> q, m, l, acc, kbuf, vbuf, s, corr, tile_out;
     std::vector<int> visible;
+    // The matrix-tile path's operands, bfloat16: the queries as given, the blocks' keys and values
+    // in the pair-interleaved layout the tile multiply reads, the softmax weights.
+    std::vector<uint16_t> qb, k_pairs, v_pairs, pb;
     void reserve(int rows, int D, int BS) {
         q.resize(rows * D); m.resize(rows); l.resize(rows); acc.resize(rows * D);
         kbuf.resize(kMaxBlocksPerStep * D * BS); vbuf.resize(kMaxBlocksPerStep * BS * D);
         s.resize(rows * kMaxBlocksPerStep * BS); corr.resize(rows); visible.resize(rows);
+    }
+    void reserve_tiles(int rows, int D, int BS) {
+        qb.assign(static_cast<size_t>(rows) * D, 0); pb.assign(static_cast<size_t>(rows) * kMaxBlocksPerStep * BS, 0);
+        k_pairs.resize(kMaxBlocksPerStep * D * BS); v_pairs.assign(kMaxBlocksPerStep * D * BS, 0);
+        tile_out.resize(16 * D);
     }
 };
 
@@ -300,9 +332,7 @@ void attend_blocks(const Problem& p, int kvh, int seq, int b0, int b1, int rows,
             // Keys past `visible` (beyond the sequence, or after this row under the causal mask)
             // get a score whose exp is 0, so the max, exp and sum run over whole blocks.
             for (int k = visible; k < keys; ++k) s[k] = kNegLarge;
-            float mx = st.m[r];
-#pragma omp simd reduction(max : mx)
-            for (int k = 0; k < keys; ++k) mx = std::max(mx, s[k]);
+            const float mx = max_of(s, keys, st.m[r]);
             // Past the first blocks the running max seldom moves: no rescale then (exp(0) is 1).
             const float corr = mx > st.m[r] ? std::exp(st.m[r] - mx) : 1.f;
             float sum = 0.f;
@@ -338,11 +368,191 @@ AttendFn pick_attend(int BS, int D) {
     return attend_blocks<0, 0, T>;
 }
 
+// The rows' queries, scaled, as float32 into st.q; and, for the matrix-tile path (st.qb sized),
+// the bfloat16 queries as they are into st.qb (its products take the scale afterwards).
+#if HAVE_AMX
+// -- Matrix tiles (AMX) -----------------------------------------------------------------------------
+// Where the CPU has AMX, a tile of many query rows (prefill chunks, cascade groups) against
+// bfloat16 blocks multiplies on the matrix unit: scores Q K^T, then the weighted values P V, each
+// instruction 16 rows x 16 columns of float32 sums of bfloat16 products. The online softmax
+// between the two stays in float32 as above; its weights are rounded to bfloat16 for P V (as GPU
+// attention kernels do), and each row's sum adds the rounded weights, so the weights the values
+// get still sum to one. Operands: the queries as given (the scale goes onto the scores), and each
+// block's keys and values re-laid once per step in the pair-interleaved rows the unit reads.
+constexpr int kTileRows = 16;
+
+struct TileConfig {
+    uint8_t palette_id = 1;
+    uint8_t start_row = 0;
+    uint8_t reserved[14] = {};
+    uint16_t colsb[16] = {};
+    uint8_t rows[16] = {};
+};
+
+// Tiles 0 (sums), 1 (left operand) and 2 (right operand), each 16 rows of 64 bytes. Set at each
+// call: another library on this thread (oneDNN) configures the tiles its own way in between.
+inline void configure_tiles() {
+    TileConfig config;
+    for (int t = 0; t < 3; ++t) {
+        config.colsb[t] = 64;
+        config.rows[t] = kTileRows;
+    }
+    _tile_loadconfig(&config);
+}
+
+// Linux gives a process the tile registers' state only once it asks (it then saves and restores
+// them with the thread); a refusal leaves the vector path.
+bool tiles_permitted() {
+    static const bool permitted = [] {
+        constexpr long kReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
+        return syscall(SYS_arch_prctl, kReqXcompPerm, kXfeatureXtiledata) == 0;
+    }();
+    return permitted;
+}
+
+// Two rows a, b of 16 bfloat16 each (64 bytes: a, then b) as [a0 b0 a1 b1 ... a15 b15].
+inline __m512i interleave_rows(__m512i ab) {
+    alignas(64) static const uint16_t order[32] = {0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23,
+                                                   8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
+    return _mm512_permutexvar_epi16(_mm512_load_si512(order), ab);
+}
+
+// attend_blocks for bfloat16 queries and blocks of 16 keys, on the matrix unit. st.qb holds the
+// rows' queries, zero-padded to whole tiles of 16 rows.
+template <int kD>
+void attend_blocks_tiles(const Problem& p, int kvh, int seq, int b0, int b1, int rows, const int* pos,
+                         int kv_len, RowState& st) {
+    constexpr int BS = 16, S = kMaxBlocksPerStep * BS, kChunks = kD / 16;
+    constexpr int64_t block_elems = static_cast<int64_t>(kD) * BS;
+    const int32_t* table = p.block_tables + static_cast<int64_t>(seq) * p.bt_stride;
+    const uint16_t* k_cache = static_cast<const uint16_t*>(p.k_cache);
+    const uint16_t* v_cache = static_cast<const uint16_t*>(p.v_cache);
+    const int groups = (rows + kTileRows - 1) / kTileRows;
+    configure_tiles();
+    for (int b = b0; b < b1; b += kMaxBlocksPerStep) {
+        const int nb = std::min(kMaxBlocksPerStep, b1 - b);
+        // Keys [D, BS] -> per pair of dims, 16 keys x (d, d+1): the right operand of Q K^T, whose
+        // d-chunk c (32 dims) is the 16 rows from pair 16c. Values [BS, D] -> per chunk of 32 keys
+        // (two blocks) and 16 dims, per pair of keys, 16 dims x (key, key+1): that of P V.
+        for (int i = 0; i < nb; ++i) {
+            const int64_t base = (static_cast<int64_t>(kvh) * p.NB + table[b + i]) * block_elems;
+            const uint16_t* K = k_cache + base;
+            const uint16_t* V = v_cache + base;
+            uint16_t* kp = st.k_pairs.data() + i * block_elems;
+            for (int pair = 0; pair < kD / 2; ++pair)
+                _mm512_storeu_si512(kp + pair * 32, interleave_rows(_mm512_loadu_si512(K + pair * 32)));
+            for (int n = 0; n < kChunks; ++n) {
+                uint16_t* vp = st.v_pairs.data() + ((static_cast<int64_t>(i / 2) * kChunks + n) * 16 + (i % 2) * 8) * 32;
+                for (int pair = 0; pair < BS / 2; ++pair) {
+                    const __m256i a = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(V + (2 * pair) * kD + 16 * n));
+                    const __m256i c = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(V + (2 * pair + 1) * kD + 16 * n));
+                    _mm512_storeu_si512(vp + pair * 32,
+                                        interleave_rows(_mm512_inserti64x4(_mm512_castsi256_si512(a), c, 1)));
+                }
+            }
+        }
+        if (nb % 2 == 1)  // the last chunk of 32 keys has one block: the other half's values are 0
+            for (int n = 0; n < kChunks; ++n)
+                std::memset(st.v_pairs.data() + ((static_cast<int64_t>(nb / 2) * kChunks + n) * 16 + 8) * 32, 0,
+                            8 * 32 * sizeof(uint16_t));
+
+        for (int g = 0; g < groups; ++g) {
+            const uint16_t* qg = st.qb.data() + static_cast<int64_t>(g) * kTileRows * kD;
+            for (int i = 0; i < nb; ++i) {
+                _tile_zero(0);
+                for (int c = 0; c < kD / 32; ++c) {
+                    _tile_loadd(1, qg + c * 32, kD * 2);
+                    _tile_loadd(2, st.k_pairs.data() + i * block_elems + c * 16 * 32, 64);
+                    _tile_dpbf16ps(0, 1, 2);
+                }
+                _tile_stored(0, st.s.data() + static_cast<int64_t>(g) * kTileRows * S + i * BS, S * 4);
+            }
+        }
+
+        const int key0 = b * BS;
+        const int keys = nb * BS;
+        const int padded_keys = (keys + 31) / 32 * 32;
+        const int in_range = std::min(keys, kv_len - key0);
+        for (int r = 0; r < rows; ++r) {
+            float* __restrict s = st.s.data() + static_cast<int64_t>(r) * S;
+            uint16_t* __restrict w = st.pb.data() + static_cast<int64_t>(r) * S;
+            const int visible = std::min(in_range, pos[r] - key0 + 1);
+            if (visible <= 0) {  // these keys all follow this row (causal): it keeps its state
+                st.corr[r] = 1.f;
+                std::memset(w, 0, padded_keys * sizeof(uint16_t));
+                continue;
+            }
+#pragma omp simd
+            for (int k = 0; k < keys; ++k) s[k] *= p.scale;
+            for (int k = visible; k < keys; ++k) s[k] = kNegLarge;
+            const float mx = max_of(s, keys, st.m[r]);
+            const float corr = mx > st.m[r] ? std::exp(st.m[r] - mx) : 1.f;
+            float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+            for (int k = 0; k < keys; ++k) {
+                const uint16_t weight = from_f32(std::exp(s[k] - mx));
+                w[k] = weight;
+                sum += to_f32(weight);
+            }
+            for (int k = keys; k < padded_keys; ++k) w[k] = 0;
+            st.l[r] = st.l[r] * corr + sum;
+            st.m[r] = mx;
+            st.corr[r] = corr;
+        }
+
+        for (int g = 0; g < groups; ++g) {
+            for (int n = 0; n < kChunks; ++n) {
+                _tile_zero(0);
+                for (int c = 0; c < padded_keys / 32; ++c) {
+                    _tile_loadd(1, st.pb.data() + static_cast<int64_t>(g) * kTileRows * S + c * 32, S * 2);
+                    _tile_loadd(2, st.v_pairs.data() + (static_cast<int64_t>(c) * kChunks + n) * 16 * 32, 64);
+                    _tile_dpbf16ps(0, 1, 2);
+                }
+                _tile_stored(0, st.tile_out.data() + n * 16, kD * 4);
+            }
+            const int r_end = std::min(rows, (g + 1) * kTileRows);
+            for (int r = g * kTileRows; r < r_end; ++r) {
+                float* __restrict a = st.acc.data() + static_cast<int64_t>(r) * kD;
+                const float* __restrict t = st.tile_out.data() + static_cast<int64_t>(r - g * kTileRows) * kD;
+                const float corr = st.corr[r];
+#pragma omp simd
+                for (int d = 0; d < kD; ++d) a[d] = a[d] * corr + t[d];
+            }
+        }
+    }
+    _tile_release();
+}
+#endif  // HAVE_AMX
+
+// Whether `paged_attention` multiplies bfloat16 tiles of many rows on the matrix unit (AMX) for
+// this block size and head dim.
+bool use_tiles(int BS, int D) {
+#if HAVE_AMX
+    return BS == 16 && (D == 64 || D == 128) && tiles_permitted();
+#else
+    (void)BS;
+    (void)D;
+    return false;
+#endif
+}
+
+AttendFn pick_attend_tiles(int D) {
+#if HAVE_AMX
+    return D == 64 ? attend_blocks_tiles<64> : attend_blocks_tiles<128>;
+#else
+    (void)D;
+    return nullptr;
+#endif
+}
+
 void load_queries(const Problem& p, int rows, const int64_t* tokens, const int* heads, RowState& st) {
     for (int r = 0; r < rows; ++r) {
         const int64_t off = tokens[r] * p.q_stride + static_cast<int64_t>(heads[r]) * p.D;
         float* dst = st.q.data() + static_cast<int64_t>(r) * p.D;
         for (int d = 0; d < p.D; ++d) dst[d] = load(p.q, off + d, p.dtype) * p.scale;
+        if (!st.qb.empty() && p.dtype == 1)
+            std::memcpy(st.qb.data() + static_cast<int64_t>(r) * p.D, static_cast<const uint16_t*>(p.q) + off,
+                        sizeof(uint16_t) * p.D);
     }
 }
 
@@ -412,6 +622,10 @@ void write_kv(const void* k, int64_t k_stride, const void* v, int64_t v_stride, 
     }
 }
 
+// 1 when paged_attention runs bfloat16 tiles of many rows on the matrix unit (AMX) here, for this
+// block size and head dim; else 0.
+int matrix_tiles_used(int BS, int D) { return use_tiles(BS, D) ? 1 : 0; }
+
 // out [T, H, D] = softmax(q k^T * scale) v per sequence, causally: sequence s has query tokens
 // [query_start[s], query_start[s+1]) at the last positions of its seq_lens[s] keys.
 // Cascade groups: decodes c in [cascade_start[g], cascade_start[g+1]) (one query each, at a
@@ -426,12 +640,14 @@ void paged_attention(const void* q, int64_t q_stride, const void* k_cache, const
     const Problem p{q, q_stride, k_cache, v_cache, k_scale, v_scale, block_tables, bt_stride, seq_lens,
                     query_start, H, KVH, D, BS, NB, scale, dtype, kv_dtype, out};
     const int G = H / KVH;
-    const AttendFn attend_converted = pick_attend<float>(BS, D);  // float32 pools read in place
-    const AttendFn attend_in_place = kv_dtype == 1 ? pick_attend<uint16_t>(BS, D) : attend_converted;
+    const AttendFn attend_in_place = kv_dtype == 1 ? pick_attend<uint16_t>(BS, D) : pick_attend<float>(BS, D);
+    // Many rows sharing the keys: bfloat16 tiles on the matrix unit where there is one, else the
+    // vector loops over blocks converted to float32 (float32 pools are read in place).
+    const bool tiles = dtype == 1 && kv_dtype == 1 && use_tiles(BS, D);
+    const AttendFn attend_many = tiles ? pick_attend_tiles(D) : pick_attend<float>(BS, D);
     auto attend = [&](const Problem& pr, int kvh, int seq, int b0, int b1, int rows, const int* pos, int kv_len,
                       RowState& st) {
-        (rows <= kMaxRowsReadingInPlace ? attend_in_place : attend_converted)(pr, kvh, seq, b0, b1, rows, pos,
-                                                                              kv_len, st);
+        (rows <= kMaxRowsReadingInPlace ? attend_in_place : attend_many)(pr, kvh, seq, b0, b1, rows, pos, kv_len, st);
     };
     const int tokens_per_tile = std::max(1, kRowsPerTile / G);
     const int num_cascade_seqs = num_groups > 0 ? cascade_start[num_groups] : 0;
@@ -461,6 +677,7 @@ void paged_attention(const void* q, int64_t q_stride, const void* k_cache, const
     {
         RowState st;
         st.reserve(kRowsPerTile, D, BS);
+        if (tiles) st.reserve_tiles(kRowsPerTile, D, BS);
         std::vector<int64_t> tokens(kRowsPerTile);
         std::vector<int> heads(kRowsPerTile), pos(kRowsPerTile);
 #pragma omp for schedule(dynamic, 1) nowait
