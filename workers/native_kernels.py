@@ -38,9 +38,10 @@ _loaded: dict[str, ctypes.CDLL | None] = {}
 
 _i64, _i32, _f32, _ptr = ctypes.c_int64, ctypes.c_int, ctypes.c_float, ctypes.c_void_p
 SIGNATURES = {
-    "write_kv": [_ptr, _i64, _ptr, _i64, _i32, _i64, _ptr, _ptr, _ptr, _ptr, _ptr, _i32, _i64, _i32, _i32, _i32],
+    "write_kv": [_ptr, _i64, _ptr, _i64, _i32, _i64, _ptr, _ptr, _ptr, _ptr, _ptr, _i32, _i64, _i32, _i32, _i32,
+                 _i32],
     "paged_attention": [_ptr, _i64, _ptr, _ptr, _ptr, _ptr, _ptr, _i64, _ptr, _ptr, _i32, _i32, _i32, _i32, _i32,
-                        _i64, _f32, _ptr, _ptr, _i32, _ptr, _ptr, _i32, _i32],
+                        _i64, _f32, _ptr, _ptr, _i32, _ptr, _ptr, _i32, _i32, _i32],
     "rms_norm": [_ptr, _i64, _ptr, _ptr, _f32, _i64, _i64, _ptr, _i32],
     "rotary": [_ptr, _i64, _i64, _i32, _i32, _ptr, _ptr, _ptr, _i32],
     "silu_and_mul": [_ptr, _i64, _i64, _ptr, _i32],

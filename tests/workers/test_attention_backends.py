@@ -118,6 +118,30 @@ def test_the_matrix_unit_is_used_where_the_cpu_has_one():
     assert backend.uses_matrix_tiles(16) == _cpu_has("amx_bf16")
     assert not backend.uses_matrix_tiles(32)  # block size 16 only
     assert not make_backend("cpu", torch.device("cpu"), 8, 2, 16).uses_matrix_tiles(16)
+    bf16 = backend.make_cache(1, 4, 16, torch.bfloat16, torch.device("cpu"), "auto")
+    fp32 = backend.make_cache(1, 4, 16, torch.float32, torch.device("cpu"), "auto")
+    assert bf16.pairs == _cpu_has("amx_bf16") and not fp32.pairs
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("head_dim", [16, 64])
+def test_the_cpu_cache_gives_back_what_it_stored_whatever_its_layout(dtype, head_dim):
+    # What the kernel writes (transposed keys, or pairs on the matrix unit) reads back as rows, and
+    # moves to another cache and back (snapshots) unchanged.
+    backend = make_backend("cpu", torch.device("cpu"), 4, 2, head_dim)
+    cache = backend.make_cache(2, 8, 16, dtype, torch.device("cpu"), "auto")
+    gen = torch.Generator().manual_seed(3)
+    slots = torch.randperm(8 * 16, generator=gen)[:40]
+    k, v = (torch.randn(40, 2, head_dim, generator=gen).to(dtype) for _ in range(2))
+    cache.write(1, k, v, slots)
+    table = torch.arange(8).reshape(1, 8)
+    keys, values = cache.gather(1, cache.gather_index(table), 1)  # [KVH, 1, 128, D]
+    assert torch.equal(keys[:, 0, slots].transpose(0, 1), k) and torch.equal(values[:, 0, slots].transpose(0, 1), v)
+    exported, _ = cache.export_blocks(list(range(8)))
+    other = backend.make_cache(2, 8, 16, dtype, torch.device("cpu"), "auto")
+    other.import_blocks(list(reversed(range(8))), exported, None)
+    assert torch.equal(other.export_blocks(list(reversed(range(8))))[0], exported)
+    assert torch.equal(other.gather(1, other.gather_index(table.flip(1)), 1)[0], keys)
 
 
 def test_cascade_groups_gather_decodes_by_shared_blocks():

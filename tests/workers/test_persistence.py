@@ -53,19 +53,23 @@ def test_round_trip_gives_identical_outputs_and_cache_hits(tmp_path, backend, dt
         assert [o.token_ids for o in warm_here] == cold
 
 
-@pytest.mark.parametrize(("kv", "source_backend", "target_backend"),
-                         [("auto", "reference", "cpu"), ("auto", "cpu", "reference"), ("int8", "cpu", "reference")])
-def test_a_snapshot_moves_between_attention_backends(tmp_path, kv, source_backend, target_backend):
-    # The file's layout is the backend-neutral one: the cpu backend's transposed keys come back as rows.
-    source = engine("float32", kv, source_backend)
+@pytest.mark.parametrize(("dtype", "kv", "source_backend", "target_backend"), [
+    ("float32", "auto", "reference", "cpu"), ("float32", "auto", "cpu", "reference"),
+    ("float32", "int8", "cpu", "reference"), ("bfloat16", "auto", "cpu", "reference"),
+    ("bfloat16", "auto", "reference", "cpu"),
+])
+def test_a_snapshot_moves_between_attention_backends(tmp_path, dtype, kv, source_backend, target_backend):
+    # The file's layout is the backend-neutral one: the cpu backend's transposed keys (or, in
+    # bfloat16 on a CPU with AMX, its keys and values stored in pairs) come back as rows.
+    source = engine(dtype, kv, source_backend)
     source.generate(prompts(), GREEDY)
     snapshot_of(source, tmp_path)
-    fresh = engine("float32", kv, target_backend)
+    fresh = engine(dtype, kv, target_backend)
     persistence.load_newest(fresh, tmp_path)
-    reference = engine("float32", kv, target_backend).generate(prompts(), GREEDY)
+    reference = engine(dtype, kv, target_backend).generate(prompts(), GREEDY)
     restored = fresh.generate(prompts(), GREEDY)
     assert restored[0].num_cached_tokens == 48
-    if kv == "auto":
+    if kv == "auto" and dtype == "float32":
         assert [o.token_ids for o in restored] == [o.token_ids for o in reference]
     # The blocks themselves are equal, in the layout each backend reads.
     ids = [fresh.kv_manager.pool.get_cached_block(e.block_hash).block_id

@@ -26,7 +26,9 @@ DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.int8: 2}
 class CpuKVCache(PagedKVCache):
     """PagedKVCache's tensor `[layers, 2, kv_heads, num_blocks, block_size * head_dim]`, with each
     block's keys stored transposed (`[head_dim, block_size]`), so the kernel scores a block's keys
-    with one vector FMA per query element; values stay `[block_size, head_dim]`."""
+    with one vector FMA per query element; values stay `[block_size, head_dim]`. Where the CPU's
+    matrix unit attends bfloat16 blocks (`pairs`), both go in pairs as its tile multiply reads
+    them: keys `[head_dim / 2, block_size, 2]`, values `[block_size / 2, head_dim, 2]`."""
 
     def __init__(self, library: ctypes.CDLL, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
@@ -34,6 +36,8 @@ class CpuKVCache(PagedKVCache):
             raise ValueError("kv_cache_dtype='fp8' is for CUDA GPUs; the CPU backend stores 'int8'")
         self.library = library
         self.kv_code = DTYPE_CODES[self.kv.dtype]
+        self.pairs = self.kv.dtype == torch.bfloat16 and bool(library.matrix_tiles_used(self.block_size,
+                                                                                          self.head_dim))
         self._layer_bytes = self.kv[0].nbytes
         self._half_bytes = self.kv[0, 0].nbytes
         self._scale_layer_bytes = self.scales[0].nbytes if self.scales is not None else 0
@@ -55,27 +59,41 @@ class CpuKVCache(PagedKVCache):
         self.library.write_kv(
             k.data_ptr(), k.stride(0), v.data_ptr(), v.stride(0), DTYPE_CODES[k.dtype], k.shape[0], slots.data_ptr(),
             kp, vp, ks, vs, self.num_kv_heads, self.num_blocks, self.block_size, self.head_dim, self.kv_code,
+            int(self.pairs),
         )
 
+    def _rows(self, x: torch.Tensor, which: int) -> torch.Tensor:
+        """Blocks' elements as stored, viewed `[..., BS, D]`, as their tokens' rows `[..., BS, D]`
+        (which: 0 keys, 1 values)."""
+        *lead, bs, d = x.shape
+        if self.pairs:
+            if which == 0:
+                return x.reshape(*lead, d // 2, bs, 2).transpose(-2, -3).reshape(*lead, bs, d)
+            return x.reshape(*lead, bs // 2, d, 2).transpose(-1, -2).reshape(*lead, bs, d)
+        return x.reshape(*lead, d, bs).transpose(-1, -2) if which == 0 else x
+
+    def _unrows(self, rows: torch.Tensor, which: int) -> torch.Tensor:
+        """The inverse of `_rows`."""
+        *lead, bs, d = rows.shape
+        if self.pairs:
+            if which == 0:
+                return rows.reshape(*lead, bs, d // 2, 2).transpose(-2, -3).reshape(*lead, bs, d)
+            return rows.reshape(*lead, bs // 2, 2, d).transpose(-1, -2).reshape(*lead, bs, d)
+        return rows.transpose(-1, -2).reshape(*lead, bs, d) if which == 0 else rows
+
     def _canonical(self, kv: torch.Tensor) -> torch.Tensor:
-        # Keys are laid out [D, BS] where [BS, D] would be: read them back as rows.
-        n, layers, _, kvh, bs, d = kv.shape
-        keys = kv[:, :, 0].reshape(n, layers, kvh, d, bs).transpose(-1, -2)
-        return torch.stack((keys, kv[:, :, 1]), dim=2)
+        return torch.stack((self._rows(kv[:, :, 0], 0), self._rows(kv[:, :, 1], 1)), dim=2)
 
     def _stored(self, kv: torch.Tensor) -> torch.Tensor:
-        n, layers, _, kvh, bs, d = kv.shape
-        keys = kv[:, :, 0].transpose(-1, -2).contiguous().view(n, layers, kvh, bs, d)
-        return torch.stack((keys, kv[:, :, 1]), dim=2)
+        return torch.stack((self._unrows(kv[:, :, 0], 0), self._unrows(kv[:, :, 1], 1)), dim=2)
 
     def gather(self, layer: int, index: torch.Tensor, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
         """-> k, v [KVH, B, L, D] in the compute dtype (for tests and evaluation; the kernel never gathers)."""
-        keys, values = super().gather(layer, index, batch)
+        gathered = super().gather(layer, index, batch)
         bs, d = self.block_size, self.head_dim
-        kvh, b, length, _ = keys.shape
-        # Undo the in-block transpose: each block's [D, BS] is laid out where [BS, D] would be.
-        keys = keys.reshape(kvh, b, length // bs, d, bs).transpose(-1, -2).reshape(kvh, b, length, d)
-        return keys, values
+        kvh, b, length, _ = gathered[0].shape
+        return tuple(self._rows(x.reshape(kvh, b, length // bs, bs, d), which).reshape(kvh, b, length, d)
+                     for which, x in enumerate(gathered))
 
 
 class CpuBackend:
@@ -87,8 +105,8 @@ class CpuBackend:
         self.library = library
 
     def uses_matrix_tiles(self, block_size: int) -> bool:
-        """Whether bfloat16 steps attend their many-row tiles (prefill chunks, cascade groups) on the
-        CPU's matrix unit (AMX): where it has one, for block size 16 and head dim 64 or 128."""
+        """Whether bfloat16 caches store their blocks in pairs and steps attend them on the CPU's
+        matrix unit (AMX): where it has one, for block size 16 and head dim 32, 64, 128 or 256."""
         return bool(self.library.matrix_tiles_used(block_size, self.head_dim))
 
     def make_cache(self, num_layers: int, num_blocks: int, block_size: int, dtype: torch.dtype,
@@ -136,6 +154,6 @@ class CpuStep:
             self.seq_lens.data_ptr(), self.query_start.data_ptr(), len(self.seq_lens), b.num_heads, b.num_kv_heads,
             b.head_dim, cache.block_size, cache.num_blocks, b.scale, self.cascade_start.data_ptr(),
             self.cascade_blocks.data_ptr(), len(self.cascade_blocks), self.scratch.data_ptr(), out.data_ptr(),
-            DTYPE_CODES[q.dtype], cache.kv_code,
+            DTYPE_CODES[q.dtype], cache.kv_code, int(cache.pairs),
         )
         return out

@@ -9,6 +9,10 @@
 //   K: [KVH, NB, D, BS]  a block's keys transposed, so one FMA over BS keys scores them all
 //   V: [KVH, NB, BS, D]
 //   scales (int8 only): [KVH, NB, BS] one float32 per token and KV head, for K and V each
+// except for bfloat16 blocks on the matrix unit (`pairs`, see matrix_tiles_used), whose elements
+// go in pairs, as its tile multiply reads its right operand:
+//   K: [KVH, NB, D/2, BS, 2]  per pair of dims, each key's two
+//   V: [KVH, NB, BS/2, D, 2]  per pair of keys, each dim's two
 // Dtype codes: 0 float32, 1 bfloat16, 2 int8.
 
 #include <algorithm>
@@ -109,9 +113,8 @@ inline const float* widened(const uint16_t* __restrict p, float* __restrict buf)
 struct RowState {
     std::vector<float> q, m, l, acc, kbuf, vbuf, s, corr, tile_out;
     std::vector<int> visible;
-    // The matrix-tile path's operands, bfloat16: the queries as given, the blocks' keys and values
-    // in the pair-interleaved layout the tile multiply reads, the softmax weights.
-    std::vector<uint16_t> qb, k_pairs, v_pairs, pb;
+    // The matrix-tile path's left operands, bfloat16: the queries as given, the softmax weights.
+    std::vector<uint16_t> qb, pb;
     void reserve(int rows, int D, int BS) {
         q.resize(rows * D); m.resize(rows); l.resize(rows); acc.resize(rows * D);
         kbuf.resize(kMaxBlocksPerStep * D * BS); vbuf.resize(kMaxBlocksPerStep * BS * D);
@@ -119,7 +122,6 @@ struct RowState {
     }
     void reserve_tiles(int rows, int D, int BS) {
         qb.assign(static_cast<size_t>(rows) * D, 0); pb.assign(static_cast<size_t>(rows) * kMaxBlocksPerStep * BS, 0);
-        k_pairs.resize(kMaxBlocksPerStep * D * BS); v_pairs.assign(kMaxBlocksPerStep * D * BS, 0);
         tile_out.resize(16 * D);
     }
 };
@@ -372,13 +374,13 @@ AttendFn pick_attend(int BS, int D) {
 // the bfloat16 queries as they are into st.qb (its products take the scale afterwards).
 #if HAVE_AMX
 // -- Matrix tiles (AMX) -----------------------------------------------------------------------------
-// Where the CPU has AMX, a tile of many query rows (prefill chunks, cascade groups) against
-// bfloat16 blocks multiplies on the matrix unit: scores Q K^T, then the weighted values P V, each
-// instruction 16 rows x 16 columns of float32 sums of bfloat16 products. The online softmax
-// between the two stays in float32 as above; its weights are rounded to bfloat16 for P V (as GPU
-// attention kernels do), and each row's sum adds the rounded weights, so the weights the values
-// get still sum to one. Operands: the queries as given (the scale goes onto the scores), and each
-// block's keys and values re-laid once per step in the pair-interleaved rows the unit reads.
+// Where the CPU has AMX, bfloat16 blocks are stored in pairs (see the layout above) and every tile
+// of rows attends them on the matrix unit: scores Q K^T, then the weighted values P V, each
+// instruction 16 rows x 16 columns of float32 sums of bfloat16 products, reading the blocks where
+// they lie. The online softmax between the two stays in float32 as above; its weights are rounded
+// to bfloat16 for P V (as GPU attention kernels do), and each row's sum adds the rounded weights,
+// so the weights the values get still sum to one. The queries go in as given (bfloat16); the
+// scale goes onto the scores.
 constexpr int kTileRows = 16;
 
 struct TileConfig {
@@ -389,13 +391,16 @@ struct TileConfig {
     uint8_t rows[16] = {};
 };
 
-// Tiles 0 (sums), 1 (left operand) and 2 (right operand), each 16 rows of 64 bytes. Set at each
-// call: another library on this thread (oneDNN) configures the tiles its own way in between.
+// Tile 0: sums, 16 rows x 16 float32. Q K^T: tile 1, 16 query rows x 32 dims; tile 2, 16 pairs of
+// dims x 16 keys. P V, one block at a time: tile 3, 16 rows x 16 keys' weights; tile 4, 8 pairs of
+// keys x 16 dims. Set at each call: another library on this thread (oneDNN) configures the tiles
+// its own way in between.
 inline void configure_tiles() {
     TileConfig config;
-    for (int t = 0; t < 3; ++t) {
-        config.colsb[t] = 64;
-        config.rows[t] = kTileRows;
+    const int colsb[5] = {64, 64, 64, 32, 64}, rows[5] = {16, 16, 16, 16, 8};
+    for (int t = 0; t < 5; ++t) {
+        config.colsb[t] = static_cast<uint16_t>(colsb[t]);
+        config.rows[t] = static_cast<uint8_t>(rows[t]);
     }
     _tile_loadconfig(&config);
 }
@@ -410,59 +415,41 @@ bool tiles_permitted() {
     return permitted;
 }
 
-// Two rows a, b of 16 bfloat16 each (64 bytes: a, then b) as [a0 b0 a1 b1 ... a15 b15].
-inline __m512i interleave_rows(__m512i ab) {
-    alignas(64) static const uint16_t order[32] = {0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23,
-                                                   8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
-    return _mm512_permutexvar_epi16(_mm512_load_si512(order), ab);
-}
-
-// attend_blocks for bfloat16 queries and blocks of 16 keys, on the matrix unit. st.qb holds the
-// rows' queries, zero-padded to whole tiles of 16 rows.
+// attend_blocks for blocks of 16 bfloat16 keys stored in pairs, on the matrix unit. st.qb holds
+// the rows' queries (bfloat16), zero-padded to whole tiles of 16 rows.
 template <int kD>
 void attend_blocks_tiles(const Problem& p, int kvh, int seq, int b0, int b1, int rows, const int* pos,
                          int kv_len, RowState& st) {
-    constexpr int BS = 16, S = kMaxBlocksPerStep * BS, kChunks = kD / 16;
+    constexpr int BS = 16, S = kMaxBlocksPerStep * BS;
     constexpr int64_t block_elems = static_cast<int64_t>(kD) * BS;
     const int32_t* table = p.block_tables + static_cast<int64_t>(seq) * p.bt_stride;
     const uint16_t* k_cache = static_cast<const uint16_t*>(p.k_cache);
     const uint16_t* v_cache = static_cast<const uint16_t*>(p.v_cache);
     const int groups = (rows + kTileRows - 1) / kTileRows;
+    const uint16_t* K[kMaxBlocksPerStep];
+    const uint16_t* V[kMaxBlocksPerStep];
     configure_tiles();
     for (int b = b0; b < b1; b += kMaxBlocksPerStep) {
         const int nb = std::min(kMaxBlocksPerStep, b1 - b);
-        // Keys [D, BS] -> per pair of dims, 16 keys x (d, d+1): the right operand of Q K^T, whose
-        // d-chunk c (32 dims) is the 16 rows from pair 16c. Values [BS, D] -> per chunk of 32 keys
-        // (two blocks) and 16 dims, per pair of keys, 16 dims x (key, key+1): that of P V.
-        for (int i = 0; i < nb; ++i) {
-            const int64_t base = (static_cast<int64_t>(kvh) * p.NB + table[b + i]) * block_elems;
-            const uint16_t* K = k_cache + base;
-            const uint16_t* V = v_cache + base;
-            uint16_t* kp = st.k_pairs.data() + i * block_elems;
-            for (int pair = 0; pair < kD / 2; ++pair)
-                _mm512_storeu_si512(kp + pair * 32, interleave_rows(_mm512_loadu_si512(K + pair * 32)));
-            for (int n = 0; n < kChunks; ++n) {
-                uint16_t* vp = st.v_pairs.data() + ((static_cast<int64_t>(i / 2) * kChunks + n) * 16 + (i % 2) * 8) * 32;
-                for (int pair = 0; pair < BS / 2; ++pair) {
-                    const __m256i a = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(V + (2 * pair) * kD + 16 * n));
-                    const __m256i c = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(V + (2 * pair + 1) * kD + 16 * n));
-                    _mm512_storeu_si512(vp + pair * 32,
-                                        interleave_rows(_mm512_inserti64x4(_mm512_castsi256_si512(a), c, 1)));
-                }
+        for (int nxt = b + nb; nxt < std::min(b1, b + 2 * nb); ++nxt) {  // as in attend_blocks
+            const int64_t at = (static_cast<int64_t>(kvh) * p.NB + table[nxt]) * block_elems;
+            for (int64_t line = 0; line < block_elems; line += 32) {
+                __builtin_prefetch(k_cache + at + line);
+                __builtin_prefetch(v_cache + at + line);
             }
         }
-        if (nb % 2 == 1)  // the last chunk of 32 keys has one block: the other half's values are 0
-            for (int n = 0; n < kChunks; ++n)
-                std::memset(st.v_pairs.data() + ((static_cast<int64_t>(nb / 2) * kChunks + n) * 16 + 8) * 32, 0,
-                            8 * 32 * sizeof(uint16_t));
-
+        for (int i = 0; i < nb; ++i) {
+            const int64_t base = (static_cast<int64_t>(kvh) * p.NB + table[b + i]) * block_elems;
+            K[i] = k_cache + base;
+            V[i] = v_cache + base;
+        }
         for (int g = 0; g < groups; ++g) {
             const uint16_t* qg = st.qb.data() + static_cast<int64_t>(g) * kTileRows * kD;
             for (int i = 0; i < nb; ++i) {
                 _tile_zero(0);
                 for (int c = 0; c < kD / 32; ++c) {
                     _tile_loadd(1, qg + c * 32, kD * 2);
-                    _tile_loadd(2, st.k_pairs.data() + i * block_elems + c * 16 * 32, 64);
+                    _tile_loadd(2, K[i] + c * 16 * BS * 2, 64);
                     _tile_dpbf16ps(0, 1, 2);
                 }
                 _tile_stored(0, st.s.data() + static_cast<int64_t>(g) * kTileRows * S + i * BS, S * 4);
@@ -471,7 +458,6 @@ void attend_blocks_tiles(const Problem& p, int kvh, int seq, int b0, int b1, int
 
         const int key0 = b * BS;
         const int keys = nb * BS;
-        const int padded_keys = (keys + 31) / 32 * 32;
         const int in_range = std::min(keys, kv_len - key0);
         for (int r = 0; r < rows; ++r) {
             float* __restrict s = st.s.data() + static_cast<int64_t>(r) * S;
@@ -479,7 +465,7 @@ void attend_blocks_tiles(const Problem& p, int kvh, int seq, int b0, int b1, int
             const int visible = std::min(in_range, pos[r] - key0 + 1);
             if (visible <= 0) {  // these keys all follow this row (causal): it keeps its state
                 st.corr[r] = 1.f;
-                std::memset(w, 0, padded_keys * sizeof(uint16_t));
+                std::memset(w, 0, keys * sizeof(uint16_t));
                 continue;
             }
 #pragma omp simd
@@ -494,19 +480,18 @@ void attend_blocks_tiles(const Problem& p, int kvh, int seq, int b0, int b1, int
                 w[k] = weight;
                 sum += to_f32(weight);
             }
-            for (int k = keys; k < padded_keys; ++k) w[k] = 0;
             st.l[r] = st.l[r] * corr + sum;
             st.m[r] = mx;
             st.corr[r] = corr;
         }
 
         for (int g = 0; g < groups; ++g) {
-            for (int n = 0; n < kChunks; ++n) {
+            for (int n = 0; n < kD / 16; ++n) {
                 _tile_zero(0);
-                for (int c = 0; c < padded_keys / 32; ++c) {
-                    _tile_loadd(1, st.pb.data() + static_cast<int64_t>(g) * kTileRows * S + c * 32, S * 2);
-                    _tile_loadd(2, st.v_pairs.data() + (static_cast<int64_t>(c) * kChunks + n) * 16 * 32, 64);
-                    _tile_dpbf16ps(0, 1, 2);
+                for (int i = 0; i < nb; ++i) {
+                    _tile_loadd(3, st.pb.data() + static_cast<int64_t>(g) * kTileRows * S + i * BS, S * 2);
+                    _tile_loadd(4, V[i] + n * 16 * 2, kD * 2 * 2);
+                    _tile_dpbf16ps(0, 3, 4);
                 }
                 _tile_stored(0, st.tile_out.data() + n * 16, kD * 4);
             }
@@ -524,11 +509,11 @@ void attend_blocks_tiles(const Problem& p, int kvh, int seq, int b0, int b1, int
 }
 #endif  // HAVE_AMX
 
-// Whether `paged_attention` multiplies bfloat16 tiles of many rows on the matrix unit (AMX) for
-// this block size and head dim.
+// Whether bfloat16 blocks of this size and head dim are stored in pairs and attended on the
+// matrix unit (AMX).
 bool use_tiles(int BS, int D) {
 #if HAVE_AMX
-    return BS == 16 && (D == 64 || D == 128) && tiles_permitted();
+    return BS == 16 && (D == 32 || D == 64 || D == 128 || D == 256) && tiles_permitted();
 #else
     (void)BS;
     (void)D;
@@ -538,7 +523,12 @@ bool use_tiles(int BS, int D) {
 
 AttendFn pick_attend_tiles(int D) {
 #if HAVE_AMX
-    return D == 64 ? attend_blocks_tiles<64> : attend_blocks_tiles<128>;
+    switch (D) {
+        case 32: return attend_blocks_tiles<32>;
+        case 64: return attend_blocks_tiles<64>;
+        case 128: return attend_blocks_tiles<128>;
+        default: return attend_blocks_tiles<256>;
+    }
 #else
     (void)D;
     return nullptr;
@@ -550,9 +540,10 @@ void load_queries(const Problem& p, int rows, const int64_t* tokens, const int* 
         const int64_t off = tokens[r] * p.q_stride + static_cast<int64_t>(heads[r]) * p.D;
         float* dst = st.q.data() + static_cast<int64_t>(r) * p.D;
         for (int d = 0; d < p.D; ++d) dst[d] = load(p.q, off + d, p.dtype) * p.scale;
-        if (!st.qb.empty() && p.dtype == 1)
-            std::memcpy(st.qb.data() + static_cast<int64_t>(r) * p.D, static_cast<const uint16_t*>(p.q) + off,
-                        sizeof(uint16_t) * p.D);
+        if (st.qb.empty()) continue;
+        uint16_t* qb = st.qb.data() + static_cast<int64_t>(r) * p.D;
+        if (p.dtype == 1) std::memcpy(qb, static_cast<const uint16_t*>(p.q) + off, sizeof(uint16_t) * p.D);
+        else for (int d = 0; d < p.D; ++d) qb[d] = from_f32(load(p.q, off + d, p.dtype));
     }
 }
 
@@ -578,10 +569,11 @@ struct WorkItem { int seq, kvh, t0, t1; };
 extern "C" {
 
 // Writes the step's new keys and values into their slots (slot = block * BS + offset), quantizing
-// to int8 (absmax over D per token and KV head, round half to even, as torch) when kv_dtype is 2.
+// to int8 (absmax over D per token and KV head, round half to even, as torch) when kv_dtype is 2,
+// in pairs when `pairs` (bfloat16 on the matrix unit).
 void write_kv(const void* k, int64_t k_stride, const void* v, int64_t v_stride, int src_dtype, int64_t T,
               const int64_t* slots, void* k_cache, void* v_cache, float* k_scale, float* v_scale,
-              int KVH, int64_t NB, int BS, int D, int kv_dtype) {
+              int KVH, int64_t NB, int BS, int D, int kv_dtype, int pairs) {
     const int64_t block_elems = static_cast<int64_t>(D) * BS;
 #pragma omp parallel for collapse(2) if (T * KVH > 64)
     for (int64_t t = 0; t < T; ++t) {
@@ -607,6 +599,15 @@ void write_kv(const void* k, int64_t k_stride, const void* v, int64_t v_stride, 
                     }
                     float* scales = which == 0 ? k_scale : v_scale;
                     scales[(static_cast<int64_t>(h) * NB + block) * BS + o] = sc;
+                } else if (kv_dtype == 1 && pairs) {
+                    // K: dim d of key o at [d / 2, o, d % 2]; V: [o / 2, d, o % 2] (see the layout above).
+                    uint16_t* dst = static_cast<uint16_t*>(cache);
+                    const int64_t at = which == 0 ? base + o * 2 : base + (o / 2) * D * 2 + o % 2;
+                    for (int d = 0; d < D; ++d) {
+                        const int64_t i = which == 0 ? at + (d / 2) * BS * 2 + d % 2 : at + d * 2;
+                        dst[i] = src_dtype == 1 ? static_cast<const uint16_t*>(src)[off + d]
+                                                : from_f32(load(src, off + d, src_dtype));
+                    }
                 } else if (kv_dtype == 1) {
                     uint16_t* dst = static_cast<uint16_t*>(cache);
                     for (int d = 0; d < D; ++d) {
@@ -622,8 +623,8 @@ void write_kv(const void* k, int64_t k_stride, const void* v, int64_t v_stride, 
     }
 }
 
-// 1 when paged_attention runs bfloat16 tiles of many rows on the matrix unit (AMX) here, for this
-// block size and head dim; else 0.
+// 1 when bfloat16 blocks of this block size and head dim are stored in pairs (write_kv's and
+// paged_attention's `pairs`) and attended on the matrix unit (AMX) here; else 0.
 int matrix_tiles_used(int BS, int D) { return use_tiles(BS, D) ? 1 : 0; }
 
 // out [T, H, D] = softmax(q k^T * scale) v per sequence, causally: sequence s has query tokens
@@ -636,18 +637,20 @@ void paged_attention(const void* q, int64_t q_stride, const void* k_cache, const
                      const float* k_scale, const float* v_scale, const int32_t* block_tables, int64_t bt_stride,
                      const int32_t* seq_lens, const int32_t* query_start, int num_seqs, int H, int KVH, int D,
                      int BS, int64_t NB, float scale, const int32_t* cascade_start, const int32_t* cascade_blocks,
-                     int num_groups, float* scratch, void* out, int dtype, int kv_dtype) {
+                     int num_groups, float* scratch, void* out, int dtype, int kv_dtype, int pairs) {
     const Problem p{q, q_stride, k_cache, v_cache, k_scale, v_scale, block_tables, bt_stride, seq_lens,
                     query_start, H, KVH, D, BS, NB, scale, dtype, kv_dtype, out};
     const int G = H / KVH;
+    // Blocks stored in pairs: every tile on the matrix unit. Otherwise few rows read bfloat16
+    // blocks in place, many read them converted to float32 (float32 pools are read in place).
+    const bool tiles = pairs != 0 && kv_dtype == 1 && use_tiles(BS, D);
     const AttendFn attend_in_place = kv_dtype == 1 ? pick_attend<uint16_t>(BS, D) : pick_attend<float>(BS, D);
-    // Many rows sharing the keys: bfloat16 tiles on the matrix unit where there is one, else the
-    // vector loops over blocks converted to float32 (float32 pools are read in place).
-    const bool tiles = dtype == 1 && kv_dtype == 1 && use_tiles(BS, D);
-    const AttendFn attend_many = tiles ? pick_attend_tiles(D) : pick_attend<float>(BS, D);
+    const AttendFn attend_many = pick_attend<float>(BS, D);
+    const AttendFn attend_tiles = tiles ? pick_attend_tiles(D) : nullptr;
     auto attend = [&](const Problem& pr, int kvh, int seq, int b0, int b1, int rows, const int* pos, int kv_len,
                       RowState& st) {
-        (rows <= kMaxRowsReadingInPlace ? attend_in_place : attend_many)(pr, kvh, seq, b0, b1, rows, pos, kv_len, st);
+        (tiles ? attend_tiles : rows <= kMaxRowsReadingInPlace ? attend_in_place : attend_many)(
+            pr, kvh, seq, b0, b1, rows, pos, kv_len, st);
     };
     const int tokens_per_tile = std::max(1, kRowsPerTile / G);
     const int num_cascade_seqs = num_groups > 0 ? cascade_start[num_groups] : 0;
