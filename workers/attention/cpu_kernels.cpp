@@ -121,7 +121,8 @@ struct RowState {
         s.resize(rows * kMaxBlocksPerStep * BS); corr.resize(rows); visible.resize(rows);
     }
     void reserve_tiles(int rows, int D, int BS) {
-        qb.assign(static_cast<size_t>(rows) * D, 0); pb.assign(static_cast<size_t>(rows) * kMaxBlocksPerStep * BS, 0);
+        qb.assign(static_cast<size_t>(rows) * D, 0); pb.assign(static_cast<size_t>(rows) * 2 * kMaxBlocksPerStep * BS, 0);
+        s.resize(static_cast<size_t>(rows) * 2 * kMaxBlocksPerStep * BS);
         tile_out.resize(16 * D);
     }
 };
@@ -382,6 +383,9 @@ AttendFn pick_attend(int BS, int D) {
 // so the weights the values get still sum to one. The queries go in as given (bfloat16); the
 // scale goes onto the scores.
 constexpr int kTileRows = 16;
+// Blocks per online-softmax update on the matrix unit: twice the vector path's, as its scores
+// need no registers (RowState's buffers are sized for it).
+constexpr int kTileBlocksPerStep = 2 * kMaxBlocksPerStep;
 
 struct TileConfig {
     uint8_t palette_id = 1;
@@ -391,18 +395,53 @@ struct TileConfig {
     uint8_t rows[16] = {};
 };
 
-// Tile 0: sums, 16 rows x 16 float32. Q K^T: tile 1, 16 query rows x 32 dims; tile 2, 16 pairs of
-// dims x 16 keys. P V, one block at a time: tile 3, 16 rows x 16 keys' weights; tile 4, 8 pairs of
-// keys x 16 dims. Set at each call: another library on this thread (oneDNN) configures the tiles
-// its own way in between.
+// Tiles 0, 5, 6, 7: four sums, 16 rows x 16 float32 each, filled side by side (a tile multiply
+// takes several times longer to finish than to start, so one chain of sums would wait on each).
+// Q K^T: tile 1, 16 query rows x 32 dims; tile 2, 16 pairs of dims x 16 keys. P V, one block at a
+// time: tile 3, 16 rows x 16 keys' weights; tile 4, 8 pairs of keys x 16 dims. Set at each call:
+// another library on this thread (oneDNN) configures the tiles its own way in between.
 inline void configure_tiles() {
     TileConfig config;
-    const int colsb[5] = {64, 64, 64, 32, 64}, rows[5] = {16, 16, 16, 16, 8};
-    for (int t = 0; t < 5; ++t) {
+    const int colsb[8] = {64, 64, 64, 32, 64, 64, 64, 64}, rows[8] = {16, 16, 16, 16, 8, 16, 16, 16};
+    for (int t = 0; t < 8; ++t) {
         config.colsb[t] = static_cast<uint16_t>(colsb[t]);
         config.rows[t] = static_cast<uint8_t>(rows[t]);
     }
     _tile_loadconfig(&config);
+}
+
+// The tile instructions name their tiles as constants: sum j (0-3) is tile 0, 5, 6 or 7.
+inline void zero_sum(int j) {
+    switch (j) {
+        case 0: _tile_zero(0); break;
+        case 1: _tile_zero(5); break;
+        case 2: _tile_zero(6); break;
+        default: _tile_zero(7); break;
+    }
+}
+inline void store_sum(int j, void* dst, int stride) {
+    switch (j) {
+        case 0: _tile_stored(0, dst, stride); break;
+        case 1: _tile_stored(5, dst, stride); break;
+        case 2: _tile_stored(6, dst, stride); break;
+        default: _tile_stored(7, dst, stride); break;
+    }
+}
+inline void add_scores(int j) {  // sum j += tile 1 x tile 2
+    switch (j) {
+        case 0: _tile_dpbf16ps(0, 1, 2); break;
+        case 1: _tile_dpbf16ps(5, 1, 2); break;
+        case 2: _tile_dpbf16ps(6, 1, 2); break;
+        default: _tile_dpbf16ps(7, 1, 2); break;
+    }
+}
+inline void add_values(int j) {  // sum j += tile 3 x tile 4
+    switch (j) {
+        case 0: _tile_dpbf16ps(0, 3, 4); break;
+        case 1: _tile_dpbf16ps(5, 3, 4); break;
+        case 2: _tile_dpbf16ps(6, 3, 4); break;
+        default: _tile_dpbf16ps(7, 3, 4); break;
+    }
 }
 
 // Linux gives a process the tile registers' state only once it asks (it then saves and restores
@@ -420,17 +459,17 @@ bool tiles_permitted() {
 template <int kD>
 void attend_blocks_tiles(const Problem& p, int kvh, int seq, int b0, int b1, int rows, const int* pos,
                          int kv_len, RowState& st) {
-    constexpr int BS = 16, S = kMaxBlocksPerStep * BS;
+    constexpr int BS = 16, S = kTileBlocksPerStep * BS;
     constexpr int64_t block_elems = static_cast<int64_t>(kD) * BS;
     const int32_t* table = p.block_tables + static_cast<int64_t>(seq) * p.bt_stride;
     const uint16_t* k_cache = static_cast<const uint16_t*>(p.k_cache);
     const uint16_t* v_cache = static_cast<const uint16_t*>(p.v_cache);
     const int groups = (rows + kTileRows - 1) / kTileRows;
-    const uint16_t* K[kMaxBlocksPerStep];
-    const uint16_t* V[kMaxBlocksPerStep];
+    const uint16_t* K[kTileBlocksPerStep];
+    const uint16_t* V[kTileBlocksPerStep];
     configure_tiles();
-    for (int b = b0; b < b1; b += kMaxBlocksPerStep) {
-        const int nb = std::min(kMaxBlocksPerStep, b1 - b);
+    for (int b = b0; b < b1; b += kTileBlocksPerStep) {
+        const int nb = std::min(kTileBlocksPerStep, b1 - b);
         for (int nxt = b + nb; nxt < std::min(b1, b + 2 * nb); ++nxt) {  // as in attend_blocks
             const int64_t at = (static_cast<int64_t>(kvh) * p.NB + table[nxt]) * block_elems;
             for (int64_t line = 0; line < block_elems; line += 32) {
@@ -445,14 +484,18 @@ void attend_blocks_tiles(const Problem& p, int kvh, int seq, int b0, int b1, int
         }
         for (int g = 0; g < groups; ++g) {
             const uint16_t* qg = st.qb.data() + static_cast<int64_t>(g) * kTileRows * kD;
-            for (int i = 0; i < nb; ++i) {
-                _tile_zero(0);
+            float* sg = st.s.data() + static_cast<int64_t>(g) * kTileRows * S;
+            for (int i0 = 0; i0 < nb; i0 += 4) {  // four blocks' scores side by side
+                const int n4 = std::min(4, nb - i0);
+                for (int j = 0; j < n4; ++j) zero_sum(j);
                 for (int c = 0; c < kD / 32; ++c) {
                     _tile_loadd(1, qg + c * 32, kD * 2);
-                    _tile_loadd(2, K[i] + c * 16 * BS * 2, 64);
-                    _tile_dpbf16ps(0, 1, 2);
+                    for (int j = 0; j < n4; ++j) {
+                        _tile_loadd(2, K[i0 + j] + c * 16 * BS * 2, 64);
+                        add_scores(j);
+                    }
                 }
-                _tile_stored(0, st.s.data() + static_cast<int64_t>(g) * kTileRows * S + i * BS, S * 4);
+                for (int j = 0; j < n4; ++j) store_sum(j, sg + (i0 + j) * BS, S * 4);
             }
         }
 
@@ -486,14 +529,17 @@ void attend_blocks_tiles(const Problem& p, int kvh, int seq, int b0, int b1, int
         }
 
         for (int g = 0; g < groups; ++g) {
-            for (int n = 0; n < kD / 16; ++n) {
-                _tile_zero(0);
+            for (int n0 = 0; n0 < kD / 16; n0 += 4) {  // four chunks of 16 dims side by side
+                const int n4 = std::min(4, kD / 16 - n0);
+                for (int j = 0; j < n4; ++j) zero_sum(j);
                 for (int i = 0; i < nb; ++i) {
                     _tile_loadd(3, st.pb.data() + static_cast<int64_t>(g) * kTileRows * S + i * BS, S * 2);
-                    _tile_loadd(4, V[i] + n * 16 * 2, kD * 2 * 2);
-                    _tile_dpbf16ps(0, 3, 4);
+                    for (int j = 0; j < n4; ++j) {
+                        _tile_loadd(4, V[i] + (n0 + j) * 16 * 2, kD * 2 * 2);
+                        add_values(j);
+                    }
                 }
-                _tile_stored(0, st.tile_out.data() + n * 16, kD * 4);
+                for (int j = 0; j < n4; ++j) store_sum(j, st.tile_out.data() + (n0 + j) * 16, kD * 4);
             }
             const int r_end = std::min(rows, (g + 1) * kTileRows);
             for (int r = g * kTileRows; r < r_end; ++r) {
