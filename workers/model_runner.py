@@ -52,8 +52,8 @@ class ModelRunner:
         seqs = [item.seq for item in inputs.sampling]
         for row, seq in enumerate(seqs):
             if seq.keep_logits:
-                seq.last_logits = logits[row].cpu()
-        tokens = self.sampler.sample(logits, seqs)
+                seq.last_logits = logits[row].float().cpu()
+        tokens = self.sampler.sample(logits, seqs, self.model.dense_ops.first_max)
         return {seq.request_id: tok for seq, tok in zip(seqs, tokens)}
 
     def release(self, request_id: str) -> None:

@@ -46,6 +46,7 @@ SIGNATURES = {
     "rotary": [_ptr, _i64, _i64, _i32, _i32, _ptr, _ptr, _ptr, _i32],
     "silu_and_mul": [_ptr, _i64, _i64, _ptr, _i32],
     "matrix_tiles_used": [_i32, _i32],
+    "first_max_rows": [_ptr, _i64, _i64, _ptr, _ptr, _i32],
 }
 RETURNS = {"matrix_tiles_used": _i32}  # the others return nothing
 

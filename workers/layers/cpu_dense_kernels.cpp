@@ -8,6 +8,9 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 
 #include "../bfloat16.h"
 
@@ -91,9 +94,81 @@ void silu_and_mul_rows(const void* gate_up, int64_t T, int64_t I, void* out) {
     }
 }
 
+// A float32 whose exponent bits are all ones is inf or NaN. Tested on the bits: -ffast-math lets
+// the compiler assume std::isfinite is always true.
+inline bool finite_bits(uint32_t bits) { return (bits & 0x7f800000u) != 0x7f800000u; }
+
+template <int DT> inline uint32_t bits_at(const void* p, int64_t i) {
+    if constexpr (DT == 0) return static_cast<const uint32_t*>(p)[i];
+    else return static_cast<uint32_t>(static_cast<const uint16_t*>(p)[i]) << 16;
+}
+
+// Row t's first index of its largest value into out[t], and whether the row holds inf or NaN into
+// bad[t]: greedy sampling over logits as the model computed them (bfloat16 ones need no float32
+// copy, and widening is exact, so the choice is the same).
+template <int DT>
+void first_max_rows_t(const void* logits, int64_t T, int64_t V, int64_t* out, int32_t* bad) {
+#pragma omp parallel for if (T >= kParallelRows)
+    for (int64_t t = 0; t < T; ++t) {
+        const int64_t row = t * V;
+        float best = -3.4028235e38f;  // the lowest float32
+        int64_t at = 0;
+        bool finite = true;
+        int64_t i = 0;
+#if defined(__AVX512F__)
+        if (V >= 16) {
+            __m512 vbest = _mm512_set1_ps(-3.4028235e38f);
+            __m512i vat = _mm512_setzero_si512();
+            const __m512i lanes = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+            const __m512i exponent = _mm512_set1_epi32(0x7f800000);
+            __mmask16 nonfinite = 0;
+            for (; i + 16 <= V; i += 16) {
+                __m512i bits;
+                if constexpr (DT == 0) {
+                    bits = _mm512_loadu_si512(static_cast<const float*>(logits) + row + i);
+                } else {
+                    const __m256i half = _mm256_loadu_si256(
+                        reinterpret_cast<const __m256i*>(static_cast<const uint16_t*>(logits) + row + i));
+                    bits = _mm512_slli_epi32(_mm512_cvtepu16_epi32(half), 16);
+                }
+                nonfinite |= _mm512_cmpeq_epi32_mask(_mm512_and_si512(bits, exponent), exponent);
+                const __m512 x = _mm512_castsi512_ps(bits);
+                const __mmask16 greater = _mm512_cmp_ps_mask(x, vbest, _CMP_GT_OQ);  // strictly: a lane keeps its first
+                vbest = _mm512_mask_blend_ps(greater, vbest, x);
+                vat = _mm512_mask_blend_epi32(greater, vat, _mm512_add_epi32(lanes, _mm512_set1_epi32(static_cast<int>(i))));
+            }
+            finite = nonfinite == 0;
+            best = _mm512_reduce_max_ps(vbest);
+            // Of the lanes holding the maximum, the one that saw it first.
+            at = _mm512_mask_reduce_min_epi32(_mm512_cmp_ps_mask(vbest, _mm512_set1_ps(best), _CMP_EQ_OQ), vat);
+        }
+#endif
+        for (; i < V; ++i) {
+            const uint32_t b = bits_at<DT>(logits, row + i);
+            finite = finite && finite_bits(b);
+            float x;
+            std::memcpy(&x, &b, sizeof x);
+            if (x > best) {
+                best = x;
+                at = i;
+            }
+        }
+        out[t] = at;
+        bad[t] = finite ? 0 : 1;
+    }
+}
+
 }  // namespace
 
 extern "C" {
+
+// out[t] = the first index of the largest of row t's V values, bad[t] = 1 where row t holds inf
+// or NaN (its out[t] then means nothing); logits [T, V] contiguous.
+void first_max_rows(const void* logits, int64_t T, int64_t V, int64_t* out, int32_t* bad, int dtype) {
+    if (dtype == 0) first_max_rows_t<0>(logits, T, V, out, bad);
+    else first_max_rows_t<1>(logits, T, V, out, bad);
+}
+
 
 // out[t] = weight * norm(x[t]) over H columns, where x is first replaced by x + residual (in the
 // model's dtype) and that sum written back to `residual` when `residual` is not null. norm(x) is

@@ -1,5 +1,6 @@
 """The dense parts of a decoder layer, behind one seam: the linear layers, RMSNorm with the
-residual add before it, rotary embedding of q and k, and SiLU-and-multiply.
+residual add before it, rotary embedding of q and k, and SiLU-and-multiply; and the greedy pick
+over the logits (each row's first largest, with the check for inf and NaN).
 
 - `TorchDenseOps`: PyTorch operators; runs anywhere and is the reference.
 - `CpuDenseOps`: linear layers on oneDNN with weights packed once into the layout its matmul reads
@@ -26,6 +27,7 @@ from torch import nn
 
 from workers.layers.norm import rms_norm
 from workers.layers.rotary import rotate_half
+from workers.layers.sampler import first_max_rows
 
 DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1}
 # The batch size oneDNN picks the packed layout for; any batch size runs on it. Decode steps are
@@ -58,6 +60,10 @@ class TorchDenseOps:
     def silu_and_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
         gate, up = gate_up.chunk(2, dim=-1)
         return F.silu(gate) * up
+
+    def first_max(self, logits: torch.Tensor) -> tuple[list[int], list[int]]:
+        """Each row's first index of its largest logit, and the rows holding inf or NaN."""
+        return first_max_rows(logits)
 
 
 class CpuDenseOps:
@@ -135,6 +141,18 @@ class CpuDenseOps:
         out = torch.empty((t, two_i // 2), dtype=gate_up.dtype)
         self.library.silu_and_mul(gate_up.data_ptr(), t, two_i // 2, out.data_ptr(), code)
         return out
+
+    def first_max(self, logits: torch.Tensor) -> tuple[list[int], list[int]]:
+        """As TorchDenseOps.first_max, in one pass over the logits in the model's dtype (no float32
+        copy of a bfloat16 batch, no separate finiteness reduction)."""
+        code = DTYPE_CODES.get(logits.dtype)
+        if code is None or logits.dim() != 2 or not logits.is_contiguous() or logits.device.type != "cpu":
+            return self.torch.first_max(logits)
+        rows = logits.shape[0]
+        out = torch.empty(rows, dtype=torch.int64)
+        bad = torch.empty(rows, dtype=torch.int32)
+        self.library.first_max_rows(logits.data_ptr(), rows, logits.shape[1], out.data_ptr(), bad.data_ptr(), code)
+        return out.tolist(), bad.nonzero().flatten().tolist()
 
 
 def _side_by_side(q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor] | None:

@@ -9,31 +9,36 @@ distribution: a seeded request draws the same tokens whatever shares its batch, 
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from workers.sampling import SamplingParams
 from workers.sequence import Sequence
 
 
+# logits [N, V] -> (each row's first index of its largest logit, the rows holding inf or NaN).
+FirstMax = Callable[[torch.Tensor], tuple[list[int], list[int]]]
+
+
 class Sampler:
     def __init__(self, default_generator: torch.Generator) -> None:
         self.default_generator = default_generator  # for requests without a seed
 
-    def sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
-        return sample(logits, [s.params for s in seqs], [s.generator or self.default_generator for s in seqs])
+    def sample(self, logits: torch.Tensor, seqs: list[Sequence], first_max: FirstMax | None = None) -> list[int]:
+        return sample(logits, [s.params for s in seqs], [s.generator or self.default_generator for s in seqs],
+                      first_max)
 
 
-def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator]) -> list[int]:
-    """logits [N, V] float32 -> N token ids. Raises RuntimeError when a row holds inf or NaN (a
-    corrupted weight, say): no token drawn from it would mean anything, and the engine loop then
-    finds the request at fault by running each alone."""
-    # A row's sum is inf or NaN when the row holds one, and finite logits hardly ever overflow it:
-    # one reduction (30x cheaper than isfinite over every logit) and the exact check only then.
-    if not torch.isfinite(logits.sum(dim=-1)).all():
-        bad = (~torch.isfinite(logits).all(dim=-1)).nonzero().flatten().tolist()
-        if bad:
-            raise RuntimeError(f"logits of rows {bad} hold inf or NaN; no token can be sampled from them")
-    tokens = _argmax(logits)
+def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator],
+           first_max: FirstMax | None = None) -> list[int]:
+    """logits [N, V] (float32, or the model's dtype) -> N token ids. Raises RuntimeError when a row
+    holds inf or NaN (a corrupted weight, say): no token drawn from it would mean anything, and the
+    engine loop then finds the request at fault by running each alone. `first_max` finds both in
+    one pass (the CPU kernels' fused one); by default, PyTorch and NumPy's."""
+    tokens, bad = (first_max or first_max_rows)(logits)
+    if bad:
+        raise RuntimeError(f"logits of rows {bad} hold inf or NaN; no token can be sampled from them")
     rows = [i for i, p in enumerate(params) if not p.greedy]
     if not rows:
         return tokens
@@ -75,8 +80,15 @@ def filtered_probs(logits: torch.Tensor, params: list[SamplingParams]) -> torch.
     return probs
 
 
-def _argmax(logits: torch.Tensor) -> list[int]:
+def first_max_rows(logits: torch.Tensor) -> tuple[list[int], list[int]]:
+    """Each row's first index of its largest logit, and the rows that hold inf or NaN."""
+    logits = logits.float()
+    bad: list[int] = []
+    # A row's sum is inf or NaN when the row holds one, and finite logits hardly ever overflow it:
+    # one reduction (30x cheaper than isfinite over every logit) and the exact check only then.
+    if not torch.isfinite(logits.sum(dim=-1)).all():
+        bad = (~torch.isfinite(logits).all(dim=-1)).nonzero().flatten().tolist()
     if logits.device.type == "cpu":
         # NumPy's argmax is about ten times faster than torch's on the CPU (same first-max rule).
-        return logits.detach().numpy().argmax(axis=-1).tolist()
-    return logits.argmax(dim=-1).tolist()
+        return logits.detach().numpy().argmax(axis=-1).tolist(), bad
+    return logits.argmax(dim=-1).tolist(), bad

@@ -120,7 +120,9 @@ class LlamaForCausalLM(nn.Module):
         return ops.add_rms_norm(x, residual, norm.weight, norm.eps)[0]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.dense_ops.linear(self.lm_head, hidden).float()  # [N, V]
+        # [N, V] in the model's dtype: the greedy pick reads bfloat16 as it is, and only rows that
+        # draw (or keep their logits) become float32.
+        return self.dense_ops.linear(self.lm_head, hidden)
 
     @torch.no_grad()
     def load_weights(self, tensors: Iterable[tuple[str, torch.Tensor]], source: str) -> None:

@@ -129,3 +129,23 @@ def test_packed_linear_layers_match_pytorchs_and_free_the_plain_weights(fused) -
     _close(fused.linear(model.proj, x[:1]), want_proj[:1])  # any batch size runs on the packed layout
     assert model.proj.weight.numel() == 0  # the packed copy took its place
     assert model.embed.weight.shape == (100, 32)  # shared with the head: kept for the embedding
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("vocab", [7, 16, 32000, 32003])  # no full vector, one, many, a tail
+@pytest.mark.parametrize("num_rows", [1, 5, 67])
+def test_first_max_picks_numpy_s_token_and_finds_the_non_finite_rows(fused, dtype, vocab, num_rows) -> None:
+    g = torch.Generator().manual_seed(vocab + num_rows)
+    logits = torch.randn(num_rows, vocab, generator=g).to(dtype)
+    # Ties, which bfloat16's coarse values make common: the first of the equal maxima wins.
+    logits[0, vocab // 2] = logits[0, vocab - 1] = 50.0
+    if num_rows > 1:
+        logits[1, :] = -3.0  # a flat row: its first index
+    if num_rows > 2:
+        logits[2, vocab - 1] = 60.0  # the maximum in the last element (the tail, where there is one)
+    tokens, bad = fused.first_max(logits)
+    assert tokens == logits.float().numpy().argmax(axis=-1).tolist() and bad == []
+    assert (tokens, bad) == REFERENCE.first_max(logits)
+    if num_rows > 3:
+        logits[3, 1], logits[4, vocab - 1] = float("nan"), float("-inf")
+        assert fused.first_max(logits)[1] == REFERENCE.first_max(logits)[1] == [3, 4]
