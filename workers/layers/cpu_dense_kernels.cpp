@@ -44,18 +44,26 @@ void rms_norm_rows(const void* x, int64_t x_stride, void* residual, const void* 
                    int64_t H, void* out) {
 #pragma omp parallel for if (T >= kParallelRows)
     for (int64_t t = 0; t < T; ++t) {
+        // Two loops without a branch inside (residual or not), each a vector loop.
         float ss = 0.f;
-        for (int64_t i = 0; i < H; ++i) {
-            float v = get<DT>(x, t * x_stride + i);
-            if (residual != nullptr) {
-                v = in_dtype<DT>(v + get<DT>(residual, t * H + i));
+        if (residual != nullptr) {
+#pragma omp simd reduction(+ : ss)
+            for (int64_t i = 0; i < H; ++i) {
+                const float v = in_dtype<DT>(get<DT>(x, t * x_stride + i) + get<DT>(residual, t * H + i));
                 put<DT>(residual, t * H + i, v);
+                ss += v * v;
             }
-            ss += v * v;
+        } else {
+#pragma omp simd reduction(+ : ss)
+            for (int64_t i = 0; i < H; ++i) {
+                const float v = get<DT>(x, t * x_stride + i);
+                ss += v * v;
+            }
         }
         const float inv = 1.f / std::sqrt(ss / static_cast<float>(H) + eps);
         const void* src = residual != nullptr ? residual : x;
         const int64_t stride = residual != nullptr ? H : x_stride;
+#pragma omp simd
         for (int64_t i = 0; i < H; ++i)
             put<DT>(out, t * H + i, get<DT>(weight, i) * in_dtype<DT>(get<DT>(src, t * stride + i) * inv));
     }
