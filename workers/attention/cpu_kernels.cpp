@@ -410,7 +410,8 @@ inline void configure_tiles() {
     _tile_loadconfig(&config);
 }
 
-// The tile instructions name their tiles as constants: sum j (0-3) is tile 0, 5, 6 or 7.
+// The tile instructions name their tiles as literal numbers (the intrinsics paste them into the
+// register name, so not even a template parameter will do): sum j (0-3) is tile 0, 5, 6 or 7.
 inline void zero_sum(int j) {
     switch (j) {
         case 0: _tile_zero(0); break;
