@@ -399,10 +399,12 @@ struct TileConfig {
 // takes several times longer to finish than to start, so one chain of sums would wait on each).
 // Q K^T: tile 1, 16 query rows x 32 dims; tile 2, 16 pairs of dims x 16 keys. P V, one block at a
 // time: tile 3, 16 rows x 16 keys' weights; tile 4, 8 pairs of keys x 16 dims. Set at each call:
-// another library on this thread (oneDNN) configures the tiles its own way in between.
-inline void configure_tiles() {
+// another library on this thread (oneDNN) configures the tiles its own way in between. `m`: the
+// rows of the sums and left operands (fewer than 16 for a decode's grouped heads: a tile multiply
+// takes time in proportion to its rows).
+inline void configure_tiles(int m) {
     TileConfig config;
-    const int colsb[8] = {64, 64, 64, 32, 64, 64, 64, 64}, rows[8] = {16, 16, 16, 16, 8, 16, 16, 16};
+    const int colsb[8] = {64, 64, 64, 32, 64, 64, 64, 64}, rows[8] = {m, m, 16, m, 8, m, m, m};
     for (int t = 0; t < 8; ++t) {
         config.colsb[t] = static_cast<uint16_t>(colsb[t]);
         config.rows[t] = static_cast<uint8_t>(rows[t]);
@@ -468,7 +470,7 @@ void attend_blocks_tiles(const Problem& p, int kvh, int seq, int b0, int b1, int
     const int groups = (rows + kTileRows - 1) / kTileRows;
     const uint16_t* K[kTileBlocksPerStep];
     const uint16_t* V[kTileBlocksPerStep];
-    configure_tiles();
+    configure_tiles(std::min(rows, kTileRows));
     for (int b = b0; b < b1; b += kTileBlocksPerStep) {
         const int nb = std::min(kTileBlocksPerStep, b1 - b);
         for (int nxt = b + nb; nxt < std::min(b1, b + 2 * nb); ++nxt) {  // as in attend_blocks
