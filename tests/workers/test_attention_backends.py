@@ -114,13 +114,14 @@ def _cpu_has(flag: str) -> bool:
 def test_the_matrix_unit_is_used_where_the_cpu_has_one():
     # Where the CPU has AMX, the cases above checked the matrix-tile path against the reference
     # (their prefill chunks and cascade groups are tiles of more than 8 rows); elsewhere the vector one.
-    backend = make_backend("cpu", torch.device("cpu"), 8, 2, 64)
-    assert backend.uses_matrix_tiles(16) == _cpu_has("amx_bf16")
-    assert not backend.uses_matrix_tiles(32)  # block size 16 only
-    assert not make_backend("cpu", torch.device("cpu"), 8, 2, 16).uses_matrix_tiles(16)
-    bf16 = backend.make_cache(1, 4, 16, torch.bfloat16, torch.device("cpu"), "auto")
-    fp32 = backend.make_cache(1, 4, 16, torch.float32, torch.device("cpu"), "auto")
-    assert bf16.pairs == _cpu_has("amx_bf16") and not fp32.pairs
+    def pairs(head_dim: int, block_size: int, dtype: torch.dtype) -> bool:
+        backend = make_backend("cpu", torch.device("cpu"), 8, 2, head_dim)
+        return backend.make_cache(1, 4, block_size, dtype, torch.device("cpu"), "auto").pairs
+
+    assert pairs(64, 16, torch.bfloat16) == _cpu_has("amx_bf16")
+    assert not pairs(64, 32, torch.bfloat16)  # block size 16 only
+    assert not pairs(16, 16, torch.bfloat16)  # head dim 32-256
+    assert not pairs(64, 16, torch.float32)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

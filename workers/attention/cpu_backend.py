@@ -36,6 +36,8 @@ class CpuKVCache(PagedKVCache):
             raise ValueError("kv_cache_dtype='fp8' is for CUDA GPUs; the CPU backend stores 'int8'")
         self.library = library
         self.kv_code = DTYPE_CODES[self.kv.dtype]
+        # bfloat16 blocks stored in pairs and attended on the CPU's matrix unit (AMX): where it has
+        # one, for block size 16 and head dim 32, 64, 128 or 256.
         self.pairs = self.kv.dtype == torch.bfloat16 and bool(library.matrix_tiles_used(self.block_size,
                                                                                           self.head_dim))
         self._layer_bytes = self.kv[0].nbytes
@@ -103,11 +105,6 @@ class CpuBackend:
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         self.scale = head_dim**-0.5
         self.library = library
-
-    def uses_matrix_tiles(self, block_size: int) -> bool:
-        """Whether bfloat16 caches store their blocks in pairs and steps attend them on the CPU's
-        matrix unit (AMX): where it has one, for block size 16 and head dim 32, 64, 128 or 256."""
-        return bool(self.library.matrix_tiles_used(block_size, self.head_dim))
 
     def make_cache(self, num_layers: int, num_blocks: int, block_size: int, dtype: torch.dtype,
                    device: torch.device, kv_cache_dtype: str) -> CpuKVCache:
