@@ -23,7 +23,7 @@
 #include <vector>
 #include <omp.h>
 
-#if defined(__AVX512F__)
+#if defined(__AVX2__)
 #include <immintrin.h>
 #endif
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__)
@@ -72,6 +72,13 @@ inline float max_of(const float* __restrict s, int n, float init) {
     __m512 m = _mm512_set1_ps(init);
     for (; k + 16 <= n; k += 16) m = _mm512_max_ps(m, _mm512_loadu_ps(s + k));
     init = _mm512_reduce_max_ps(m);
+#elif defined(__AVX2__)
+    __m256 m = _mm256_set1_ps(init);
+    for (; k + 8 <= n; k += 8) m = _mm256_max_ps(m, _mm256_loadu_ps(s + k));
+    __m128 h = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+    h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+    h = _mm_max_ss(h, _mm_movehdup_ps(h));
+    init = _mm_cvtss_f32(h);
 #endif
     for (; k < n; ++k) init = s[k] > init ? s[k] : init;
     return init;
@@ -88,6 +95,17 @@ struct Problem {
 };
 
 constexpr int kMaxBlocksPerStep = 4;  // blocks whose keys go through one online-softmax update
+
+// The micro-kernels keep four rows' sums in vector registers while keys or values stream past.
+// AVX-512 has 32 registers of 16 floats, AVX2 16 of 8: past about half of them the sums spill to
+// memory and every FMA waits on a load and a store (AVX2 ran 3x under its FMA rate with the
+// AVX-512 tiling). So each kernel takes as many blocks (scores) or dims (values) at a time as
+// fill kSumRegisters, leaving the rest for the loads.
+#if defined(__AVX512F__)
+constexpr int kVecFloats = 16, kSumRegisters = 16;
+#else
+constexpr int kVecFloats = 8, kSumRegisters = 8;
+#endif
 
 // A K/V element as float32. The micro-kernels read float32 blocks where they lie, and bfloat16
 // blocks too when few rows read each key (a decode's grouped heads: widening at each load is two
@@ -194,26 +212,31 @@ inline void score_tile_any(const float* __restrict q, const T* const* K, int D, 
 template <int kBS, int kD, typename T>
 inline void accumulate_tile(float* __restrict acc, const float* __restrict corr, const float* __restrict w, int S,
                             const T* const* V, const int* visible, int rows) {
+    // Dims whose 4 rows of sums fill the sum registers: 64 on AVX-512, 16 on AVX2; the values of
+    // a step's blocks stay in the L1 cache across the passes over the dims.
+    constexpr int kDims = std::min(kD, kSumRegisters * kVecFloats / 4);
     int r = 0;
     for (; r + 4 <= rows; r += 4) {
-        float a[4][kD];
-        float wide[kD];
-        for (int j = 0; j < 4; ++j)
-#pragma omp simd
-            for (int i = 0; i < kD; ++i) a[j][i] = acc[(r + j) * kD + i] * corr[r + j];
         const int n = std::max(std::max(visible[r], visible[r + 1]), std::max(visible[r + 2], visible[r + 3]));
-        for (int k = 0; k < n; ++k) {
-            const float* __restrict vf = widened<kD>(V[k / kBS] + (k % kBS) * kD, wide);
+        for (int d0 = 0; d0 < kD; d0 += kDims) {
+            float a[4][kDims];
+            float wide[kDims];
+            for (int j = 0; j < 4; ++j)
+#pragma omp simd
+                for (int i = 0; i < kDims; ++i) a[j][i] = acc[(r + j) * kD + d0 + i] * corr[r + j];
+            for (int k = 0; k < n; ++k) {
+                const float* __restrict vf = widened<kDims>(V[k / kBS] + (k % kBS) * kD + d0, wide);
 #pragma GCC unroll 4
-            for (int j = 0; j < 4; ++j) {
-                const float wk = w[(r + j) * S + k];
+                for (int j = 0; j < 4; ++j) {
+                    const float wk = w[(r + j) * S + k];
 #pragma omp simd
-                for (int i = 0; i < kD; ++i) a[j][i] += wk * vf[i];
+                    for (int i = 0; i < kDims; ++i) a[j][i] += wk * vf[i];
+                }
             }
-        }
-        for (int j = 0; j < 4; ++j)
+            for (int j = 0; j < 4; ++j)
 #pragma omp simd
-            for (int i = 0; i < kD; ++i) acc[(r + j) * kD + i] = a[j][i];
+                for (int i = 0; i < kDims; ++i) acc[(r + j) * kD + d0 + i] = a[j][i];
+        }
     }
     for (; r < rows; ++r) {
         float a[kD];
@@ -250,11 +273,17 @@ inline void accumulate_tile_any(float* __restrict acc, const float* __restrict c
 template <int kBS, typename T>
 void score_blocks(const float* q, const T* const* K, int D, int BS, int nb, int rows, float* s, int S) {
     if constexpr (kBS != 0) {
-        switch (nb) {
-            case 1: return score_tile<kBS, 1, T>(q, K, D, rows, s, S);
-            case 2: return score_tile<kBS, 2, T>(q, K, D, rows, s, S);
-            case 3: return score_tile<kBS, 3, T>(q, K, D, rows, s, S);
-            default: return score_tile<kBS, 4, T>(q, K, D, rows, s, S);
+        // Blocks whose 4 rows of sums fill the sum registers: 4 of 16 keys on AVX-512, 1 on AVX2.
+        constexpr int kGroup = std::max(1, kSumRegisters * kVecFloats / (4 * kBS));
+        for (int i = 0; i < nb;) {
+            const int n = std::min(kGroup, nb - i);
+            switch (n) {
+                case 1: score_tile<kBS, 1, T>(q, K + i, D, rows, s + i * kBS, S); break;
+                case 2: score_tile<kBS, 2, T>(q, K + i, D, rows, s + i * kBS, S); break;
+                case 3: score_tile<kBS, 3, T>(q, K + i, D, rows, s + i * kBS, S); break;
+                default: score_tile<kBS, 4, T>(q, K + i, D, rows, s + i * kBS, S); break;
+            }
+            i += n;
         }
     } else {
         score_tile_any(q, K, D, BS, nb, rows, s, S);
@@ -333,17 +362,20 @@ void attend_blocks(const Problem& p, int kvh, int seq, int b0, int b1, int rows,
 #pragma omp simd
                     for (int k = 0; k < BS; ++k) s[i * BS + k] *= ks[i][k];
             // Keys past `visible` (beyond the sequence, or after this row under the causal mask)
-            // get a score whose exp is 0, so the max, exp and sum run over whole blocks.
-            for (int k = visible; k < keys; ++k) s[k] = kNegLarge;
-            const float mx = max_of(s, keys, st.m[r]);
+            // get weight 0. The exp runs over the visible keys alone: the vector exp hands every
+            // lane that underflows to the scalar one, which had made masked keys cost as much as
+            // the rest of the softmax.
+            const float mx = max_of(s, visible, st.m[r]);
             // Past the first blocks the running max seldom moves: no rescale then (exp(0) is 1).
-            const float corr = mx > st.m[r] ? std::exp(st.m[r] - mx) : 1.f;
+            // A row's first keys rescale nothing (its sums are 0), so they skip the exp too.
+            const float corr = mx > st.m[r] ? (st.m[r] == kNegLarge ? 0.f : std::exp(st.m[r] - mx)) : 1.f;
             float sum = 0.f;
 #pragma omp simd reduction(+ : sum)
-            for (int k = 0; k < keys; ++k) {
+            for (int k = 0; k < visible; ++k) {
                 s[k] = std::exp(s[k] - mx);
                 sum += s[k];
             }
+            for (int k = visible; k < keys; ++k) s[k] = 0.f;
             st.l[r] = st.l[r] * corr + sum;
             st.m[r] = mx;
             st.corr[r] = corr;
