@@ -71,16 +71,27 @@ class CpuDenseOps:
 
     name = "cpu"
 
-    def __init__(self, library: ctypes.CDLL) -> None:
+    def __init__(self, library: ctypes.CDLL, bf16_in_float32: bool | None = None) -> None:
+        """bf16_in_float32: pack bfloat16 weights as float32 (see prepare); None: where oneDNN
+        cannot pack them as they are."""
         self.library = library
+        self.bf16_in_float32 = bf16_in_float32
         self.torch = TorchDenseOps()
         self._packed: dict[nn.Linear, torch.Tensor] = {}
+        # Layers whose bfloat16 weights are packed as float32 (see prepare), with their bias as float32.
+        self._float_bias: dict[nn.Linear, torch.Tensor | None] = {}
 
     def prepare(self, model: nn.Module) -> None:
         """Packs every linear layer's weight for oneDNN and lets the plain copy go (the packed one
         takes its place, so the model's memory stays the same), except a weight that another
-        module shares: a tied output layer's weight is the embedding table. A weight oneDNN cannot
-        pack here (bfloat16 on a CPU without AVX-512) stays plain, on PyTorch's linear."""
+        module shares: a tied output layer's weight is the embedding table.
+
+        bfloat16 weights on a CPU without native bfloat16 (no AVX512-BF16, AMX or AVX-512), where
+        oneDNN cannot pack them and PyTorch's bfloat16 linear ran at a tenth of the float32 rate,
+        are packed as float32 copies instead, and those layers compute in float32: each product of
+        two bfloat16 numbers is exact in float32 and the sums stay in float32, which is what the
+        native bfloat16 instructions compute too, and the output is rounded to bfloat16 as theirs
+        is. The weights then take float32's memory; activations and the KV cache stay bfloat16."""
         if not torch.backends.mkldnn.is_available():
             return
         linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
@@ -89,10 +100,20 @@ class CpuDenseOps:
                   if id(p) in linear_weights and not isinstance(m, nn.Linear)}
         with torch.no_grad():
             for module in linears:
+                weight = module.weight.detach()
+                in_float32 = weight.dtype == torch.bfloat16 and self.bf16_in_float32
                 try:
-                    packed = torch.ops.mkldnn._reorder_linear_weight(module.weight.detach(), PACK_BATCH_SIZE)
-                except (RuntimeError, AttributeError):
-                    continue
+                    packed = torch.ops.mkldnn._reorder_linear_weight(weight.float() if in_float32 else weight,
+                                                                     PACK_BATCH_SIZE)
+                except AttributeError:  # a PyTorch without oneDNN's linear operators
+                    return
+                except RuntimeError:  # this weight's dtype does not pack here
+                    if weight.dtype != torch.bfloat16 or self.bf16_in_float32 is False:
+                        continue
+                    in_float32 = True
+                    packed = torch.ops.mkldnn._reorder_linear_weight(weight.float(), PACK_BATCH_SIZE)
+                if in_float32:
+                    self._float_bias[module] = None if module.bias is None else module.bias.detach().float()
                 self._packed[module] = packed
                 if id(module.weight) not in shared:
                     module.weight.data = torch.empty(0, dtype=module.weight.dtype)
@@ -101,6 +122,9 @@ class CpuDenseOps:
         packed = self._packed.get(module)
         if packed is None:
             return module(x)
+        if module in self._float_bias:  # bfloat16 computed in float32 (see prepare)
+            out = torch.ops.mkldnn._linear_pointwise(x.float(), packed, self._float_bias[module], "none", [], "")
+            return out.to(x.dtype)
         return torch.ops.mkldnn._linear_pointwise(x, packed, module.bias, "none", [], "")
 
     def add_rms_norm(self, x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor,

@@ -131,6 +131,25 @@ def test_packed_linear_layers_match_pytorchs_and_free_the_plain_weights(fused) -
     assert model.embed.weight.shape == (100, 32)  # shared with the head: kept for the embedding
 
 
+def test_bfloat16_layers_computed_in_float32_where_the_cpu_has_no_bfloat16(fused) -> None:
+    # What a CPU without native bfloat16 runs (forced here, so that it runs on every CPU): the
+    # bfloat16 weights packed as float32, the products and sums in float32, the output rounded
+    # to bfloat16: exactly PyTorch's float32 linear over the same bfloat16 numbers, rounded once.
+    model = _Tied().to(torch.bfloat16)
+    x = torch.randn(9, 32).to(torch.bfloat16)
+    weight, bias = model.proj.weight.detach().clone(), model.proj.bias.detach().clone()
+    head = model.head.weight.detach().clone()
+    in_float32 = CpuDenseOps(fused.library, bf16_in_float32=True)
+    in_float32.prepare(model)
+    got = in_float32.linear(model.proj, x)
+    assert got.dtype == torch.bfloat16 and model.proj.weight.numel() == 0
+    want = torch.nn.functional.linear(x.float(), weight.float(), bias.float()).to(torch.bfloat16)
+    assert torch.equal(got, want)
+    assert torch.equal(in_float32.linear(model.head, x), (x.float() @ head.float().t()).to(torch.bfloat16))
+    # and within one bfloat16 rounding of PyTorch's own bfloat16 linear (the reference)
+    _close(got, torch.nn.functional.linear(x, weight, bias))
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("vocab", [7, 16, 32000, 32003])  # no full vector, one, many, a tail
 @pytest.mark.parametrize("num_rows", [1, 5, 67])
