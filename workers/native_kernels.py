@@ -1,6 +1,7 @@
 """Builds and loads the engine's CPU kernels with the system's C++ compiler: paged attention
-(`attention/cpu_kernels.cpp`) and the fused element-wise parts of a layer (`layers/cpu_dense_kernels.cpp`),
-one library from both, so that they load, or fall back, together.
+(`attention/cpu_kernels.cpp`), the fused element-wise parts of a layer (`layers/cpu_dense_kernels.cpp`)
+and the float32 linear layers for AVX2 CPUs (`layers/cpu_linear_kernels.cpp`), one library from all
+three, so that they load, or fall back, together.
 
 The library is plain C++ with OpenMP and no PyTorch headers, so it compiles in a few seconds (a
 PyTorch extension spends most of a minute on its headers) and is called through ctypes with raw
@@ -23,7 +24,8 @@ import warnings
 from pathlib import Path
 
 HERE = Path(__file__).parent
-SOURCES = (HERE / "attention" / "cpu_kernels.cpp", HERE / "layers" / "cpu_dense_kernels.cpp")
+SOURCES = (HERE / "attention" / "cpu_kernels.cpp", HERE / "layers" / "cpu_dense_kernels.cpp",
+           HERE / "layers" / "cpu_linear_kernels.cpp")
 HEADERS = (HERE / "bfloat16.h",)
 # Fast math lets gcc vectorize exp (glibc's vector math library declares its vector variants only
 # under -ffast-math) and the max/sum reductions; the kernels use no infinities (masked scores and
@@ -47,8 +49,12 @@ SIGNATURES = {
     "silu_and_mul": [_ptr, _i64, _i64, _ptr, _i32],
     "matrix_tiles_used": [_i32, _i32],
     "first_max_rows": [_ptr, _i64, _i64, _ptr, _ptr, _i32],
+    "linear_kernel_used": [],
+    "packed_linear_size": [_i64, _i64],
+    "pack_linear": [_ptr, _i64, _i64, _ptr],
+    "linear_f32": [_ptr, _i64, _i64, _ptr, _i64, _i64, _ptr, _ptr],
 }
-RETURNS = {"matrix_tiles_used": _i32}  # the others return nothing
+RETURNS = {"matrix_tiles_used": _i32, "linear_kernel_used": _i32, "packed_linear_size": _i64}  # the others return nothing
 
 
 def cache_folder() -> Path:

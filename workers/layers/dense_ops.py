@@ -19,6 +19,7 @@ that is cached across processes.
 from __future__ import annotations
 
 import ctypes
+from dataclasses import dataclass
 from typing import Union
 
 import torch
@@ -72,19 +73,21 @@ class CpuDenseOps:
     name = "cpu"
 
     def __init__(self, library: ctypes.CDLL, bf16_in_float32: bool | None = None) -> None:
-        """bf16_in_float32: pack bfloat16 weights as float32 (see prepare); None: where oneDNN
-        cannot pack them as they are."""
+        """bf16_in_float32: compute bfloat16 layers in float32 (see prepare); None: where oneDNN
+        cannot pack bfloat16 weights as they are."""
         self.library = library
-        self.bf16_in_float32 = bf16_in_float32
         self.torch = TorchDenseOps()
-        self._packed: dict[nn.Linear, torch.Tensor] = {}
-        # Layers whose bfloat16 weights are packed as float32 (see prepare), with their bias as float32.
-        self._float_bias: dict[nn.Linear, torch.Tensor | None] = {}
+        self.bf16_in_float32 = bf16_in_float32
+        self._layers: dict[nn.Linear, _PackedLinear] = {}
 
     def prepare(self, model: nn.Module) -> None:
-        """Packs every linear layer's weight for oneDNN and lets the plain copy go (the packed one
-        takes its place, so the model's memory stays the same), except a weight that another
-        module shares: a tied output layer's weight is the embedding table.
+        """Packs every linear layer's weight once and lets the plain copy go (the packed one takes
+        its place, so the model's memory stays the same), except a weight that another module
+        shares: a tied output layer's weight is the embedding table.
+
+        float32 weights go into the panels of our own kernel (`cpu_linear_kernels.cpp`) where it
+        runs (AVX2 without AVX-512: 1.1-1.6x oneDNN there at 16-2048 rows), else into oneDNN's
+        layout.
 
         bfloat16 weights on a CPU without native bfloat16 (no AVX512-BF16, AMX or AVX-512), where
         oneDNN cannot pack them and PyTorch's bfloat16 linear ran at a tenth of the float32 rate,
@@ -92,40 +95,61 @@ class CpuDenseOps:
         two bfloat16 numbers is exact in float32 and the sums stay in float32, which is what the
         native bfloat16 instructions compute too, and the output is rounded to bfloat16 as theirs
         is. The weights then take float32's memory; activations and the KV cache stay bfloat16."""
-        if not torch.backends.mkldnn.is_available():
-            return
         linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
         linear_weights = {id(m.weight) for m in linears}
         shared = {id(p) for m in model.modules() for p in m.parameters(recurse=False)
                   if id(p) in linear_weights and not isinstance(m, nn.Linear)}
         with torch.no_grad():
             for module in linears:
-                weight = module.weight.detach()
-                in_float32 = weight.dtype == torch.bfloat16 and self.bf16_in_float32
-                try:
-                    packed = torch.ops.mkldnn._reorder_linear_weight(weight.float() if in_float32 else weight,
-                                                                     PACK_BATCH_SIZE)
-                except AttributeError:  # a PyTorch without oneDNN's linear operators
-                    return
-                except RuntimeError:  # this weight's dtype does not pack here
-                    if weight.dtype != torch.bfloat16 or self.bf16_in_float32 is False:
-                        continue
-                    in_float32 = True
-                    packed = torch.ops.mkldnn._reorder_linear_weight(weight.float(), PACK_BATCH_SIZE)
-                if in_float32:
-                    self._float_bias[module] = None if module.bias is None else module.bias.detach().float()
-                self._packed[module] = packed
+                packed = self._pack(module)
+                if packed is None:
+                    continue
+                self._layers[module] = packed
                 if id(module.weight) not in shared:
                     module.weight.data = torch.empty(0, dtype=module.weight.dtype)
 
+    def _pack(self, module: nn.Linear) -> _PackedLinear | None:
+        weight, bias = module.weight.detach(), None if module.bias is None else module.bias.detach()
+        in_float32 = weight.dtype == torch.bfloat16 and self._bf16_in_float32()
+        if in_float32:
+            weight, bias = weight.float(), None if bias is None else bias.float()
+        if weight.dtype == torch.float32 and self.library.linear_kernel_used():
+            n, k = weight.shape
+            panels = _aligned_floats(self.library.packed_linear_size(n, k))
+            self.library.pack_linear(weight.contiguous().data_ptr(), n, k, panels.data_ptr())
+            return _PackedLinear(panels, bias, n, in_float32, ours=True)
+        if not torch.backends.mkldnn.is_available():
+            return None
+        try:
+            packed = torch.ops.mkldnn._reorder_linear_weight(weight, PACK_BATCH_SIZE)
+        except (RuntimeError, AttributeError):  # a dtype oneDNN cannot pack here, or no such operator
+            return None
+        return _PackedLinear(packed, bias, weight.shape[0], in_float32, ours=False)
+
+    def _bf16_in_float32(self) -> bool:
+        if self.bf16_in_float32 is None:
+            try:
+                torch.ops.mkldnn._reorder_linear_weight(torch.zeros(16, 16, dtype=torch.bfloat16), PACK_BATCH_SIZE)
+                self.bf16_in_float32 = False
+            except (RuntimeError, AttributeError):
+                self.bf16_in_float32 = True
+        return self.bf16_in_float32
+
     def linear(self, module: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-        packed = self._packed.get(module)
-        if packed is None:
+        layer = self._layers.get(module)
+        if layer is None:
             return module(x)
-        if module in self._float_bias:  # bfloat16 computed in float32 (see prepare)
-            out = torch.ops.mkldnn._linear_pointwise(x.float(), packed, self._float_bias[module], "none", [], "")
-            return out.to(x.dtype)
-        return torch.ops.mkldnn._linear_pointwise(x, packed, module.bias, "none", [], "")
+        rows = x.float() if layer.in_float32 else x
+        if layer.ours:
+            rows = rows if rows.dim() == 2 and rows.stride(-1) == 1 else rows.reshape(-1, x.shape[-1]).contiguous()
+            out = torch.empty(rows.shape[0], layer.out_features, dtype=torch.float32)
+            self.library.linear_f32(rows.data_ptr(), rows.stride(0), rows.shape[0], layer.weight.data_ptr(),
+                                    layer.out_features, rows.shape[1],
+                                    None if layer.bias is None else layer.bias.data_ptr(), out.data_ptr())
+            out = out.view(*x.shape[:-1], layer.out_features)
+        else:
+            out = torch.ops.mkldnn._linear_pointwise(rows, layer.weight, layer.bias, "none", [], "")
+        return out.to(x.dtype) if layer.in_float32 else out
 
     def add_rms_norm(self, x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor,
                      eps: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -177,6 +201,22 @@ class CpuDenseOps:
         bad = torch.empty(rows, dtype=torch.int32)
         self.library.first_max_rows(logits.data_ptr(), rows, logits.shape[1], out.data_ptr(), bad.data_ptr(), code)
         return out.tolist(), bad.nonzero().flatten().tolist()
+
+
+@dataclass(frozen=True, slots=True)
+class _PackedLinear:
+    weight: torch.Tensor  # packed: our kernel's panels (ours) or oneDNN's layout
+    bias: torch.Tensor | None  # float32 where the layer computes in float32
+    out_features: int
+    in_float32: bool  # bfloat16 layer computed in float32
+    ours: bool
+
+
+def _aligned_floats(n: int) -> torch.Tensor:
+    """n float32 starting on a 32-byte boundary (the panels' vector loads are aligned)."""
+    buffer = torch.empty(n + 8, dtype=torch.float32)
+    offset = (-buffer.data_ptr() // 4) % 8
+    return buffer[offset : offset + n]
 
 
 def _side_by_side(q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor] | None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from workers.dtype_choice import cpu_flags
 from workers.layers.dense_ops import CpuDenseOps, TorchDenseOps
 from workers.layers.rotary import RotaryEmbedding
 from workers.models.config import RopeConfig
@@ -134,7 +135,8 @@ def test_packed_linear_layers_match_pytorchs_and_free_the_plain_weights(fused) -
 def test_bfloat16_layers_computed_in_float32_where_the_cpu_has_no_bfloat16(fused) -> None:
     # What a CPU without native bfloat16 runs (forced here, so that it runs on every CPU): the
     # bfloat16 weights packed as float32, the products and sums in float32, the output rounded
-    # to bfloat16: exactly PyTorch's float32 linear over the same bfloat16 numbers, rounded once.
+    # to bfloat16: PyTorch's float32 linear over the same bfloat16 numbers (up to summation
+    # order), rounded once.
     model = _Tied().to(torch.bfloat16)
     x = torch.randn(9, 32).to(torch.bfloat16)
     weight, bias = model.proj.weight.detach().clone(), model.proj.bias.detach().clone()
@@ -143,11 +145,35 @@ def test_bfloat16_layers_computed_in_float32_where_the_cpu_has_no_bfloat16(fused
     in_float32.prepare(model)
     got = in_float32.linear(model.proj, x)
     assert got.dtype == torch.bfloat16 and model.proj.weight.numel() == 0
-    want = torch.nn.functional.linear(x.float(), weight.float(), bias.float()).to(torch.bfloat16)
-    assert torch.equal(got, want)
-    assert torch.equal(in_float32.linear(model.head, x), (x.float() @ head.float().t()).to(torch.bfloat16))
+    _one_rounding(got, torch.nn.functional.linear(x.float(), weight.float(), bias.float()))
+    _one_rounding(in_float32.linear(model.head, x), x.float() @ head.float().t())
     # and within one bfloat16 rounding of PyTorch's own bfloat16 linear (the reference)
     _close(got, torch.nn.functional.linear(x, weight, bias))
+
+
+def _one_rounding(got: torch.Tensor, want_float32: torch.Tensor) -> None:
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), want_float32, rtol=2**-8, atol=1e-5)
+
+
+@pytest.mark.parametrize("num_rows", [1, 5, 6, 64, 97, 300])  # micro-kernel tails, row chunks of 96
+@pytest.mark.parametrize("out_features", [16, 50, 768])  # whole panels, a panel's tail
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_float32_linear_layers_on_this_cpus_path(fused, num_rows, out_features, with_bias) -> None:
+    # Our panel kernel runs where the CPU has AVX2 and FMA but not AVX-512, oneDNN elsewhere:
+    # both must give PyTorch's float32 linear up to summation order, rows read with any stride.
+    flags = cpu_flags()
+    ours_expected = {"avx2", "fma"} <= flags and "avx512f" not in flags
+    assert bool(fused.library.linear_kernel_used()) == ours_expected
+    layer = torch.nn.Linear(72, out_features, bias=with_bias)
+    holder = torch.nn.Sequential(layer)
+    wide = torch.randn(num_rows, 80)
+    x = wide[:, 3:75]  # rows 80 floats apart
+    want = torch.nn.functional.linear(x, layer.weight.detach().clone(), layer.bias)
+    ops = CpuDenseOps(fused.library)
+    ops.prepare(holder)
+    assert ops._layers[layer].ours == ours_expected
+    torch.testing.assert_close(ops.linear(layer, x), want, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

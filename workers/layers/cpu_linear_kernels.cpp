@@ -1,0 +1,142 @@
+// float32 linear layers (out = x W^T + b) for CPUs with AVX2 and FMA but not AVX-512, where
+// oneDNN's matmul reached 95-140 GFLOP/s at decode sizes (16-64 rows) of the 185 the 2-core AVX2
+// machine we benchmark on can do. Elsewhere oneDNN stays (`linear_kernel_used` says which).
+//
+// The weight is packed once into panels of 16 output columns: panel p holds, for each k, the 16
+// weights W[16p .. 16p + 15][k] side by side (one 64-byte line), zero past N. A micro-kernel keeps
+// 6 rows x 16 columns of sums in 12 of the 16 vector registers and, for each k, loads the panel's
+// two vectors once for all 6 rows and broadcasts each row's x[k]: 12 FMAs per 8 loads, the shape
+// BLAS libraries use on AVX2. Sums run over k in order, in float32, with one rounding per FMA.
+// Threads split the panels, so each weight is read from memory once per chunk of rows.
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#if defined(__AVX2__) && defined(__FMA__) && !defined(__AVX512F__)
+#include <immintrin.h>
+#define HAVE_PANEL_LINEAR 1
+#else
+#define HAVE_PANEL_LINEAR 0
+#endif
+
+namespace {
+
+constexpr int kPanel = 16;         // output columns per panel: two 8-float vectors
+constexpr int kRows = 6;           // rows per micro-kernel call: 12 sums + 2 weights + 1 broadcast
+// Rows whose x (rows x K floats, up to 384 KiB) stays in the 512 KiB L2 beside a panel while
+// every panel passes over them: 96 rows at K = 512, 66 at K = 1408.
+constexpr int64_t kChunkFloats = 96 * 1024;
+inline int64_t rows_per_chunk(int64_t K) {
+    return std::max<int64_t>(kRows, std::min<int64_t>(96, kChunkFloats / K / kRows * kRows));
+}
+
+#if HAVE_PANEL_LINEAR
+// out[r][0..cols) = bias + sum over k of x[r][k] * panel[k][0..cols), for R rows.
+template <int R>
+inline void panel_rows(const float* __restrict x, int64_t x_stride, const float* __restrict panel, int64_t K,
+                       const float* __restrict bias, float* __restrict out, int64_t out_stride, int cols) {
+    // Sums as separate variables: gcc kept an array of them in memory, storing every sum at every k.
+    __m256 a0 = _mm256_setzero_ps(), b0 = a0, a1 = a0, b1 = a0, a2 = a0, b2 = a0, a3 = a0, b3 = a0, a4 = a0,
+           b4 = a0, a5 = a0, b5 = a0;
+    for (int64_t k = 0; k < K; ++k) {
+        const __m256 w0 = _mm256_load_ps(panel + k * kPanel);
+        const __m256 w1 = _mm256_load_ps(panel + k * kPanel + 8);
+        const float* xk = x + k;
+        __m256 xv = _mm256_broadcast_ss(xk);
+        a0 = _mm256_fmadd_ps(xv, w0, a0);
+        b0 = _mm256_fmadd_ps(xv, w1, b0);
+        if constexpr (R > 1) {
+            xv = _mm256_broadcast_ss(xk + x_stride);
+            a1 = _mm256_fmadd_ps(xv, w0, a1);
+            b1 = _mm256_fmadd_ps(xv, w1, b1);
+        }
+        if constexpr (R > 2) {
+            xv = _mm256_broadcast_ss(xk + 2 * x_stride);
+            a2 = _mm256_fmadd_ps(xv, w0, a2);
+            b2 = _mm256_fmadd_ps(xv, w1, b2);
+        }
+        if constexpr (R > 3) {
+            xv = _mm256_broadcast_ss(xk + 3 * x_stride);
+            a3 = _mm256_fmadd_ps(xv, w0, a3);
+            b3 = _mm256_fmadd_ps(xv, w1, b3);
+        }
+        if constexpr (R > 4) {
+            xv = _mm256_broadcast_ss(xk + 4 * x_stride);
+            a4 = _mm256_fmadd_ps(xv, w0, a4);
+            b4 = _mm256_fmadd_ps(xv, w1, b4);
+        }
+        if constexpr (R > 5) {
+            xv = _mm256_broadcast_ss(xk + 5 * x_stride);
+            a5 = _mm256_fmadd_ps(xv, w0, a5);
+            b5 = _mm256_fmadd_ps(xv, w1, b5);
+        }
+    }
+    const __m256 sums[kRows][2] = {{a0, b0}, {a1, b1}, {a2, b2}, {a3, b3}, {a4, b4}, {a5, b5}};
+    for (int r = 0; r < R; ++r) {
+        alignas(32) float row[kPanel];
+        _mm256_store_ps(row, sums[r][0]);
+        _mm256_store_ps(row + 8, sums[r][1]);
+        float* o = out + r * out_stride;
+        if (bias != nullptr)
+            for (int j = 0; j < cols; ++j) o[j] = row[j] + bias[j];
+        else
+            std::memcpy(o, row, sizeof(float) * cols);
+    }
+}
+#endif
+
+}  // namespace
+
+extern "C" {
+
+// 1 where linear_f32 runs here (AVX2 and FMA without AVX-512), else 0.
+int linear_kernel_used() { return HAVE_PANEL_LINEAR; }
+
+// Floats the packed weight of an N x K layer takes (N rounded up to whole panels).
+int64_t packed_linear_size(int64_t N, int64_t K) { return (N + kPanel - 1) / kPanel * kPanel * K; }
+
+// packed (packed_linear_size floats, 32-byte aligned) <- w [N, K] row-major.
+void pack_linear(const float* w, int64_t N, int64_t K, float* packed) {
+    const int64_t panels = (N + kPanel - 1) / kPanel;
+#pragma omp parallel for
+    for (int64_t p = 0; p < panels; ++p)
+        for (int64_t k = 0; k < K; ++k)
+            for (int j = 0; j < kPanel; ++j) {
+                const int64_t n = p * kPanel + j;
+                packed[(p * K + k) * kPanel + j] = n < N ? w[n * K + k] : 0.f;
+            }
+}
+
+// out [M, N] contiguous = x [M, K] (rows x_stride apart) W^T + bias (N floats, or null).
+void linear_f32(const float* x, int64_t x_stride, int64_t M, const float* packed, int64_t N, int64_t K,
+                const float* bias, float* out) {
+#if HAVE_PANEL_LINEAR
+    const int64_t panels = (N + kPanel - 1) / kPanel;
+    const int64_t chunk = rows_per_chunk(K);
+    for (int64_t m0 = 0; m0 < M; m0 += chunk) {
+        const int64_t m1 = std::min(M, m0 + chunk);
+#pragma omp parallel for schedule(static) if (panels > 1)
+        for (int64_t p = 0; p < panels; ++p) {
+            const float* panel = packed + p * K * kPanel;
+            const int cols = static_cast<int>(std::min<int64_t>(kPanel, N - p * kPanel));
+            const float* b = bias != nullptr ? bias + p * kPanel : nullptr;
+            for (int64_t m = m0; m < m1; m += kRows) {
+                const float* xm = x + m * x_stride;
+                float* om = out + m * N + p * kPanel;
+                switch (std::min<int64_t>(kRows, m1 - m)) {
+                    case 1: panel_rows<1>(xm, x_stride, panel, K, b, om, N, cols); break;
+                    case 2: panel_rows<2>(xm, x_stride, panel, K, b, om, N, cols); break;
+                    case 3: panel_rows<3>(xm, x_stride, panel, K, b, om, N, cols); break;
+                    case 4: panel_rows<4>(xm, x_stride, panel, K, b, om, N, cols); break;
+                    case 5: panel_rows<5>(xm, x_stride, panel, K, b, om, N, cols); break;
+                    default: panel_rows<6>(xm, x_stride, panel, K, b, om, N, cols); break;
+                }
+            }
+        }
+    }
+#else
+    (void)x; (void)x_stride; (void)M; (void)packed; (void)N; (void)K; (void)bias; (void)out;
+#endif
+}
+
+}  // extern "C"
