@@ -96,16 +96,18 @@ struct Problem {
 
 constexpr int kMaxBlocksPerStep = 4;  // blocks whose keys go through one online-softmax update
 
-// The micro-kernels keep four rows' sums in vector registers while keys or values stream past.
-// AVX-512 has 32 registers of 16 floats, AVX2 16 of 8: past about half of them the sums spill to
-// memory and every FMA waits on a load and a store (AVX2 ran 3x under its FMA rate with the
-// AVX-512 tiling). So each kernel takes as many blocks (scores) or dims (values) at a time as
-// fill kSumRegisters, leaving the rest for the loads.
+// The micro-kernels keep a group of rows' sums in vector registers while keys or values stream
+// past, so that each load serves every row of the group. AVX-512 has 32 registers of 16 floats,
+// AVX2 16 of 8: past about half of AVX-512's, or 12 of AVX2's, the sums spill to memory and every
+// FMA waits on a load and a store (AVX2 ran 3x under its FMA rate with the AVX-512 tiling). So
+// groups are 4 rows on AVX-512 and 6 on AVX2 (12 FMAs per 8 loads), and each kernel takes as
+// many blocks (scores) or dims (values) at a time as fill kSumRegisters.
 #if defined(__AVX512F__)
-constexpr int kVecFloats = 16, kSumRegisters = 16;
+constexpr int kVecFloats = 16, kSumRegisters = 16, kGroupRows = 4;
 #else
-constexpr int kVecFloats = 8, kSumRegisters = 8;
+constexpr int kVecFloats = 8, kSumRegisters = 12, kGroupRows = 6;
 #endif
+constexpr int floor_pow2(int n) { return n < 2 ? 1 : 2 * floor_pow2(n / 2); }
 
 // A K/V element as float32. The micro-kernels read float32 blocks where they lie, and bfloat16
 // blocks too when few rows read each key (a decode's grouped heads: widening at each load is two
@@ -146,44 +148,40 @@ struct RowState {
 };
 
 // s[r * S + i * BS + k] = query row r's score against key k of block i (K[i]: that block's keys
-// transposed, [D, BS]), for `rows` rows (q: rows x D) and kNB blocks. Four rows go together: each
-// key load serves four rows, and their 4 x kNB x BS scores stay in registers as independent FMA
-// chains (16 vector registers at 4 blocks of 16).
+// transposed, [D, BS]), for kR rows (q: kR x D) and kNB blocks: each key load serves kR rows, whose
+// kR x kNB x BS scores stay in registers as independent FMA chains.
+template <int kR, int kBS, int kNB, typename T>
+inline void score_rows(const float* __restrict q, const T* const* K, int D, float* __restrict s, int S) {
+    float acc[kR][kNB][kBS] = {};
+    float wide[kBS];
+    for (int d = 0; d < D; ++d) {
+#pragma GCC unroll 4
+        for (int i = 0; i < kNB; ++i) {
+            const float* __restrict kf = widened<kBS>(K[i] + static_cast<int64_t>(d) * kBS, wide);
+#pragma GCC unroll 6
+            for (int j = 0; j < kR; ++j) {
+                const float qd = q[j * D + d];
+#pragma omp simd
+                for (int k = 0; k < kBS; ++k) acc[j][i][k] += qd * kf[k];
+            }
+        }
+    }
+    for (int j = 0; j < kR; ++j)
+        for (int i = 0; i < kNB; ++i)
+            for (int k = 0; k < kBS; ++k) s[j * S + i * kBS + k] = acc[j][i][k];
+}
+
+// score_rows over `rows` rows: groups of kGroupRows, then of 4 (a decode's grouped heads), then one by one.
 template <int kBS, int kNB, typename T>
 inline void score_tile(const float* __restrict q, const T* const* K, int D, int rows, float* __restrict s, int S) {
     int r = 0;
-    for (; r + 4 <= rows; r += 4) {
-        float acc[4][kNB][kBS] = {};
-        float wide[kBS];
-        const float* __restrict q0 = q + static_cast<int64_t>(r) * D;
-        for (int d = 0; d < D; ++d) {
-#pragma GCC unroll 4
-            for (int i = 0; i < kNB; ++i) {
-                const float* __restrict kf = widened<kBS>(K[i] + static_cast<int64_t>(d) * kBS, wide);
-#pragma GCC unroll 4
-                for (int j = 0; j < 4; ++j) {
-                    const float qd = q0[j * D + d];
-#pragma omp simd
-                    for (int k = 0; k < kBS; ++k) acc[j][i][k] += qd * kf[k];
-                }
-            }
-        }
-        for (int j = 0; j < 4; ++j)
-            for (int i = 0; i < kNB; ++i)
-                for (int k = 0; k < kBS; ++k) s[(r + j) * S + i * kBS + k] = acc[j][i][k];
-    }
-    for (; r < rows; ++r) {
-        float acc[kNB][kBS] = {};
-        const float* __restrict qr = q + static_cast<int64_t>(r) * D;
-        for (int d = 0; d < D; ++d)
-            for (int i = 0; i < kNB; ++i) {
-                const T* __restrict kd = K[i] + static_cast<int64_t>(d) * kBS;
-#pragma omp simd
-                for (int k = 0; k < kBS; ++k) acc[i][k] += qr[d] * f32(kd[k]);
-            }
-        for (int i = 0; i < kNB; ++i)
-            for (int k = 0; k < kBS; ++k) s[r * S + i * kBS + k] = acc[i][k];
-    }
+    for (; r + kGroupRows <= rows; r += kGroupRows)
+        score_rows<kGroupRows, kBS, kNB, T>(q + static_cast<int64_t>(r) * D, K, D, s + static_cast<int64_t>(r) * S, S);
+    if constexpr (kGroupRows > 4)
+        for (; r + 4 <= rows; r += 4)
+            score_rows<4, kBS, kNB, T>(q + static_cast<int64_t>(r) * D, K, D, s + static_cast<int64_t>(r) * S, S);
+    for (; r < rows; ++r)
+        score_rows<1, kBS, kNB, T>(q + static_cast<int64_t>(r) * D, K, D, s + static_cast<int64_t>(r) * S, S);
 }
 
 // The same for any block size, one row and block at a time.
@@ -206,51 +204,47 @@ inline void score_tile_any(const float* __restrict q, const T* const* K, int D, 
 }
 
 // acc[r] = acc[r] * corr[r] + sum over keys k < visible[r] of w[r * S + k] * V(k), where key k is
-// row k % BS of block V[k / BS] ([BS, D]). Four rows go together over the most keys any of them
-// sees (the others' weights there are 0): each value load serves four rows, whose 4 x D outputs
-// stay in registers.
+// row k % BS of block V[k / BS] ([BS, D]), for kR rows over the most keys any of them sees (the
+// others' weights there are 0): each value load serves kR rows. Dims go kDims at a time, whose
+// kR x kDims sums stay in registers; the values of a step's blocks stay in the L1 cache across the
+// passes over the dims.
+template <int kR, int kBS, int kD, typename T>
+inline void accumulate_rows(float* __restrict acc, const float* __restrict corr, const float* __restrict w, int S,
+                            const T* const* V, const int* visible) {
+    constexpr int kDims = std::min(kD, floor_pow2(kSumRegisters * kVecFloats / kR));  // divides kD
+    int n = 0;
+    for (int j = 0; j < kR; ++j) n = std::max(n, visible[j]);
+    for (int d0 = 0; d0 < kD; d0 += kDims) {
+        float a[kR][kDims];
+        float wide[kDims];
+        for (int j = 0; j < kR; ++j)
+#pragma omp simd
+            for (int i = 0; i < kDims; ++i) a[j][i] = acc[j * kD + d0 + i] * corr[j];
+        for (int k = 0; k < n; ++k) {
+            const float* __restrict vf = widened<kDims>(V[k / kBS] + (k % kBS) * kD + d0, wide);
+#pragma GCC unroll 6
+            for (int j = 0; j < kR; ++j) {
+                const float wk = w[j * S + k];
+#pragma omp simd
+                for (int i = 0; i < kDims; ++i) a[j][i] += wk * vf[i];
+            }
+        }
+        for (int j = 0; j < kR; ++j)
+#pragma omp simd
+            for (int i = 0; i < kDims; ++i) acc[j * kD + d0 + i] = a[j][i];
+    }
+}
+
+// accumulate_rows over `rows` rows: groups of kGroupRows, then of 4, then one by one.
 template <int kBS, int kD, typename T>
 inline void accumulate_tile(float* __restrict acc, const float* __restrict corr, const float* __restrict w, int S,
                             const T* const* V, const int* visible, int rows) {
-    // Dims whose 4 rows of sums fill the sum registers: 64 on AVX-512, 16 on AVX2; the values of
-    // a step's blocks stay in the L1 cache across the passes over the dims.
-    constexpr int kDims = std::min(kD, kSumRegisters * kVecFloats / 4);
     int r = 0;
-    for (; r + 4 <= rows; r += 4) {
-        const int n = std::max(std::max(visible[r], visible[r + 1]), std::max(visible[r + 2], visible[r + 3]));
-        for (int d0 = 0; d0 < kD; d0 += kDims) {
-            float a[4][kDims];
-            float wide[kDims];
-            for (int j = 0; j < 4; ++j)
-#pragma omp simd
-                for (int i = 0; i < kDims; ++i) a[j][i] = acc[(r + j) * kD + d0 + i] * corr[r + j];
-            for (int k = 0; k < n; ++k) {
-                const float* __restrict vf = widened<kDims>(V[k / kBS] + (k % kBS) * kD + d0, wide);
-#pragma GCC unroll 4
-                for (int j = 0; j < 4; ++j) {
-                    const float wk = w[(r + j) * S + k];
-#pragma omp simd
-                    for (int i = 0; i < kDims; ++i) a[j][i] += wk * vf[i];
-                }
-            }
-            for (int j = 0; j < 4; ++j)
-#pragma omp simd
-                for (int i = 0; i < kDims; ++i) acc[(r + j) * kD + d0 + i] = a[j][i];
-        }
-    }
-    for (; r < rows; ++r) {
-        float a[kD];
-#pragma omp simd
-        for (int i = 0; i < kD; ++i) a[i] = acc[r * kD + i] * corr[r];
-        for (int k = 0; k < visible[r]; ++k) {
-            const float wk = w[r * S + k];
-            const T* __restrict vk = V[k / kBS] + (k % kBS) * kD;
-#pragma omp simd
-            for (int i = 0; i < kD; ++i) a[i] += wk * f32(vk[i]);
-        }
-#pragma omp simd
-        for (int i = 0; i < kD; ++i) acc[r * kD + i] = a[i];
-    }
+    for (; r + kGroupRows <= rows; r += kGroupRows)
+        accumulate_rows<kGroupRows, kBS, kD, T>(acc + r * kD, corr + r, w + r * S, S, V, visible + r);
+    if constexpr (kGroupRows > 4)
+        for (; r + 4 <= rows; r += 4) accumulate_rows<4, kBS, kD, T>(acc + r * kD, corr + r, w + r * S, S, V, visible + r);
+    for (; r < rows; ++r) accumulate_rows<1, kBS, kD, T>(acc + r * kD, corr + r, w + r * S, S, V, visible + r);
 }
 
 // The same for any block size and head dim, one row at a time.
@@ -273,8 +267,8 @@ inline void accumulate_tile_any(float* __restrict acc, const float* __restrict c
 template <int kBS, typename T>
 void score_blocks(const float* q, const T* const* K, int D, int BS, int nb, int rows, float* s, int S) {
     if constexpr (kBS != 0) {
-        // Blocks whose 4 rows of sums fill the sum registers: 4 of 16 keys on AVX-512, 1 on AVX2.
-        constexpr int kGroup = std::max(1, kSumRegisters * kVecFloats / (4 * kBS));
+        // Blocks whose group of rows' sums fill the sum registers: 4 of 16 keys on AVX-512, 1 on AVX2.
+        constexpr int kGroup = std::max(1, kSumRegisters * kVecFloats / (kGroupRows * kBS));
         for (int i = 0; i < nb;) {
             const int n = std::min(kGroup, nb - i);
             switch (n) {
