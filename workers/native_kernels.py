@@ -52,7 +52,9 @@ SIGNATURES = {
     "linear_kernel_used": [],
     "packed_linear_size": [_i64, _i64],
     "pack_linear": [_ptr, _i64, _i64, _ptr],
+    "pack_linear_bf16": [_ptr, _i64, _i64, _ptr],
     "linear_f32": [_ptr, _i64, _i64, _ptr, _i64, _i64, _ptr, _ptr],
+    "linear_bf16_weights": [_ptr, _i64, _i64, _ptr, _i64, _i64, _ptr, _ptr],
 }
 RETURNS = {"matrix_tiles_used": _i32, "linear_kernel_used": _i32, "packed_linear_size": _i64}  # the others return nothing
 

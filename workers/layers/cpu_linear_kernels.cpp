@@ -7,6 +7,8 @@
 // 6 rows x 16 columns of sums in 12 of the 16 vector registers and, for each k, loads the panel's
 // two vectors once for all 6 rows and broadcasts each row's x[k]: 12 FMAs per 8 loads, the shape
 // BLAS libraries use on AVX2. Sums run over k in order, in float32, with one rounding per FMA.
+// bfloat16 weights (a bfloat16 model on such a CPU, which has no bfloat16 arithmetic) keep their
+// panels in bfloat16, half the bytes to read, and are widened exactly as they are loaded.
 // Threads split the panels, so each weight is read from memory once per chunk of rows.
 
 #include <algorithm>
@@ -31,16 +33,28 @@ inline int64_t rows_per_chunk(int64_t K) {
 }
 
 #if HAVE_PANEL_LINEAR
+// A panel row's 16 weights as two float32 vectors: float32 as they are; bfloat16 (the high half of
+// a float32) widened exactly by a shift.
+inline void load_weights(const float* p, __m256& w0, __m256& w1) {
+    w0 = _mm256_load_ps(p);
+    w1 = _mm256_load_ps(p + 8);
+}
+inline void load_weights(const uint16_t* p, __m256& w0, __m256& w1) {
+    const __m256i raw = _mm256_load_si256(reinterpret_cast<const __m256i*>(p));
+    w0 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm256_castsi256_si128(raw)), 16));
+    w1 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm256_extracti128_si256(raw, 1)), 16));
+}
+
 // out[r][0..cols) = bias + sum over k of x[r][k] * panel[k][0..cols), for R rows.
-template <int R>
-inline void panel_rows(const float* __restrict x, int64_t x_stride, const float* __restrict panel, int64_t K,
+template <int R, typename W>
+inline void panel_rows(const float* __restrict x, int64_t x_stride, const W* __restrict panel, int64_t K,
                        const float* __restrict bias, float* __restrict out, int64_t out_stride, int cols) {
     // Sums as separate variables: gcc kept an array of them in memory, storing every sum at every k.
     __m256 a0 = _mm256_setzero_ps(), b0 = a0, a1 = a0, b1 = a0, a2 = a0, b2 = a0, a3 = a0, b3 = a0, a4 = a0,
            b4 = a0, a5 = a0, b5 = a0;
     for (int64_t k = 0; k < K; ++k) {
-        const __m256 w0 = _mm256_load_ps(panel + k * kPanel);
-        const __m256 w1 = _mm256_load_ps(panel + k * kPanel + 8);
+        __m256 w0, w1;
+        load_weights(panel + k * kPanel, w0, w1);
         const float* xk = x + k;
         __m256 xv = _mm256_broadcast_ss(xk);
         a0 = _mm256_fmadd_ps(xv, w0, a0);
@@ -85,31 +99,23 @@ inline void panel_rows(const float* __restrict x, int64_t x_stride, const float*
 }
 #endif
 
-}  // namespace
 
-extern "C" {
-
-// 1 where linear_f32 runs here (AVX2 and FMA without AVX-512), else 0.
-int linear_kernel_used() { return HAVE_PANEL_LINEAR; }
-
-// Floats the packed weight of an N x K layer takes (N rounded up to whole panels).
-int64_t packed_linear_size(int64_t N, int64_t K) { return (N + kPanel - 1) / kPanel * kPanel * K; }
-
-// packed (packed_linear_size floats, 32-byte aligned) <- w [N, K] row-major.
-void pack_linear(const float* w, int64_t N, int64_t K, float* packed) {
+// packed <- w [N, K] row-major, in panels (see the top), zero past N.
+template <typename W>
+void pack_panels(const W* w, int64_t N, int64_t K, W* packed) {
     const int64_t panels = (N + kPanel - 1) / kPanel;
 #pragma omp parallel for
     for (int64_t p = 0; p < panels; ++p)
         for (int64_t k = 0; k < K; ++k)
             for (int j = 0; j < kPanel; ++j) {
                 const int64_t n = p * kPanel + j;
-                packed[(p * K + k) * kPanel + j] = n < N ? w[n * K + k] : 0.f;
+                packed[(p * K + k) * kPanel + j] = n < N ? w[n * K + k] : W(0);
             }
 }
 
-// out [M, N] contiguous = x [M, K] (rows x_stride apart) W^T + bias (N floats, or null).
-void linear_f32(const float* x, int64_t x_stride, int64_t M, const float* packed, int64_t N, int64_t K,
-                const float* bias, float* out) {
+template <typename W>
+void linear_panels(const float* x, int64_t x_stride, int64_t M, const W* packed, int64_t N, int64_t K,
+                   const float* bias, float* out) {
 #if HAVE_PANEL_LINEAR
     const int64_t panels = (N + kPanel - 1) / kPanel;
     const int64_t chunk = rows_per_chunk(K);
@@ -117,7 +123,7 @@ void linear_f32(const float* x, int64_t x_stride, int64_t M, const float* packed
         const int64_t m1 = std::min(M, m0 + chunk);
 #pragma omp parallel for schedule(static) if (panels > 1)
         for (int64_t p = 0; p < panels; ++p) {
-            const float* panel = packed + p * K * kPanel;
+            const W* panel = packed + p * K * kPanel;
             const int cols = static_cast<int>(std::min<int64_t>(kPanel, N - p * kPanel));
             const float* b = bias != nullptr ? bias + p * kPanel : nullptr;
             for (int64_t m = m0; m < m1; m += kRows) {
@@ -137,6 +143,32 @@ void linear_f32(const float* x, int64_t x_stride, int64_t M, const float* packed
 #else
     (void)x; (void)x_stride; (void)M; (void)packed; (void)N; (void)K; (void)bias; (void)out;
 #endif
+}
+
+}  // namespace
+
+extern "C" {
+
+// 1 where linear_f32 runs here (AVX2 and FMA without AVX-512), else 0.
+int linear_kernel_used() { return HAVE_PANEL_LINEAR; }
+
+// Elements the packed weight of an N x K layer takes (N rounded up to whole panels).
+int64_t packed_linear_size(int64_t N, int64_t K) { return (N + kPanel - 1) / kPanel * kPanel * K; }
+
+// packed (packed_linear_size elements, 32-byte aligned) <- w [N, K] row-major, float32 or bfloat16.
+void pack_linear(const float* w, int64_t N, int64_t K, float* packed) { pack_panels(w, N, K, packed); }
+void pack_linear_bf16(const uint16_t* w, int64_t N, int64_t K, uint16_t* packed) { pack_panels(w, N, K, packed); }
+
+// out [M, N] float32 contiguous = x [M, K] float32 (rows x_stride apart) W^T + bias (N floats, or
+// null), with W's panels float32 or bfloat16 (each widened exactly, so both give the same sums
+// over the same numbers).
+void linear_f32(const float* x, int64_t x_stride, int64_t M, const float* packed, int64_t N, int64_t K,
+                const float* bias, float* out) {
+    linear_panels(x, x_stride, M, packed, N, K, bias, out);
+}
+void linear_bf16_weights(const float* x, int64_t x_stride, int64_t M, const uint16_t* packed, int64_t N, int64_t K,
+                         const float* bias, float* out) {
+    linear_panels(x, x_stride, M, packed, N, K, bias, out);
 }
 
 }  // extern "C"

@@ -89,12 +89,13 @@ class CpuDenseOps:
         runs (AVX2 without AVX-512: 1.1-1.6x oneDNN there at 16-2048 rows), else into oneDNN's
         layout.
 
-        bfloat16 weights on a CPU without native bfloat16 (no AVX512-BF16, AMX or AVX-512), where
+        bfloat16 layers on a CPU without native bfloat16 (no AVX512-BF16, AMX or AVX-512), where
         oneDNN cannot pack them and PyTorch's bfloat16 linear ran at a tenth of the float32 rate,
-        are packed as float32 copies instead, and those layers compute in float32: each product of
-        two bfloat16 numbers is exact in float32 and the sums stay in float32, which is what the
-        native bfloat16 instructions compute too, and the output is rounded to bfloat16 as theirs
-        is. The weights then take float32's memory; activations and the KV cache stay bfloat16."""
+        compute in float32: each product of two bfloat16 numbers is exact in float32 and the sums
+        stay in float32, which is what the native bfloat16 instructions compute too, and the output
+        is rounded to bfloat16 as theirs is. Our kernel reads their bfloat16 panels as they are
+        (widening each weight exactly), so the weights keep bfloat16's memory; oneDNN, where ours
+        does not run, gets float32 copies."""
         linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
         linear_weights = {id(m.weight) for m in linears}
         shared = {id(p) for m in model.modules() for p in m.parameters(recurse=False)
@@ -112,12 +113,16 @@ class CpuDenseOps:
         weight, bias = module.weight.detach(), None if module.bias is None else module.bias.detach()
         in_float32 = weight.dtype == torch.bfloat16 and self._bf16_in_float32()
         if in_float32:
-            weight, bias = weight.float(), None if bias is None else bias.float()
-        if weight.dtype == torch.float32 and self.library.linear_kernel_used():
+            bias = None if bias is None else bias.float()
+        if (weight.dtype == torch.float32 or in_float32) and self.library.linear_kernel_used():
+            # Our kernel reads bfloat16 panels as they are, widening each weight exactly.
             n, k = weight.shape
-            panels = _aligned_floats(self.library.packed_linear_size(n, k))
-            self.library.pack_linear(weight.contiguous().data_ptr(), n, k, panels.data_ptr())
+            panels = _aligned(self.library.packed_linear_size(n, k), weight.dtype)
+            pack = self.library.pack_linear if weight.dtype == torch.float32 else self.library.pack_linear_bf16
+            pack(weight.contiguous().data_ptr(), n, k, panels.data_ptr())
             return _PackedLinear(panels, bias, n, in_float32, ours=True)
+        if in_float32:
+            weight = weight.float()
         if not torch.backends.mkldnn.is_available():
             return None
         try:
@@ -143,9 +148,9 @@ class CpuDenseOps:
         if layer.ours:
             rows = rows if rows.dim() == 2 and rows.stride(-1) == 1 else rows.reshape(-1, x.shape[-1]).contiguous()
             out = torch.empty(rows.shape[0], layer.out_features, dtype=torch.float32)
-            self.library.linear_f32(rows.data_ptr(), rows.stride(0), rows.shape[0], layer.weight.data_ptr(),
-                                    layer.out_features, rows.shape[1],
-                                    None if layer.bias is None else layer.bias.data_ptr(), out.data_ptr())
+            run = self.library.linear_f32 if layer.weight.dtype == torch.float32 else self.library.linear_bf16_weights
+            run(rows.data_ptr(), rows.stride(0), rows.shape[0], layer.weight.data_ptr(), layer.out_features,
+                rows.shape[1], None if layer.bias is None else layer.bias.data_ptr(), out.data_ptr())
             out = out.view(*x.shape[:-1], layer.out_features)
         else:
             out = torch.ops.mkldnn._linear_pointwise(rows, layer.weight, layer.bias, "none", [], "")
@@ -205,17 +210,18 @@ class CpuDenseOps:
 
 @dataclass(frozen=True, slots=True)
 class _PackedLinear:
-    weight: torch.Tensor  # packed: our kernel's panels (ours) or oneDNN's layout
+    weight: torch.Tensor  # packed: our kernel's panels (ours: float32, or bfloat16 read as float32) or oneDNN's
     bias: torch.Tensor | None  # float32 where the layer computes in float32
     out_features: int
     in_float32: bool  # bfloat16 layer computed in float32
     ours: bool
 
 
-def _aligned_floats(n: int) -> torch.Tensor:
-    """n float32 starting on a 32-byte boundary (the panels' vector loads are aligned)."""
-    buffer = torch.empty(n + 8, dtype=torch.float32)
-    offset = (-buffer.data_ptr() // 4) % 8
+def _aligned(n: int, dtype: torch.dtype) -> torch.Tensor:
+    """n elements of dtype starting on a 32-byte boundary (the panels' vector loads are aligned)."""
+    size = torch.empty(0, dtype=dtype).element_size()
+    buffer = torch.empty(n + 32 // size, dtype=dtype)
+    offset = (-buffer.data_ptr() // size) % (32 // size)
     return buffer[offset : offset + n]
 
 

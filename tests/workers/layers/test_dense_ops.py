@@ -145,10 +145,17 @@ def test_bfloat16_layers_computed_in_float32_where_the_cpu_has_no_bfloat16(fused
     in_float32.prepare(model)
     got = in_float32.linear(model.proj, x)
     assert got.dtype == torch.bfloat16 and model.proj.weight.numel() == 0
+    # our kernel reads the bfloat16 panels as they are; oneDNN needs float32 copies
+    assert in_float32._layers[model.proj].weight.dtype == (torch.bfloat16 if _our_kernel_expected() else torch.float32)
     _one_rounding(got, torch.nn.functional.linear(x.float(), weight.float(), bias.float()))
     _one_rounding(in_float32.linear(model.head, x), x.float() @ head.float().t())
     # and within one bfloat16 rounding of PyTorch's own bfloat16 linear (the reference)
     _close(got, torch.nn.functional.linear(x, weight, bias))
+
+
+def _our_kernel_expected() -> bool:
+    flags = cpu_flags()
+    return {"avx2", "fma"} <= flags and "avx512f" not in flags
 
 
 def _one_rounding(got: torch.Tensor, want_float32: torch.Tensor) -> None:
@@ -159,21 +166,27 @@ def _one_rounding(got: torch.Tensor, want_float32: torch.Tensor) -> None:
 @pytest.mark.parametrize("num_rows", [1, 5, 6, 64, 97, 300])  # micro-kernel tails, row chunks of 96
 @pytest.mark.parametrize("out_features", [16, 50, 768])  # whole panels, a panel's tail
 @pytest.mark.parametrize("with_bias", [False, True])
-def test_float32_linear_layers_on_this_cpus_path(fused, num_rows, out_features, with_bias) -> None:
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_linear_layers_on_this_cpus_path(fused, num_rows, out_features, with_bias, dtype) -> None:
     # Our panel kernel runs where the CPU has AVX2 and FMA but not AVX-512, oneDNN elsewhere:
-    # both must give PyTorch's float32 linear up to summation order, rows read with any stride.
-    flags = cpu_flags()
-    ours_expected = {"avx2", "fma"} <= flags and "avx512f" not in flags
+    # both must give PyTorch's float32 linear up to summation order, rows read with any stride;
+    # bfloat16 layers (computed in float32, forced here) that rounded once to bfloat16.
+    ours_expected = _our_kernel_expected()
     assert bool(fused.library.linear_kernel_used()) == ours_expected
-    layer = torch.nn.Linear(72, out_features, bias=with_bias)
+    layer = torch.nn.Linear(72, out_features, bias=with_bias).to(dtype)
     holder = torch.nn.Sequential(layer)
-    wide = torch.randn(num_rows, 80)
+    wide = torch.randn(num_rows, 80).to(dtype)
     x = wide[:, 3:75]  # rows 80 floats apart
-    want = torch.nn.functional.linear(x, layer.weight.detach().clone(), layer.bias)
-    ops = CpuDenseOps(fused.library)
+    bias = None if layer.bias is None else layer.bias.detach().float()
+    want = torch.nn.functional.linear(x.float(), layer.weight.detach().float(), bias)
+    ops = CpuDenseOps(fused.library, bf16_in_float32=True)
     ops.prepare(holder)
     assert ops._layers[layer].ours == ours_expected
-    torch.testing.assert_close(ops.linear(layer, x), want, rtol=1e-5, atol=1e-5)
+    got = ops.linear(layer, x)
+    if dtype == torch.float32:
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    else:
+        _one_rounding(got, want)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
