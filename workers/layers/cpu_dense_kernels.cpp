@@ -8,7 +8,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
-#if defined(__AVX512F__)
+#if defined(__AVX2__)
 #include <immintrin.h>
 #endif
 
@@ -149,6 +149,45 @@ void first_max_rows_t(const void* logits, int64_t T, int64_t V, int64_t* out, in
             best = _mm512_reduce_max_ps(vbest);
             // Of the lanes holding the maximum, the one that saw it first.
             at = _mm512_mask_reduce_min_epi32(_mm512_cmp_ps_mask(vbest, _mm512_set1_ps(best), _CMP_EQ_OQ), vat);
+        }
+#elif defined(__AVX2__)
+        // The same, 8 lanes at a time (gcc leaves the scalar loop below scalar).
+        if (V >= 8) {
+            __m256 vbest = _mm256_set1_ps(-3.4028235e38f);
+            __m256i vat = _mm256_setzero_si256();
+            const __m256i lanes = _mm256_set_epi32(7, 6, 5, 4, 3, 2, 1, 0);
+            const __m256i exponent = _mm256_set1_epi32(0x7f800000);
+            __m256i nonfinite = _mm256_setzero_si256();
+            for (; i + 8 <= V; i += 8) {
+                __m256i bits;
+                if constexpr (DT == 0) {
+                    bits = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(static_cast<const float*>(logits) + row + i));
+                } else {
+                    const __m128i half = _mm_loadu_si128(
+                        reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(logits) + row + i));
+                    bits = _mm256_slli_epi32(_mm256_cvtepu16_epi32(half), 16);
+                }
+                nonfinite = _mm256_or_si256(nonfinite, _mm256_cmpeq_epi32(_mm256_and_si256(bits, exponent), exponent));
+                const __m256 x = _mm256_castsi256_ps(bits);
+                const __m256 greater = _mm256_cmp_ps(x, vbest, _CMP_GT_OQ);  // strictly: a lane keeps its first
+                vbest = _mm256_blendv_ps(vbest, x, greater);
+                vat = _mm256_castps_si256(_mm256_blendv_ps(
+                    _mm256_castsi256_ps(vat),
+                    _mm256_castsi256_ps(_mm256_add_epi32(lanes, _mm256_set1_epi32(static_cast<int>(i)))), greater));
+            }
+            finite = _mm256_testz_si256(nonfinite, nonfinite);
+            alignas(32) float lane_best[8];
+            alignas(32) int32_t lane_at[8];
+            _mm256_store_ps(lane_best, vbest);
+            _mm256_store_si256(reinterpret_cast<__m256i*>(lane_at), vat);
+            // Of the lanes holding the maximum, the one that saw it first.
+            best = lane_best[0];
+            at = lane_at[0];
+            for (int j = 1; j < 8; ++j)
+                if (lane_best[j] > best || (lane_best[j] == best && lane_at[j] < at)) {
+                    best = lane_best[j];
+                    at = lane_at[j];
+                }
         }
 #endif
         for (; i < V; ++i) {
