@@ -23,7 +23,7 @@ from workers.bench.model_setup import BENCH_INIT_RANGE, DEFAULT_INIT_RANGE, SHAP
 from workers.bench.results import (
     BenchResult, PolicyResult, SystemResult, TimedRun, VllmInfo, WorkloadResult, summarize,
 )
-from workers.bench.roofline import measure_matmul_flops, workload_flops
+from workers.bench.roofline import measure_matmul_flops, roofline_rate, workload_flops
 from workers.bench.vllm_runner import (
     MAX_MODEL_LEN, VllmResult, VllmWorkloadResult, check_vllm_python, run_vllm,
 )
@@ -245,7 +245,7 @@ def run_bench(
                             min(MAX_MODEL_LEN, shape.max_position_embeddings), WARMUP_PROMPTS)
         run_hf(hf_model, WARMUP_PROMPTS, [4] * len(WARMUP_PROMPTS), hf_batch_size)
         log("measuring the matmul rate")
-        matmul = measure_matmul_flops(dtype=torch_dtype)
+        matmul, matmul_dtype = roofline_rate(torch_dtype)
         results = []
         kv_quant: list[KVQuantResult] = []
         for workload in loads:
@@ -255,14 +255,14 @@ def run_bench(
             if workload.name == "shared-prefix":
                 kv_quant = bench_kv_quant_both_inits(workload, shape, Path(tmp), dtype)
     # Measured at both ends of the run: the better rate is the machine's, a worse one met other load.
-    matmul = max(matmul, measure_matmul_flops(dtype=torch_dtype))
+    matmul = max(matmul, measure_matmul_flops(dtype=matmul_dtype))
     for w in results:
         for system in w.systems.values():
             system.roofline_fraction = roofline_fraction(w.needed_flops, w.num_requested_tokens, system, matmul)
     load = (load_start, os.getloadavg()[0])
     info = None if vllm is None else VllmInfo(vllm.version, vllm.block_size, vllm.startup_seconds)
-    return BenchResult(scale, dtype, shape, torch.get_num_threads(), matmul, hf_batch_size, load, repeat, results,
-                       kv_quant, info)
+    return BenchResult(scale, dtype, shape, torch.get_num_threads(), matmul, str(matmul_dtype).removeprefix("torch."),
+                       hf_batch_size, load, repeat, results, kv_quant, info)
 
 
 def roofline_fraction(needed_flops: float, num_tokens: int, system: SystemResult, matmul_flops: float) -> float:

@@ -67,7 +67,8 @@ def format_report(result: BenchResult) -> str:
     peers = ["transformers"] + (["vllm"] if result.vllm is not None else [])
     lines = [
         f"pipeline bench engine: scale {result.scale}, cpu {result.dtype}, {result.num_threads} threads, "
-        f"matmul {result.matmul_flops / 1e9:.1f} GFLOP/s in {result.dtype} (measured); "
+        f"matmul {result.matmul_flops / 1e9:.1f} GFLOP/s in {result.matmul_dtype} (measured"
+        f"{'' if result.matmul_dtype == result.dtype else f'; {result.dtype} is emulated and slower here'}); "
         f"{result.repeat} timed run(s) of each system: median, then min-max",
         f"model: Llama hidden {s.hidden_size}, {s.num_hidden_layers} layers, {s.num_attention_heads} heads, "
         f"{s.num_key_value_heads} KV heads, intermediate {s.intermediate_size}, vocab {s.vocab_size}",

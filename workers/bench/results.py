@@ -94,7 +94,8 @@ class BenchResult:
     dtype: str
     shape: ModelShape
     num_threads: int
-    matmul_flops: float  # in `dtype`
+    matmul_flops: float  # in matmul_dtype
+    matmul_dtype: str  # `dtype`, or float32 where bfloat16 is emulated and slower (roofline.roofline_rate)
     hf_batch_size: int
     load_average: tuple[float, float]  # 1-minute load at start and end: other work skews the timings
     repeat: int

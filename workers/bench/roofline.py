@@ -27,6 +27,19 @@ def measure_matmul_flops(repeats: int = 5, dtype: torch.dtype = torch.float32) -
     return best
 
 
+def roofline_rate(dtype: torch.dtype) -> tuple[float, torch.dtype]:
+    """The matmul rate the roofline holds `dtype` to, and the dtype that reached it: `dtype`'s own,
+    or float32's where that is faster (bfloat16 on a CPU without bfloat16 arithmetic, where
+    PyTorch's emulation runs at a small fraction of float32 and our engine computes those layers
+    in float32)."""
+    rate = measure_matmul_flops(dtype=dtype)
+    if dtype != torch.float32:
+        float32_rate = measure_matmul_flops(dtype=torch.float32)
+        if float32_rate > rate:
+            return float32_rate, torch.float32
+    return rate, dtype
+
+
 def workload_flops(cfg: ModelConfig, workload: Workload, cached_prefix_tokens: list[int]) -> float:
     """FLOPs of the workload with no padding and the first `cached_prefix_tokens[i]` prompt tokens
     of prompt i taken from a cache: per computed token 2 x the non-embedding parameters plus

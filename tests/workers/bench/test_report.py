@@ -33,9 +33,11 @@ def _workload(name: str = "shared-prefix", with_vllm: bool = True) -> WorkloadRe
     return WorkloadResult(name, 8, 300, 120, 1e9, 0.8, systems)
 
 
-def _bench(*workloads: WorkloadResult, vllm: bool = True, dtype: str = "float32") -> BenchResult:
+def _bench(*workloads: WorkloadResult, vllm: bool = True, dtype: str = "float32",
+           matmul_dtype: str | None = None) -> BenchResult:
     info = VllmInfo("0.32.0", 128, 42.0) if vllm else None
-    return BenchResult("small", dtype, SMALL_SHAPE, 2, 1e11, 4, (0.1, 0.2), 3, list(workloads), vllm=info)
+    return BenchResult("small", dtype, SMALL_SHAPE, 2, 1e11, matmul_dtype or dtype, 4, (0.1, 0.2), 3, list(workloads),
+                       vllm=info)
 
 
 def _row(report: str, label: str) -> list[str]:
@@ -106,3 +108,11 @@ def test_bf16_section_and_the_vllm_bars() -> None:
     assert "bars:" not in report  # the bars are for the full shape
     result.scale = "full"
     assert "multi-turn: 0.75x vllm, bar 1.3x: NOT met" in format_report(result)
+
+
+def test_the_roofline_rate_says_when_it_is_float32s() -> None:
+    # bfloat16 on a CPU that emulates it: the roofline holds it to float32's faster rate, and says so.
+    first = format_report(_bench(_workload(), dtype="bfloat16", matmul_dtype="float32")).splitlines()[0]
+    assert "matmul 100.0 GFLOP/s in float32 (measured; bfloat16 is emulated and slower here)" in first
+    native = format_report(_bench(_workload(), dtype="bfloat16")).splitlines()[0]
+    assert "matmul 100.0 GFLOP/s in bfloat16 (measured);" in native
