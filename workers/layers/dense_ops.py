@@ -3,9 +3,10 @@ residual add before it, rotary embedding of q and k, and SiLU-and-multiply; and 
 over the logits (each row's first largest, with the check for inf and NaN).
 
 - `TorchDenseOps`: PyTorch operators; runs anywhere and is the reference.
-- `CpuDenseOps`: linear layers on oneDNN with weights packed once into the layout its matmul reads
-  fastest (as vLLM's CPU path does; PyTorch's own linear re-reads the plain layout every call and
-  was 1.3-3x slower here at decode sizes, most of all for the output layer), and one fused C++ pass
+- `CpuDenseOps`: linear layers with weights packed once into the layout their matmul reads fastest
+  (as vLLM's CPU path does; PyTorch's own linear re-reads the plain layout every call and was
+  1.3-3x slower here at decode sizes, most of all for the output layer): on oneDNN, or on our own
+  kernel (`cpu_linear_kernels.cpp`) on AVX2 CPUs, where it is the faster of the two; and one fused C++ pass
   (`cpu_dense_kernels.cpp`) for each element-wise part where PyTorch runs five to sixteen operators
   with as many temporaries; same arithmetic, rounding where PyTorch rounds.
 
