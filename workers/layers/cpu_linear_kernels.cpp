@@ -45,6 +45,16 @@ inline void load_weights(const uint16_t* p, __m256& w0, __m256& w1) {
     w1 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm256_extracti128_si256(raw, 1)), 16));
 }
 
+// Row r's two sums += x[r][k] * the panel row's weights, for the rows a call has (r < R).
+template <int r, int R>
+inline void fma_row(const float* xk, int64_t x_stride, __m256 w0, __m256 w1, __m256& a, __m256& b) {
+    if constexpr (r < R) {
+        const __m256 xv = _mm256_broadcast_ss(xk + r * x_stride);
+        a = _mm256_fmadd_ps(xv, w0, a);
+        b = _mm256_fmadd_ps(xv, w1, b);
+    }
+}
+
 // out[r][0..cols) = bias + sum over k of x[r][k] * panel[k][0..cols), for R rows.
 template <int R, typename W>
 inline void panel_rows(const float* __restrict x, int64_t x_stride, const W* __restrict panel, int64_t K,
@@ -56,34 +66,12 @@ inline void panel_rows(const float* __restrict x, int64_t x_stride, const W* __r
         __m256 w0, w1;
         load_weights(panel + k * kPanel, w0, w1);
         const float* xk = x + k;
-        __m256 xv = _mm256_broadcast_ss(xk);
-        a0 = _mm256_fmadd_ps(xv, w0, a0);
-        b0 = _mm256_fmadd_ps(xv, w1, b0);
-        if constexpr (R > 1) {
-            xv = _mm256_broadcast_ss(xk + x_stride);
-            a1 = _mm256_fmadd_ps(xv, w0, a1);
-            b1 = _mm256_fmadd_ps(xv, w1, b1);
-        }
-        if constexpr (R > 2) {
-            xv = _mm256_broadcast_ss(xk + 2 * x_stride);
-            a2 = _mm256_fmadd_ps(xv, w0, a2);
-            b2 = _mm256_fmadd_ps(xv, w1, b2);
-        }
-        if constexpr (R > 3) {
-            xv = _mm256_broadcast_ss(xk + 3 * x_stride);
-            a3 = _mm256_fmadd_ps(xv, w0, a3);
-            b3 = _mm256_fmadd_ps(xv, w1, b3);
-        }
-        if constexpr (R > 4) {
-            xv = _mm256_broadcast_ss(xk + 4 * x_stride);
-            a4 = _mm256_fmadd_ps(xv, w0, a4);
-            b4 = _mm256_fmadd_ps(xv, w1, b4);
-        }
-        if constexpr (R > 5) {
-            xv = _mm256_broadcast_ss(xk + 5 * x_stride);
-            a5 = _mm256_fmadd_ps(xv, w0, a5);
-            b5 = _mm256_fmadd_ps(xv, w1, b5);
-        }
+        fma_row<0, R>(xk, x_stride, w0, w1, a0, b0);
+        fma_row<1, R>(xk, x_stride, w0, w1, a1, b1);
+        fma_row<2, R>(xk, x_stride, w0, w1, a2, b2);
+        fma_row<3, R>(xk, x_stride, w0, w1, a3, b3);
+        fma_row<4, R>(xk, x_stride, w0, w1, a4, b4);
+        fma_row<5, R>(xk, x_stride, w0, w1, a5, b5);
     }
     const __m256 sums[kRows][2] = {{a0, b0}, {a1, b1}, {a2, b2}, {a3, b3}, {a4, b4}, {a5, b5}};
     for (int r = 0; r < R; ++r) {
