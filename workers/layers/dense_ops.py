@@ -87,7 +87,7 @@ class CpuDenseOps:
         shares: a tied output layer's weight is the embedding table.
 
         float32 weights go into the panels of our own kernel (`cpu_linear_kernels.cpp`) where it
-        runs (AVX2 without AVX-512: 1.1-1.6x oneDNN there at 16-2048 rows), else into oneDNN's
+        runs (AVX2 without AVX-512: 1.0-1.6x oneDNN there at 16-2048 rows), else into oneDNN's
         layout.
 
         bfloat16 layers on a CPU without native bfloat16 (no AVX512-BF16, AMX or AVX-512), where
