@@ -28,6 +28,7 @@ constexpr int kRows = 6;           // rows per micro-kernel call: 12 sums + 2 we
 // Rows whose x (rows x K floats, up to 384 KiB) stays in the 512 KiB L2 beside a panel while
 // every panel passes over them: 96 rows at K = 512, 66 at K = 1408.
 constexpr int64_t kChunkFloats = 96 * 1024;
+inline int64_t num_panels(int64_t N) { return (N + kPanel - 1) / kPanel; }
 inline int64_t rows_per_chunk(int64_t K) {
     return std::max<int64_t>(kRows, std::min<int64_t>(96, kChunkFloats / K / kRows * kRows));
 }
@@ -87,11 +88,10 @@ inline void panel_rows(const float* __restrict x, int64_t x_stride, const W* __r
 }
 #endif
 
-
 // packed <- w [N, K] row-major, in panels (see the top), zero past N.
 template <typename W>
 void pack_panels(const W* w, int64_t N, int64_t K, W* packed) {
-    const int64_t panels = (N + kPanel - 1) / kPanel;
+    const int64_t panels = num_panels(N);
 #pragma omp parallel for
     for (int64_t p = 0; p < panels; ++p)
         for (int64_t k = 0; k < K; ++k)
@@ -105,7 +105,7 @@ template <typename W>
 void linear_panels(const float* x, int64_t x_stride, int64_t M, const W* packed, int64_t N, int64_t K,
                    const float* bias, float* out) {
 #if HAVE_PANEL_LINEAR
-    const int64_t panels = (N + kPanel - 1) / kPanel;
+    const int64_t panels = num_panels(N);
     const int64_t chunk = rows_per_chunk(K);
     for (int64_t m0 = 0; m0 < M; m0 += chunk) {
         const int64_t m1 = std::min(M, m0 + chunk);
@@ -141,7 +141,7 @@ extern "C" {
 int linear_kernel_used() { return HAVE_PANEL_LINEAR; }
 
 // Elements the packed weight of an N x K layer takes (N rounded up to whole panels).
-int64_t packed_linear_size(int64_t N, int64_t K) { return (N + kPanel - 1) / kPanel * kPanel * K; }
+int64_t packed_linear_size(int64_t N, int64_t K) { return num_panels(N) * kPanel * K; }
 
 // packed (packed_linear_size elements, 32-byte aligned) <- w [N, K] row-major, float32 or bfloat16.
 void pack_linear(const float* w, int64_t N, int64_t K, float* packed) { pack_panels(w, N, K, packed); }
