@@ -14,9 +14,10 @@ from pipeline.fleet_stats import window_figures
 UNFINISHED = ("validating", "in_progress", "finalizing", "cancelling")
 
 
-def eta_s(remaining: int, lines_per_s: float) -> float | None:
-    """Seconds until `remaining` lines are done at `lines_per_s`; None when there is no rate yet."""
-    return remaining / lines_per_s if lines_per_s > 0 else None
+def eta_s(remaining: int, lines_per_s: float | None) -> float | None:
+    """Seconds until `remaining` lines are done at `lines_per_s`; None when there is no rate yet (None
+    or 0: a running job before its first results)."""
+    return remaining / lines_per_s if lines_per_s else None
 
 
 def job_extras(session: Session, job_id: str) -> dict[str, Any]:

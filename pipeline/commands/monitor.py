@@ -9,6 +9,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from datetime import datetime
 from typing import Annotated, Any
 
 import typer
@@ -58,30 +59,36 @@ def _frame(factory: Any, client: Any, key_prefix: str, app: Any) -> Any:
 
     import redis
 
-    from datetime import datetime
-
     from db.base import utcnow
     from pipeline.fleet import worker_reports
     from pipeline.fleet_stats import fleet_stats
-    from pipeline.job_stats import eta_s
     from pipeline.views import jobs_table, queues_table, throughput_table, workers_table
 
     try:
         data = fleet_stats(factory, client, key_prefix, worker_reports(app, timeout_s=0.5), WINDOW_S)
     except redis.RedisError as e:
         return Text(f"cannot reach Redis: {e} (retrying; q quits)")
+    now = utcnow()
     for job in data["running_jobs"]:
-        # Lines done since the job was submitted: the span of its results alone is near zero while
-        # one chunk has finished (a chunk's results are written at once), which made the rate
-        # absurd just when the first figures appear.
-        done = job["completed"] + job["failed"]
-        elapsed = (utcnow() - datetime.fromisoformat(job["created_at"])).total_seconds()
-        rate = done / elapsed if done and elapsed > 0 else None
-        job["lines_per_s"] = rate
-        job["eta_s"] = eta_s(job["total"] - done, rate)
+        add_rate_and_eta(job, now)
     title = Text(f"pipeline monitor  {time.strftime('%H:%M:%S')}  (q quits)", style="bold")
     return Group(title, jobs_table(data["running_jobs"]), queues_table(data["queues"]), throughput_table(data),
                  workers_table(data["workers"]))
+
+
+def add_rate_and_eta(job: dict[str, Any], now: datetime) -> None:
+    """Set a running job's `lines_per_s` and `eta_s` (None for both before its first results).
+
+    The rate is lines done since the job was submitted: the span of its results alone is near zero
+    while one chunk has finished (a chunk's results are written at once), which made the rate absurd
+    just when the first figures appear."""
+    from pipeline.job_stats import eta_s
+
+    done = job["completed"] + job["failed"]
+    elapsed = (now - datetime.fromisoformat(job["created_at"])).total_seconds()
+    rate = done / elapsed if done and elapsed > 0 else None
+    job["lines_per_s"] = rate
+    job["eta_s"] = eta_s(job["total"] - done, rate)
 
 
 @contextmanager

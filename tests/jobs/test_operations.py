@@ -251,27 +251,32 @@ def test_errors_and_status(deployment: Deployment) -> None:
 
 @pytest.mark.workers
 def test_monitor_shows_a_running_job_and_quits_on_q(deployment: Deployment) -> None:
-    """Last in this module: it leaves a second job behind, which the other tests would count."""
+    """Last in this module: it leaves a second (cancelled) job behind, which the other tests would count."""
     import pexpect
 
     env, cwd = deployment.env, deployment.cwd
     source = cwd / "long.jsonl"
     source.write_text("".join(json.dumps({"custom_id": f"l{i}", "text": f"long job line {i}", "max_tokens": 64,
-                                          "temperature": 0.9, "seed": i}) + "\n" for i in range(300)))
-    job_id = cli_ok(env, cwd, "submit", str(source), "--priority", "low").stdout.strip()
+                                          "temperature": 0.9, "seed": i}) + "\n" for i in range(1000)))
     child = pexpect.spawn(PIPELINE[0], [*PIPELINE[1:], "monitor", "--interval", "0.5"], cwd=str(cwd), env=env,
                           dimensions=(60, 200), encoding="utf-8", timeout=60)
+    job_id = None
     try:
         child.expect("pipeline monitor")
         child.expect("Running jobs")
+        # Submitted once the monitor draws: a job submitted first could finish (16 chunks on 2
+        # processes) before a slow machine's monitor has started.
+        job_id = cli_ok(env, cwd, "submit", str(source), "--priority", "low").stdout.strip()
         # The job's row once it has results: its id, priority, lines done, rate and ETA.
-        child.expect(rf"{job_id}\s*│\s*low\s*│\s*[\d,]+\s*│\s*300\s*│\s*[\d,.]+/s\s*│\s*\d+[smh]")
+        child.expect(rf"{job_id}\s*│\s*low\s*│\s*[\d,]+\s*│\s*1,000\s*│\s*[\d,.]+/s\s*│\s*\d+[smh]")
         child.expect(deployment.worker_name)
         child.expect("Queues")
         child.send("q")
         child.expect(pexpect.EOF)
     finally:
         child.close(force=True)
+        if job_id:  # its remaining lines would keep the worker busy until the module's teardown
+            cli_ok(env, cwd, "cancel", job_id)
     assert child.exitstatus == 0
     result = subprocess.run([*PIPELINE, "monitor"], cwd=cwd, env=env, capture_output=True, text=True, timeout=60)
     assert result.returncode == 1 and result.stderr.startswith("error: pipeline monitor needs a terminal")

@@ -124,3 +124,27 @@ def test_watch_shows_the_rate_and_the_time_left_once_measured():
     assert progress_line(summary) == f"{bar(10, 40)} lines  in_progress"
     assert progress_line(summary, 2.0) == f"{bar(10, 40)} lines  in_progress  2.0 lines/s  ETA 15s"
     assert progress_line(summary, 0.0) == f"{bar(10, 40)} lines  in_progress  0.0 lines/s"
+
+
+def test_monitor_rate_and_eta_of_running_jobs_before_and_after_their_first_results():
+    """A running job with nothing done yet has no rate and no ETA (the monitor drew a traceback
+    there); after 30 of 300 lines in 60 s, 0.5 lines/s and 540 s left."""
+    from datetime import datetime, timedelta, timezone
+
+    from pipeline.commands.monitor import add_rate_and_eta
+    from pipeline.views import jobs_table
+    from rich.console import Console
+
+    submitted = datetime(2026, 1, 1, tzinfo=timezone.utc)
+    fresh = {"id": "batch_a", "priority": "low", "total": 300, "completed": 0, "failed": 0,
+             "created_at": submitted.isoformat()}
+    started = {**fresh, "id": "batch_b", "completed": 28, "failed": 2}
+    for job in (fresh, started):
+        add_rate_and_eta(job, submitted + timedelta(seconds=60))
+    assert (fresh["lines_per_s"], fresh["eta_s"]) == (None, None)
+    assert (started["lines_per_s"], started["eta_s"]) == (0.5, 540.0)
+    console = Console(width=120, record=True)
+    console.print(jobs_table([fresh, started]))
+    text = console.export_text()
+    assert "│ batch_a │ low      │    0 │   300 │     - │     - │" in text
+    assert "│ batch_b │ low      │   30 │   300 │ 0.5/s │ 9m00s │" in text
