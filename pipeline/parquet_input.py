@@ -12,15 +12,16 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-import pyarrow as pa
-import pyarrow.parquet as pq
+from typing import TYPE_CHECKING, Any
 
 from pipeline.errors import InputError
 from pipeline.request_fields import InvalidField, close_match, decode_json
 from pipeline.request_parser import OPENAI_KEYS, SIMPLE_KEYS
 from pipeline.request_spec import LineError
+
+if TYPE_CHECKING:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
 
 KNOWN_COLUMNS: tuple[str, ...] = tuple(dict.fromkeys(SIMPLE_KEYS + OPENAI_KEYS))
 PROMPT_COLUMNS = ("text", "prompt", "messages", "body")
@@ -28,7 +29,14 @@ JSON_TEXT_COLUMNS = ("messages", "body")  # nested values that may arrive as JSO
 # Rows decoded to Python at a time. Memory is bounded by this and by one row group's column chunks
 # (pyarrow decodes a row group's pages), never by the file.
 BATCH_ROWS = 1024
-_READ_ERRORS = (pa.ArrowException, OSError, ValueError)
+
+
+def _read_errors() -> tuple[type[Exception], ...]:
+    # pyarrow is imported where a Parquet file is read, not by every command that imports this
+    # module (it took 0.15 s of each `pipeline status`).
+    import pyarrow as pa
+
+    return pa.ArrowException, OSError, ValueError
 
 
 @dataclass(slots=True)
@@ -47,7 +55,7 @@ class ParquetRows:
         while True:
             try:
                 batch = next(batches, None)
-            except _READ_ERRORS as e:
+            except _read_errors() as e:
                 # Only the footer can be checked up front; damage inside the data shows up here.
                 reason = str(e).rstrip(".")
                 message = f"Parquet data is corrupted after row {line} ({reason}); re-export the file"
@@ -66,10 +74,12 @@ class ParquetRows:
 def open_parquet(path: Path) -> ParquetRows:
     """Open a Parquet input and check it can be read as requests. Raises InputError when the file
     is not readable Parquet, has no rows, has no prompt column, or has a misspelt column."""
+    import pyarrow.parquet as pq
+
     try:
         file = pq.ParquetFile(path)
         names = file.schema_arrow.names
-    except _READ_ERRORS as e:
+    except _read_errors() as e:
         reason = str(e).rstrip(".")
         message = f"is not a readable Parquet file ({reason}); check that it is complete, or re-export it"
         raise InputError(path, message) from None
