@@ -158,35 +158,58 @@ def _our_kernel_expected() -> bool:
     return {"avx2", "fma"} <= flags and "avx512f" not in flags
 
 
+def _pairs_kernel_expected() -> bool:
+    flags = cpu_flags()
+    return "avx512_bf16" in flags and "amx_bf16" not in flags
+
+
 def _one_rounding(got: torch.Tensor, want_float32: torch.Tensor) -> None:
     assert got.dtype == torch.bfloat16
     torch.testing.assert_close(got.float(), want_float32, rtol=2**-8, atol=1e-5)
 
 
-@pytest.mark.parametrize("num_rows", [1, 5, 6, 64, 97, 300])  # micro-kernel tails, row chunks of 96
-@pytest.mark.parametrize("out_features", [16, 50, 768])  # whole panels, a panel's tail
+@pytest.mark.parametrize("num_rows", [1, 5, 6, 64, 97, 300])  # micro-kernel tails, row chunks of 96 and 192
+@pytest.mark.parametrize("out_features", [16, 50, 100, 768])  # whole panels, a panel's tail, groups of 1-4 panels
 @pytest.mark.parametrize("with_bias", [False, True])
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_linear_layers_on_this_cpus_path(fused, num_rows, out_features, with_bias, dtype) -> None:
-    # Our panel kernel runs where the CPU has AVX2 and FMA but not AVX-512, oneDNN elsewhere:
-    # both must give PyTorch's float32 linear up to summation order, rows read with any stride;
-    # bfloat16 layers (computed in float32, forced here) that rounded once to bfloat16.
-    ours_expected = _our_kernel_expected()
-    assert bool(fused.library.linear_kernel_used()) == ours_expected
+@pytest.mark.parametrize("mode", ["float32", "bfloat16 in float32", "bfloat16"])
+def test_linear_layers_on_this_cpus_path(fused, num_rows, out_features, with_bias, mode) -> None:
+    # float32 layers and bfloat16 ones computed in float32 (forced here) run on our panel kernel
+    # where the CPU has AVX2 and FMA but not AVX-512, on oneDNN elsewhere; bfloat16 layers left to
+    # the CPU run on our pairs kernel where it has AVX512-BF16 and no AMX, else on oneDNN or in
+    # float32. Each must give PyTorch's float32 linear up to summation order, rows read with any
+    # stride; bfloat16 ones rounded once to bfloat16.
+    dtype = torch.float32 if mode == "float32" else torch.bfloat16
+    assert bool(fused.library.linear_kernel_used()) == _our_kernel_expected()
+    assert bool(fused.library.pair_linear_used()) == _pairs_kernel_expected()
     layer = torch.nn.Linear(72, out_features, bias=with_bias).to(dtype)
     holder = torch.nn.Sequential(layer)
     wide = torch.randn(num_rows, 80).to(dtype)
     x = wide[:, 3:75]  # rows 80 floats apart
     bias = None if layer.bias is None else layer.bias.detach().float()
     want = torch.nn.functional.linear(x.float(), layer.weight.detach().float(), bias)
-    ops = CpuDenseOps(fused.library, bf16_in_float32=True)
+    ops = CpuDenseOps(fused.library, bf16_in_float32=True if mode == "bfloat16 in float32" else None)
     ops.prepare(holder)
-    assert ops._layers[layer].ours == ours_expected
+    if mode == "bfloat16":
+        expected = "pairs" if _pairs_kernel_expected() else "panels" if _our_kernel_expected() else "onednn"
+    else:
+        expected = "panels" if _our_kernel_expected() else "onednn"
+    assert ops._layers[layer].kernel == expected
     got = ops.linear(layer, x)
     if dtype == torch.float32:
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     else:
         _one_rounding(got, want)
+
+
+def test_a_bfloat16_layer_with_an_odd_input_size_is_left_to_onednn(fused) -> None:
+    # The pairs kernel reads x two at a time; an odd K would read one element past each row.
+    layer = torch.nn.Linear(71, 40).to(torch.bfloat16)
+    weight, bias = layer.weight.detach().clone(), layer.bias.detach().clone()
+    ops = CpuDenseOps(fused.library)
+    ops.prepare(torch.nn.Sequential(layer))
+    assert ops._layers[layer].kernel == ("panels" if _our_kernel_expected() else "onednn")
+    x = torch.randn(9, 71).to(torch.bfloat16)
+    _close(ops.linear(layer, x), torch.nn.functional.linear(x, weight, bias))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
