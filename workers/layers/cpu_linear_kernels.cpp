@@ -1,15 +1,20 @@
-// float32 linear layers (out = x W^T + b) for CPUs with AVX2 and FMA but not AVX-512, where
-// oneDNN's matmul reached 95-140 GFLOP/s at decode sizes (16-64 rows) of the 185 the 2-core AVX2
-// machine we benchmark on can do. Elsewhere oneDNN stays (`linear_kernel_used` says which).
+// Linear layers (out = x W^T + b) on our own kernels where oneDNN left the most of the CPU's rate
+// unused at decode sizes (16-64 rows); elsewhere oneDNN stays (`linear_kernel_used` and
+// `pair_linear_used` say which).
 //
 // The weight is packed once into panels of 16 output columns: panel p holds, for each k, the 16
-// weights W[16p .. 16p + 15][k] side by side (one 64-byte line), zero past N. A micro-kernel keeps
-// 6 rows x 16 columns of sums in 12 of the 16 vector registers and, for each k, loads the panel's
-// two vectors once for all 6 rows and broadcasts each row's x[k]: 12 FMAs per 8 loads, the shape
-// BLAS libraries use on AVX2. Sums run over k in order, in float32, with one rounding per FMA.
-// bfloat16 weights (a bfloat16 model on such a CPU, which has no bfloat16 arithmetic) keep their
-// panels in bfloat16, half the bytes to read, and are widened exactly as they are loaded.
-// Threads split the panels, so each weight is read from memory once per chunk of rows.
+// weights W[16p .. 16p + 15][k] side by side (one 64-byte line of float32), zero past N.
+//
+// AVX2 and FMA without AVX-512 (oneDNN: 95-140 GFLOP/s at 16-64 rows of the 185 the 2-core AVX2
+// machine we benchmark on can do): a micro-kernel keeps 6 rows x 16 columns of sums in 12 of the 16
+// vector registers and, for each k, loads the panel's two vectors once for all 6 rows and
+// broadcasts each row's x[k]: 12 FMAs per 8 loads, the shape BLAS libraries use on AVX2. Sums run
+// over k in order, in float32, with one rounding per FMA. bfloat16 weights (a bfloat16 model on
+// such a CPU, which has no bfloat16 arithmetic) keep their panels in bfloat16, half the bytes to
+// read, and are widened exactly as they are loaded. Threads split the panels, so each weight is
+// read from memory once per chunk of rows.
+//
+// AVX-512 without AMX: see "AVX-512" below.
 
 #include <algorithm>
 #include <cstdint>
@@ -135,59 +140,98 @@ void linear_panels(const float* x, int64_t x_stride, int64_t M, const W* packed,
 #endif
 }
 
-// -- bfloat16 on AVX512-BF16 ---------------------------------------------------------------------
-// Where the CPU multiplies bfloat16 pairs natively (vdpbf16ps: 16 float32 sums, each += two
-// bfloat16 products, exact in float32), bfloat16 layers run here instead of oneDNN, which reached
-// 70-85% of that instruction's rate at decode sizes. The weight is packed once into panels of 16
-// output columns as the instruction reads its right operand: for each pair of k, the 16 columns'
-// two weights side by side (one 64-byte line), zero past N. A micro-kernel keeps 6 rows x 4 panels
-// (64 columns) of float32 sums in 24 of the 32 vector registers and, per pair of k, loads 4 panel
-// lines once for all 6 rows and broadcasts each row's two x values: 24 instructions per 10 loads.
-// The sums are rounded to bfloat16 once, at the end (as oneDNN's are). Not where the CPU has AMX:
-// there oneDNN multiplies on the matrix unit, which we have not measured this kernel against.
-#if defined(__AVX512BF16__) && defined(__AVX512F__) && !defined(__AMX_BF16__)
+// -- AVX-512 ------------------------------------------------------------------------------------
+// On AVX-512 CPUs without AMX the linear layers run here too, in panels of the same 16 output
+// columns: float32 weights as above (with bfloat16 ones widened as they are read), and bfloat16
+// layers, where the CPU has AVX512-BF16, with their weights in pairs of k as its bfloat16
+// dot-product instruction (vdpbf16ps: 16 float32 sums, each += two bfloat16 products, exact in
+// float32) reads its right operand: for each pair of k, the 16 columns' two weights side by side.
+// A micro-kernel keeps 6 rows x 4 panels (64 columns) of float32 sums in 24 of the 32 vector
+// registers and, per k (per pair of k), loads the 4 panel lines once for all 6 rows and broadcasts
+// each row's x: 24 multiply-adds per 10 loads. bfloat16 outputs are rounded once, at the end (as
+// oneDNN's are). On the 2-core AVX512-BF16 EPYC, oneDNN reached 70-85% of vdpbf16ps's rate at 64
+// rows and 30-65% at 16; this kernel 1.1-1.5x and 1.3-2.1x oneDNN there. Not where the CPU has
+// AMX: oneDNN multiplies on the matrix unit there, which this kernel was not measured against.
+#if defined(__AVX512F__) && !defined(__AMX_BF16__)
+#define HAVE_WIDE_LINEAR 1
+#else
+#define HAVE_WIDE_LINEAR 0
+#endif
+#if HAVE_WIDE_LINEAR && defined(__AVX512BF16__)
 #define HAVE_PAIR_LINEAR 1
 #else
 #define HAVE_PAIR_LINEAR 0
 #endif
 
-constexpr int kPairRows = 6;    // rows per micro-kernel call
-constexpr int kPairPanels = 4;  // panels per micro-kernel call: 64 output columns
-// Rows whose x (bfloat16) stays in L2 while every panel passes over it: 192 at K = 512.
-constexpr int64_t kPairChunkBytes = 192 * 1024;
-inline int64_t pair_rows_per_chunk(int64_t K) {
-    return std::max<int64_t>(kPairRows, std::min<int64_t>(192, kPairChunkBytes / (2 * K) / kPairRows * kPairRows));
+constexpr int kWideRows = 6;    // rows per micro-kernel call
+constexpr int kWidePanels = 4;  // panels per micro-kernel call: 64 output columns
+// Rows whose x stays in L2 while every panel passes over it: 96 float32 rows at K = 512.
+constexpr int64_t kWideChunkBytes = 192 * 1024;
+inline int64_t wide_rows_per_chunk(int64_t K, int64_t x_bytes) {
+    return std::max<int64_t>(kWideRows, std::min<int64_t>(192, kWideChunkBytes / (x_bytes * K) / kWideRows * kWideRows));
 }
 
+#if HAVE_WIDE_LINEAR
+// What one k step of the micro-kernel loads and computes, by weight layout.
+struct Float32Panels {  // float32 x and weights; one k a step
+    using X = float; using W = float; using Out = float; using Xv = __m512; using Wv = __m512;
+    static constexpr int kK = 1;
+    static Wv weights(const W* p) { return _mm512_load_ps(p); }
+    static Xv broadcast(const X* x) { return _mm512_set1_ps(*x); }
+    static __m512 madd(__m512 acc, Xv x, Wv w) { return _mm512_fmadd_ps(x, w, acc); }
+    static void store(Out* o, __m512 sums, __mmask16 mask) { _mm512_mask_storeu_ps(o, mask, sums); }
+};
+struct Bfloat16Panels : Float32Panels {  // bfloat16 weights widened exactly (a layer computed in float32)
+    using W = uint16_t;
+    static Wv weights(const W* p) {
+        const __m256i raw = _mm256_load_si256(reinterpret_cast<const __m256i*>(p));
+        return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+    }
+};
 #if HAVE_PAIR_LINEAR
-// out[r][16p .. 16p + cols) = bfloat16(bias + sum over k of x[r][k] * W[16p + j][k]) for R rows and
-// P panels (the last of which has `cols` columns). With `next`, the lines at the same places of the
+struct Bfloat16Pairs {  // bfloat16 x and weights in pairs of k; two k a step
+    using X = uint16_t; using W = uint16_t; using Out = uint16_t; using Xv = __m512bh; using Wv = __m512bh;
+    static constexpr int kK = 2;
+    static Wv weights(const W* p) { return (__m512bh)_mm512_load_si512(p); }
+    static Xv broadcast(const X* x) {
+        int32_t pair;
+        std::memcpy(&pair, x, sizeof(pair));
+        return (__m512bh)_mm512_set1_epi32(pair);
+    }
+    static __m512 madd(__m512 acc, Xv x, Wv w) { return _mm512_dpbf16_ps(acc, x, w); }
+    static void store(Out* o, __m512 sums, __mmask16 mask) {
+        _mm256_mask_storeu_epi16(o, mask, (__m256i)_mm512_cvtneps_pbh(sums));
+    }
+};
+#endif
+
+// out[r][16p .. 16p + cols) = bias + sum over k of x[r][k] * W[16p + j][k] for R rows and P panels
+// (the last of which has `last_cols` columns). With `next`, the lines at the same places of the
 // next group of panels are fetched into L2 meanwhile: a weight larger than the L3 cache (the output
 // layer's) otherwise waits on memory at every group's first rows (353 against 407 GFLOP/s).
-template <int R, int P, bool kPrefetch>
-inline void pair_panel_rows(const uint16_t* __restrict x, int64_t x_stride, const uint16_t* __restrict panel,
-                            int64_t panel_stride, int64_t K, const float* __restrict bias, uint16_t* __restrict out,
-                            int64_t out_stride, int last_cols, const uint16_t* next) {
+template <typename Op, int R, int P, bool kPrefetch>
+inline void wide_panel_rows(const typename Op::X* __restrict x, int64_t x_stride, const typename Op::W* __restrict panel,
+                            int64_t panel_stride, int64_t K, const float* __restrict bias,
+                            typename Op::Out* __restrict out, int64_t out_stride, int last_cols,
+                            const typename Op::W* next) {
     __m512 acc[R][P];
 #pragma GCC unroll 6
     for (int r = 0; r < R; ++r)
 #pragma GCC unroll 4
         for (int q = 0; q < P; ++q) acc[r][q] = _mm512_setzero_ps();
-    for (int64_t k = 0; k < K; k += 2) {
-        __m512bh w[P];
+    for (int64_t k = 0; k < K; k += Op::kK) {
+        typename Op::Wv w[P];
 #pragma GCC unroll 4
         for (int q = 0; q < P; ++q) {
-            w[q] = (__m512bh)_mm512_load_si512(panel + q * panel_stride + k * kPanel);
+            w[q] = Op::weights(panel + q * panel_stride + k * kPanel);
             if constexpr (kPrefetch)
                 _mm_prefetch(reinterpret_cast<const char*>(next + q * panel_stride + k * kPanel), _MM_HINT_T1);
         }
 #pragma GCC unroll 6
         for (int r = 0; r < R; ++r) {
-            int32_t pair;
-            std::memcpy(&pair, x + r * x_stride + k, sizeof(pair));
-            const __m512bh xv = (__m512bh)_mm512_set1_epi32(pair);
+            const typename Op::Xv xv = Op::broadcast(x + r * x_stride + k);
 #pragma GCC unroll 4
-            for (int q = 0; q < P; ++q) acc[r][q] = _mm512_dpbf16_ps(acc[r][q], xv, w[q]);
+            for (int q = 0; q < P; ++q) acc[r][q] = Op::madd(acc[r][q], xv, w[q]);
         }
     }
 #pragma GCC unroll 6
@@ -198,38 +242,63 @@ inline void pair_panel_rows(const uint16_t* __restrict x, int64_t x_stride, cons
             const __mmask16 mask = static_cast<__mmask16>((1u << cols) - 1u);
             __m512 sums = acc[r][q];
             if (bias != nullptr) sums = _mm512_add_ps(sums, _mm512_maskz_loadu_ps(mask, bias + q * kPanel));
-            _mm256_mask_storeu_epi16(out + r * out_stride + q * kPanel, mask, (__m256i)_mm512_cvtneps_pbh(sums));
+            Op::store(out + r * out_stride + q * kPanel, sums, mask);
         }
 }
 
-template <int P, bool kPrefetch>
-inline void pair_rows_any(int R, const uint16_t* xm, int64_t x_stride, const uint16_t* panel, int64_t panel_stride,
-                          int64_t K, const float* bias, uint16_t* om, int64_t out_stride, int last_cols,
-                          const uint16_t* next) {
-    switch (R) {
-        case 1: pair_panel_rows<1, P, kPrefetch>(xm, x_stride, panel, panel_stride, K, bias, om, out_stride, last_cols, next); break;
-        case 2: pair_panel_rows<2, P, kPrefetch>(xm, x_stride, panel, panel_stride, K, bias, om, out_stride, last_cols, next); break;
-        case 3: pair_panel_rows<3, P, kPrefetch>(xm, x_stride, panel, panel_stride, K, bias, om, out_stride, last_cols, next); break;
-        case 4: pair_panel_rows<4, P, kPrefetch>(xm, x_stride, panel, panel_stride, K, bias, om, out_stride, last_cols, next); break;
-        case 5: pair_panel_rows<5, P, kPrefetch>(xm, x_stride, panel, panel_stride, K, bias, om, out_stride, last_cols, next); break;
-        default: pair_panel_rows<6, P, kPrefetch>(xm, x_stride, panel, panel_stride, K, bias, om, out_stride, last_cols, next); break;
+// The rows against one group of P panels, kWideRows at a time; the first rows also fetch the next
+// group (`next`, or null for none) into L2.
+template <typename Op, int P>
+inline void wide_panel_group(const typename Op::X* x, int64_t x_stride, int64_t rows, const typename Op::W* panel,
+                             int64_t panel_stride, int64_t K, const float* bias, typename Op::Out* out,
+                             int64_t out_stride, int last_cols, const typename Op::W* next) {
+    for (int64_t m = 0; m < rows; m += kWideRows) {
+        const auto* xm = x + m * x_stride;
+        auto* om = out + m * out_stride;
+#define WIDE_ROWS(R, PF) wide_panel_rows<Op, R, P, PF>(xm, x_stride, panel, panel_stride, K, bias, om, out_stride, \
+                                                       last_cols, next)
+        const bool fetch = m == 0 && next != nullptr;
+        switch (std::min<int64_t>(kWideRows, rows - m)) {
+            case 1: fetch ? WIDE_ROWS(1, true) : WIDE_ROWS(1, false); break;
+            case 2: fetch ? WIDE_ROWS(2, true) : WIDE_ROWS(2, false); break;
+            case 3: fetch ? WIDE_ROWS(3, true) : WIDE_ROWS(3, false); break;
+            case 4: fetch ? WIDE_ROWS(4, true) : WIDE_ROWS(4, false); break;
+            case 5: fetch ? WIDE_ROWS(5, true) : WIDE_ROWS(5, false); break;
+            default: fetch ? WIDE_ROWS(6, true) : WIDE_ROWS(6, false); break;
+        }
+#undef WIDE_ROWS
     }
 }
 
-// The rows against one group of P panels; the first rows also fetch the next group (`next`, or
-// null for none) into L2.
-template <int P>
-inline void pair_panel_group(const uint16_t* x, int64_t x_stride, int64_t rows, const uint16_t* panel,
-                             int64_t panel_stride, int64_t K, const float* bias, uint16_t* out, int64_t out_stride,
-                             int last_cols, const uint16_t* next) {
-    for (int64_t m = 0; m < rows; m += kPairRows) {
-        const int R = static_cast<int>(std::min<int64_t>(kPairRows, rows - m));
-        const uint16_t* xm = x + m * x_stride;
-        uint16_t* om = out + m * out_stride;
-        if (m == 0 && next != nullptr)
-            pair_rows_any<P, true>(R, xm, x_stride, panel, panel_stride, K, bias, om, out_stride, last_cols, next);
-        else
-            pair_rows_any<P, false>(R, xm, x_stride, panel, panel_stride, K, bias, om, out_stride, last_cols, next);
+// out [M, N] = x [M, K] (rows x_stride apart) W^T + bias, W in panels of Op's layout. Threads
+// split the groups of 4 panels; rows go in chunks that stay in L2.
+template <typename Op>
+void linear_wide(const typename Op::X* x, int64_t x_stride, int64_t M, const typename Op::W* packed, int64_t N,
+                 int64_t K, const float* bias, typename Op::Out* out) {
+    const int64_t panels = num_panels(N);
+    const int64_t groups = (panels + kWidePanels - 1) / kWidePanels;
+    const int64_t chunk = wide_rows_per_chunk(K, sizeof(typename Op::X));
+    const int64_t panel_stride = K * kPanel;
+    for (int64_t m0 = 0; m0 < M; m0 += chunk) {
+        const int64_t rows = std::min(M, m0 + chunk) - m0;
+#pragma omp parallel for schedule(static) if (groups > 1)
+        for (int64_t g = 0; g < groups; ++g) {
+            const int64_t p0 = g * kWidePanels;
+            const int np = static_cast<int>(std::min<int64_t>(kWidePanels, panels - p0));
+            const int last_cols = static_cast<int>(std::min<int64_t>(kPanel, N - (p0 + np - 1) * kPanel));
+            const auto* xm = x + m0 * x_stride;
+            const auto* panel = packed + p0 * panel_stride;
+            const float* b = bias != nullptr ? bias + p0 * kPanel : nullptr;
+            auto* om = out + m0 * N + p0 * kPanel;
+            // The next group is whole (only the last may have fewer panels): fetch all 4 of its panels.
+            const auto* next = g + 2 < groups ? panel + kWidePanels * panel_stride : nullptr;
+            switch (np) {
+                case 1: wide_panel_group<Op, 1>(xm, x_stride, rows, panel, panel_stride, K, b, om, N, last_cols, next); break;
+                case 2: wide_panel_group<Op, 2>(xm, x_stride, rows, panel, panel_stride, K, b, om, N, last_cols, next); break;
+                case 3: wide_panel_group<Op, 3>(xm, x_stride, rows, panel, panel_stride, K, b, om, N, last_cols, next); break;
+                default: wide_panel_group<Op, 4>(xm, x_stride, rows, panel, panel_stride, K, b, om, N, last_cols, next); break;
+            }
+        }
     }
 }
 #endif
@@ -238,13 +307,14 @@ inline void pair_panel_group(const uint16_t* x, int64_t x_stride, int64_t rows, 
 
 extern "C" {
 
-// 1 where linear_bf16 runs here (AVX512-BF16), else 0.
+// 1 where linear_bf16 runs here (AVX512-BF16 without AMX), else 0.
 int pair_linear_used() { return HAVE_PAIR_LINEAR; }
 
 // Elements the pair-packed weight of an N x K layer takes (K even; N rounded up to whole panels).
 int64_t packed_pair_linear_size(int64_t N, int64_t K) { return num_panels(N) * kPanel * K; }
 
-// packed (packed_pair_linear_size elements, 64-byte aligned) <- w [N, K] bfloat16 row-major, K even.
+// packed (packed_pair_linear_size elements, 64-byte aligned) <- w [N, K] bfloat16 row-major, K even:
+// W[16p + j][k] at (p * K + k - k % 2) * 16 + 2j + k % 2.
 void pack_pair_linear(const uint16_t* w, int64_t N, int64_t K, uint16_t* packed) {
     const int64_t panels = num_panels(N);
 #pragma omp parallel for
@@ -261,44 +331,19 @@ void pack_pair_linear(const uint16_t* w, int64_t N, int64_t K, uint16_t* packed)
 void linear_bf16(const uint16_t* x, int64_t x_stride, int64_t M, const uint16_t* packed, int64_t N, int64_t K,
                  const float* bias, uint16_t* out) {
 #if HAVE_PAIR_LINEAR
-    const int64_t panels = num_panels(N);
-    const int64_t groups = (panels + kPairPanels - 1) / kPairPanels;
-    const int64_t chunk = pair_rows_per_chunk(K);
-    const int64_t panel_stride = K * kPanel;
-    for (int64_t m0 = 0; m0 < M; m0 += chunk) {
-        const int64_t rows = std::min(M, m0 + chunk) - m0;
-#pragma omp parallel for schedule(static) if (groups > 1)
-        for (int64_t g = 0; g < groups; ++g) {
-            const int64_t p0 = g * kPairPanels;
-            const int np = static_cast<int>(std::min<int64_t>(kPairPanels, panels - p0));
-            const int last_cols = static_cast<int>(std::min<int64_t>(kPanel, N - (p0 + np - 1) * kPanel));
-            const uint16_t* xm = x + m0 * x_stride;
-            const uint16_t* panel = packed + p0 * panel_stride;
-            const float* b = bias != nullptr ? bias + p0 * kPanel : nullptr;
-            uint16_t* om = out + m0 * N + p0 * kPanel;
-            // The next group is whole (only the last may have fewer panels): fetch all 4 of its panels.
-            const uint16_t* next = g + 2 < groups ? panel + kPairPanels * panel_stride : nullptr;
-            switch (np) {
-                case 1: pair_panel_group<1>(xm, x_stride, rows, panel, panel_stride, K, b, om, N, last_cols, next); break;
-                case 2: pair_panel_group<2>(xm, x_stride, rows, panel, panel_stride, K, b, om, N, last_cols, next); break;
-                case 3: pair_panel_group<3>(xm, x_stride, rows, panel, panel_stride, K, b, om, N, last_cols, next); break;
-                default: pair_panel_group<4>(xm, x_stride, rows, panel, panel_stride, K, b, om, N, last_cols, next); break;
-            }
-        }
-    }
+    linear_wide<Bfloat16Pairs>(x, x_stride, M, packed, N, K, bias, out);
 #else
     (void)x; (void)x_stride; (void)M; (void)packed; (void)N; (void)K; (void)bias; (void)out;
 #endif
 }
 
-
-// 1 where linear_f32 runs here (AVX2 and FMA without AVX-512), else 0.
-int linear_kernel_used() { return HAVE_PANEL_LINEAR; }
+// 1 where linear_f32 and linear_bf16_weights run here (AVX2 and FMA, or AVX-512 without AMX), else 0.
+int linear_kernel_used() { return HAVE_PANEL_LINEAR || HAVE_WIDE_LINEAR; }
 
 // Elements the packed weight of an N x K layer takes (N rounded up to whole panels).
 int64_t packed_linear_size(int64_t N, int64_t K) { return num_panels(N) * kPanel * K; }
 
-// packed (packed_linear_size elements, 32-byte aligned) <- w [N, K] row-major, float32 or bfloat16.
+// packed (packed_linear_size elements, 64-byte aligned) <- w [N, K] row-major, float32 or bfloat16.
 void pack_linear(const float* w, int64_t N, int64_t K, float* packed) { pack_panels(w, N, K, packed); }
 void pack_linear_bf16(const uint16_t* w, int64_t N, int64_t K, uint16_t* packed) { pack_panels(w, N, K, packed); }
 
@@ -307,11 +352,19 @@ void pack_linear_bf16(const uint16_t* w, int64_t N, int64_t K, uint16_t* packed)
 // over the same numbers).
 void linear_f32(const float* x, int64_t x_stride, int64_t M, const float* packed, int64_t N, int64_t K,
                 const float* bias, float* out) {
+#if HAVE_WIDE_LINEAR
+    linear_wide<Float32Panels>(x, x_stride, M, packed, N, K, bias, out);
+#else
     linear_panels(x, x_stride, M, packed, N, K, bias, out);
+#endif
 }
 void linear_bf16_weights(const float* x, int64_t x_stride, int64_t M, const uint16_t* packed, int64_t N, int64_t K,
                          const float* bias, float* out) {
+#if HAVE_WIDE_LINEAR
+    linear_wide<Bfloat16Panels>(x, x_stride, M, packed, N, K, bias, out);
+#else
     linear_panels(x, x_stride, M, packed, N, K, bias, out);
+#endif
 }
 
 }  // extern "C"

@@ -6,7 +6,8 @@ over the logits (each row's first largest, with the check for inf and NaN).
 - `CpuDenseOps`: linear layers with weights packed once into the layout their matmul reads fastest
   (as vLLM's CPU path does; PyTorch's own linear re-reads the plain layout every call and was
   1.3-3x slower here at decode sizes, most of all for the output layer): on oneDNN, or on our own
-  kernel (`cpu_linear_kernels.cpp`) on AVX2 CPUs, where it is the faster of the two; and one fused C++ pass
+  kernels (`cpu_linear_kernels.cpp`) on AVX2 and AVX-512 CPUs without AMX, where they are the
+  faster; and one fused C++ pass
   (`cpu_dense_kernels.cpp`) for each element-wise part where PyTorch runs five to sixteen operators
   with as many temporaries; same arithmetic, rounding where PyTorch rounds.
 
@@ -87,8 +88,8 @@ class CpuDenseOps:
         shares: a tied output layer's weight is the embedding table.
 
         float32 weights go into the panels of our own kernel (`cpu_linear_kernels.cpp`) where it
-        runs (AVX2 without AVX-512: 1.0-1.6x oneDNN there at 16-2048 rows), else into oneDNN's
-        layout.
+        runs (AVX2 with FMA: 1.0-1.6x oneDNN at 16-2048 rows on the 2-core AVX2 EPYC; AVX-512
+        without AMX), else into oneDNN's layout.
 
         bfloat16 layers on a CPU without native bfloat16 (no AVX512-BF16, AMX or AVX-512), where
         oneDNN cannot pack them and PyTorch's bfloat16 linear ran at a tenth of the float32 rate,
