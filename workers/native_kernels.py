@@ -48,6 +48,7 @@ SIGNATURES = {
     "rotary": [_ptr, _i64, _i64, _i32, _i32, _ptr, _ptr, _ptr, _i32],
     "silu_and_mul": [_ptr, _i64, _i64, _ptr, _i32],
     "matrix_tiles_used": [_i32, _i32],
+    "pairs_layout_used": [_i32, _i32],
     "first_max_rows": [_ptr, _i64, _i64, _ptr, _ptr, _i32],
     "linear_kernel_used": [],
     "packed_linear_size": [_i64, _i64],
@@ -60,7 +61,7 @@ SIGNATURES = {
     "pack_pair_linear": [_ptr, _i64, _i64, _ptr],
     "linear_bf16": [_ptr, _i64, _i64, _ptr, _i64, _i64, _ptr, _ptr],
 }
-RETURNS = {"matrix_tiles_used": _i32, "linear_kernel_used": _i32, "packed_linear_size": _i64,
+RETURNS = {"matrix_tiles_used": _i32, "pairs_layout_used": _i32, "linear_kernel_used": _i32, "packed_linear_size": _i64,
            "pair_linear_used": _i32, "packed_pair_linear_size": _i64}  # the others return nothing
 
 

@@ -92,7 +92,8 @@ CASES = {
     (torch.float32, "auto", 2e-5), (torch.bfloat16, "auto", 2e-2), (torch.float32, "int8", 2e-5),
 ])
 # head_dim 64 and 128 with block size 16 take the kernel's loops specialised for them (and, in
-# bfloat16 on a CPU with AMX, its matrix-tile path for tiles of more than 8 rows); 16 the general ones.
+# bfloat16, its matrix-tile path on a CPU with AMX, or its vector bfloat16 pairs on one with
+# AVX512-BF16); 16 the general ones.
 @pytest.mark.parametrize("head_dim", [16, 64, 128])
 def test_cpu_backend_matches_reference(case, heads, kv_heads, dtype, kv_cache_dtype, tol, head_dim):
     block_size, specs, shared = CASES[case]
@@ -111,14 +112,19 @@ def _cpu_has(flag: str) -> bool:
         return any(line.startswith("flags") and flag in line.split() for line in cpuinfo)
 
 
-def test_the_matrix_unit_is_used_where_the_cpu_has_one():
+def test_bfloat16_pairs_are_used_where_the_cpu_multiplies_them():
     # Where the CPU has AMX, the cases above checked the matrix-tile path against the reference
-    # (their prefill chunks and cascade groups are tiles of more than 8 rows); elsewhere the vector one.
+    # (their prefill chunks and cascade groups are tiles of more than 8 rows); where it has
+    # AVX512-BF16 without AMX, the vector bfloat16 dot product on the same pairs; elsewhere the
+    # float32 vector path.
+    from workers.native_kernels import load_cpu_kernels
+
     def pairs(head_dim: int, block_size: int, dtype: torch.dtype) -> bool:
         backend = make_backend("cpu", torch.device("cpu"), 8, 2, head_dim)
         return backend.make_cache(1, 4, block_size, dtype, torch.device("cpu"), "auto").pairs
 
-    assert pairs(64, 16, torch.bfloat16) == _cpu_has("amx_bf16")
+    assert pairs(64, 16, torch.bfloat16) == (_cpu_has("amx_bf16") or _cpu_has("avx512_bf16"))
+    assert bool(load_cpu_kernels().matrix_tiles_used(16, 64)) == _cpu_has("amx_bf16")
     assert not pairs(64, 32, torch.bfloat16)  # block size 16 only
     assert not pairs(16, 16, torch.bfloat16)  # head dim 32-256
     assert not pairs(64, 16, torch.float32)

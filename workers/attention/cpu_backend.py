@@ -27,8 +27,9 @@ class CpuKVCache(PagedKVCache):
     """PagedKVCache's tensor `[layers, 2, kv_heads, num_blocks, block_size * head_dim]`, with each
     block's keys stored transposed (`[head_dim, block_size]`), so the kernel scores a block's keys
     with one vector FMA per query element; values stay `[block_size, head_dim]`. Where the CPU's
-    matrix unit attends bfloat16 blocks (`pairs`), both go in pairs as its tile multiply reads
-    them: keys `[head_dim / 2, block_size, 2]`, values `[block_size / 2, head_dim, 2]`."""
+    matrix unit (AMX) or vector bfloat16 dot product (AVX512-BF16) attends bfloat16 blocks
+    (`pairs`), both go in pairs as those instructions read them: keys `[head_dim / 2, block_size,
+    2]`, values `[block_size / 2, head_dim, 2]`."""
 
     def __init__(self, library: ctypes.CDLL, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
@@ -36,9 +37,10 @@ class CpuKVCache(PagedKVCache):
             raise ValueError("kv_cache_dtype='fp8' is for CUDA GPUs; the CPU backend stores 'int8'")
         self.library = library
         self.kv_code = DTYPE_CODES[self.kv.dtype]
-        # bfloat16 blocks stored in pairs and attended on the CPU's matrix unit (AMX): where it has
-        # one, for block size 16 and head dim 32, 64, 128 or 256.
-        self.pairs = self.kv.dtype == torch.bfloat16 and bool(library.matrix_tiles_used(self.block_size,
+        # bfloat16 blocks stored in pairs and attended on the CPU's matrix unit (AMX) or with its
+        # vector bfloat16 dot product (AVX512-BF16): where it has one, for block size 16 and head
+        # dim 32, 64, 128 or 256.
+        self.pairs = self.kv.dtype == torch.bfloat16 and bool(library.pairs_layout_used(self.block_size,
                                                                                           self.head_dim))
         self._layer_bytes = self.kv[0].nbytes
         self._half_bytes = self.kv[0, 0].nbytes

@@ -33,6 +33,12 @@
 #else
 #define HAVE_AMX 0
 #endif
+// bfloat16 pairs on the vector unit: where the CPU has AVX512-BF16 but no AMX (see attend_blocks_pairs).
+#if defined(__AVX512BF16__) && defined(__AVX512F__) && !HAVE_AMX
+#define HAVE_VECTOR_PAIRS 1
+#else
+#define HAVE_VECTOR_PAIRS 0
+#endif
 
 #include "../bfloat16.h"
 
@@ -584,6 +590,149 @@ void attend_blocks_tiles(const Problem& p, int kvh, int seq, int b0, int b1, int
 }
 #endif  // HAVE_AMX
 
+#if HAVE_VECTOR_PAIRS
+// -- bfloat16 pairs on the vector unit (AVX512-BF16 without AMX) -------------------------------------
+// bfloat16 blocks stored in pairs as for the matrix unit (see the layout above), attended with the
+// vector unit's bfloat16 dot product (vdpbf16ps: 16 float32 sums, each += two bfloat16 products,
+// exact in float32): half the multiply-adds of widening each element to float32, and no widening
+// or converted copy. The arithmetic is the matrix-tile path's: the queries go in as given
+// (bfloat16) and the scale onto the scores; the softmax runs in float32 over the visible keys, its
+// weights rounded to bfloat16 for the weighted values, and each row's sum adds the rounded weights.
+
+// s[r * S + i * 16 + k] = row r's score against key k of block i (keys in pairs of dims), unscaled,
+// for kR rows (qb: bfloat16, kR x kD) and kNB blocks: kR x kNB vectors of 16 sums in registers.
+template <int kR, int kNB, int kD>
+inline void score_pairs_rows(const uint16_t* __restrict qb, const uint16_t* const* K, float* __restrict s, int S) {
+    __m512 acc[kR][kNB];
+    for (int j = 0; j < kR; ++j)
+        for (int i = 0; i < kNB; ++i) acc[j][i] = _mm512_setzero_ps();
+    for (int d2 = 0; d2 < kD / 2; ++d2) {
+        __m512bh keys[kNB];
+        for (int i = 0; i < kNB; ++i) keys[i] = (__m512bh)_mm512_loadu_si512(K[i] + d2 * 32);
+        for (int j = 0; j < kR; ++j) {
+            int32_t pair;
+            std::memcpy(&pair, qb + j * kD + 2 * d2, sizeof(pair));
+            const __m512bh q = (__m512bh)_mm512_set1_epi32(pair);
+            for (int i = 0; i < kNB; ++i) acc[j][i] = _mm512_dpbf16_ps(acc[j][i], q, keys[i]);
+        }
+    }
+    for (int j = 0; j < kR; ++j)
+        for (int i = 0; i < kNB; ++i) _mm512_storeu_ps(s + j * S + i * 16, acc[j][i]);
+}
+
+template <int kR, int kD>
+inline void score_pairs_blocks(const uint16_t* qb, const uint16_t* const* K, int nb, float* s, int S) {
+    switch (nb) {
+        case 1: score_pairs_rows<kR, 1, kD>(qb, K, s, S); break;
+        case 2: score_pairs_rows<kR, 2, kD>(qb, K, s, S); break;
+        case 3: score_pairs_rows<kR, 3, kD>(qb, K, s, S); break;
+        default: score_pairs_rows<kR, 4, kD>(qb, K, s, S); break;
+    }
+}
+
+// acc[r] = acc[r] * corr[r] + sum over keys k < visible[r] of w[r * S + k] * V(k) for kR rows, the
+// weights bfloat16 (0 past each row's visible keys), keys in pairs: each pair of V's lines (16 dims
+// x 2 keys) serves kR rows. Dims go 64 at a time (kR x 4 vectors of sums).
+template <int kR, int kD>
+inline void accumulate_pairs_rows(float* __restrict acc, const float* __restrict corr, const uint16_t* __restrict w,
+                                  int S, const uint16_t* const* V, const int* visible) {
+    constexpr int kDims = std::min(kD, 64), kVecs = kDims / 16;
+    int n = 0;
+    for (int j = 0; j < kR; ++j) n = std::max(n, visible[j]);
+    const int pairs = (n + 1) / 2;  // a row's weight past its visible keys is 0, pairs round up
+    for (int d0 = 0; d0 < kD; d0 += kDims) {
+        __m512 a[kR][kVecs];
+        for (int j = 0; j < kR; ++j)
+            for (int c = 0; c < kVecs; ++c)
+                a[j][c] = _mm512_mul_ps(_mm512_loadu_ps(acc + j * kD + d0 + 16 * c), _mm512_set1_ps(corr[j]));
+        for (int kp = 0; kp < pairs; ++kp) {
+            const uint16_t* line = V[kp / 8] + (kp % 8) * kD * 2 + d0 * 2;  // 8 pairs of keys a block
+            __m512bh vals[kVecs];
+            for (int c = 0; c < kVecs; ++c) vals[c] = (__m512bh)_mm512_loadu_si512(line + 32 * c);
+            for (int j = 0; j < kR; ++j) {
+                int32_t pair;
+                std::memcpy(&pair, w + j * S + 2 * kp, sizeof(pair));
+                const __m512bh wv = (__m512bh)_mm512_set1_epi32(pair);
+                for (int c = 0; c < kVecs; ++c) a[j][c] = _mm512_dpbf16_ps(a[j][c], wv, vals[c]);
+            }
+        }
+        for (int j = 0; j < kR; ++j)
+            for (int c = 0; c < kVecs; ++c) _mm512_storeu_ps(acc + j * kD + d0 + 16 * c, a[j][c]);
+    }
+}
+
+// attend_blocks for blocks of 16 bfloat16 keys stored in pairs, on the vector unit. st.qb holds the
+// rows' queries (bfloat16).
+template <int kD>
+void attend_blocks_pairs(const Problem& p, int kvh, int seq, int b0, int b1, int rows, const int* pos,
+                         int kv_len, RowState& st) {
+    constexpr int BS = 16, S = kMaxBlocksPerStep * BS;
+    constexpr int64_t block_elems = static_cast<int64_t>(kD) * BS;
+    const int32_t* table = p.block_tables + static_cast<int64_t>(seq) * p.bt_stride;
+    const uint16_t* k_cache = static_cast<const uint16_t*>(p.k_cache);
+    const uint16_t* v_cache = static_cast<const uint16_t*>(p.v_cache);
+    const uint16_t* K[kMaxBlocksPerStep];
+    const uint16_t* V[kMaxBlocksPerStep];
+    for (int b = b0; b < b1; b += kMaxBlocksPerStep) {
+        const int nb = std::min(kMaxBlocksPerStep, b1 - b);
+        for (int nxt = b + nb; nxt < std::min(b1, b + 2 * nb); ++nxt) {  // as in attend_blocks
+            const int64_t at = (static_cast<int64_t>(kvh) * p.NB + table[nxt]) * block_elems;
+            for (int64_t line = 0; line < block_elems; line += 32) {
+                __builtin_prefetch(k_cache + at + line);
+                __builtin_prefetch(v_cache + at + line);
+            }
+        }
+        for (int i = 0; i < nb; ++i) {
+            const int64_t base = (static_cast<int64_t>(kvh) * p.NB + table[b + i]) * block_elems;
+            K[i] = k_cache + base;
+            V[i] = v_cache + base;
+        }
+        int r = 0;
+        for (; r + kGroupRows <= rows; r += kGroupRows)
+            score_pairs_blocks<kGroupRows, kD>(st.qb.data() + r * kD, K, nb, st.s.data() + r * S, S);
+        for (; r < rows; ++r) score_pairs_blocks<1, kD>(st.qb.data() + r * kD, K, nb, st.s.data() + r * S, S);
+
+        const int key0 = b * BS;
+        const int keys = nb * BS;
+        const int in_range = std::min(keys, kv_len - key0);
+        for (r = 0; r < rows; ++r) {
+            float* __restrict s = st.s.data() + static_cast<int64_t>(r) * S;
+            uint16_t* __restrict w = st.pb.data() + static_cast<int64_t>(r) * S;
+            const int visible = std::max(0, std::min(in_range, pos[r] - key0 + 1));
+            st.visible[r] = visible;
+            if (visible == 0) {  // these keys all follow this row (causal): it keeps its state
+                st.corr[r] = 1.f;
+                std::memset(w, 0, keys * sizeof(uint16_t));
+                continue;
+            }
+#pragma omp simd
+            for (int k = 0; k < visible; ++k) s[k] *= p.scale;
+            // As in attend_blocks: exp over the visible keys alone, no rescale on a row's first keys.
+            const float mx = max_of(s, visible, st.m[r]);
+            const float corr = mx > st.m[r] ? (st.m[r] == kNegLarge ? 0.f : std::exp(st.m[r] - mx)) : 1.f;
+            float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+            for (int k = 0; k < visible; ++k) {
+                const uint16_t weight = from_f32(std::exp(s[k] - mx));
+                w[k] = weight;
+                sum += to_f32(weight);
+            }
+            for (int k = visible; k < keys; ++k) w[k] = 0;
+            st.l[r] = st.l[r] * corr + sum;
+            st.m[r] = mx;
+            st.corr[r] = corr;
+        }
+
+        for (r = 0; r + kGroupRows <= rows; r += kGroupRows)
+            accumulate_pairs_rows<kGroupRows, kD>(st.acc.data() + r * kD, st.corr.data() + r, st.pb.data() + r * S, S,
+                                                  V, st.visible.data() + r);
+        for (; r < rows; ++r)
+            accumulate_pairs_rows<1, kD>(st.acc.data() + r * kD, st.corr.data() + r, st.pb.data() + r * S, S, V,
+                                         st.visible.data() + r);
+    }
+}
+#endif  // HAVE_VECTOR_PAIRS
+
 // Whether bfloat16 blocks of this size and head dim are stored in pairs and attended on the
 // matrix unit (AMX).
 bool use_tiles(int BS, int D) {
@@ -603,6 +752,26 @@ AttendFn pick_attend_tiles(int D) {
         case 64: return attend_blocks_tiles<64>;
         case 128: return attend_blocks_tiles<128>;
         default: return attend_blocks_tiles<256>;
+    }
+#else
+    (void)D;
+    return nullptr;
+#endif
+}
+
+// Whether bfloat16 blocks of this size and head dim are stored in pairs and attended with the
+// vector unit's bfloat16 dot product (AVX512-BF16 without AMX).
+bool use_vector_pairs(int BS, int D) {
+    return HAVE_VECTOR_PAIRS && BS == 16 && (D == 32 || D == 64 || D == 128 || D == 256);
+}
+
+AttendFn pick_attend_pairs(int D) {
+#if HAVE_VECTOR_PAIRS
+    switch (D) {
+        case 32: return attend_blocks_pairs<32>;
+        case 64: return attend_blocks_pairs<64>;
+        case 128: return attend_blocks_pairs<128>;
+        default: return attend_blocks_pairs<256>;
     }
 #else
     (void)D;
@@ -702,6 +871,11 @@ void write_kv(const void* k, int64_t k_stride, const void* v, int64_t v_stride, 
 // paged_attention's `pairs`) and attended on the matrix unit (AMX) here; else 0.
 int matrix_tiles_used(int BS, int D) { return use_tiles(BS, D) ? 1 : 0; }
 
+// 1 when bfloat16 blocks of this block size and head dim are stored in pairs here (write_kv's and
+// paged_attention's `pairs`): on the matrix unit (AMX) or the vector unit's bfloat16 dot product
+// (AVX512-BF16); else 0.
+int pairs_layout_used(int BS, int D) { return use_tiles(BS, D) || use_vector_pairs(BS, D) ? 1 : 0; }
+
 // out [T, H, D] = softmax(q k^T * scale) v per sequence, causally: sequence s has query tokens
 // [query_start[s], query_start[s+1]) at the last positions of its seq_lens[s] keys.
 // Cascade groups: decodes c in [cascade_start[g], cascade_start[g+1]) (one query each, at a
@@ -719,12 +893,14 @@ void paged_attention(const void* q, int64_t q_stride, const void* k_cache, const
     // Blocks stored in pairs: every tile on the matrix unit. Otherwise few rows read bfloat16
     // blocks in place, many read them converted to float32 (float32 pools are read in place).
     const bool tiles = pairs != 0 && kv_dtype == 1 && use_tiles(BS, D);
+    const bool vector_pairs = pairs != 0 && kv_dtype == 1 && !tiles && use_vector_pairs(BS, D);
+    const bool paired = tiles || vector_pairs;
     const AttendFn attend_in_place = kv_dtype == 1 ? pick_attend<uint16_t>(BS, D) : pick_attend<float>(BS, D);
     const AttendFn attend_many = pick_attend<float>(BS, D);
-    const AttendFn attend_tiles = tiles ? pick_attend_tiles(D) : nullptr;
+    const AttendFn attend_paired = tiles ? pick_attend_tiles(D) : vector_pairs ? pick_attend_pairs(D) : nullptr;
     auto attend = [&](const Problem& pr, int kvh, int seq, int b0, int b1, int rows, const int* pos, int kv_len,
                       RowState& st) {
-        (tiles ? attend_tiles : rows <= kMaxRowsReadingInPlace ? attend_in_place : attend_many)(
+        (paired ? attend_paired : rows <= kMaxRowsReadingInPlace ? attend_in_place : attend_many)(
             pr, kvh, seq, b0, b1, rows, pos, kv_len, st);
     };
     const int tokens_per_tile = std::max(1, kRowsPerTile / G);
@@ -755,7 +931,7 @@ void paged_attention(const void* q, int64_t q_stride, const void* k_cache, const
     {
         RowState st;
         st.reserve(kRowsPerTile, D, BS);
-        if (tiles) st.reserve_tiles(kRowsPerTile, D, BS);
+        if (paired) st.reserve_tiles(kRowsPerTile, D, BS);
         std::vector<int64_t> tokens(kRowsPerTile);
         std::vector<int> heads(kRowsPerTile), pos(kRowsPerTile);
 #pragma omp for schedule(dynamic, 1) nowait
