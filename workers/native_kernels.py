@@ -57,12 +57,11 @@ SIGNATURES = {
     "linear_f32": [_ptr, _i64, _i64, _ptr, _i64, _i64, _ptr, _ptr],
     "linear_bf16_weights": [_ptr, _i64, _i64, _ptr, _i64, _i64, _ptr, _ptr],
     "pair_linear_used": [],
-    "packed_pair_linear_size": [_i64, _i64],
     "pack_pair_linear": [_ptr, _i64, _i64, _ptr],
     "linear_bf16": [_ptr, _i64, _i64, _ptr, _i64, _i64, _ptr, _ptr],
 }
 RETURNS = {"matrix_tiles_used": _i32, "pairs_layout_used": _i32, "linear_kernel_used": _i32, "packed_linear_size": _i64,
-           "pair_linear_used": _i32, "packed_pair_linear_size": _i64}  # the others return nothing
+           "pair_linear_used": _i32}  # the others return nothing
 
 
 def cache_folder() -> Path:

@@ -405,6 +405,27 @@ AttendFn pick_attend(int BS, int D) {
 
 // The rows' queries, scaled, as float32 into st.q; and, for the matrix-tile path (st.qb sized),
 // the bfloat16 queries as they are into st.qb (its products take the scale afterwards).
+// K[i], V[i] <- blocks b .. b + nb of the sequence's table in a bfloat16 pool stored in pairs, for
+// the paths that read them there (matrix tiles, vector pairs); the next blocks up to b1 are asked
+// for meanwhile, as in attend_blocks.
+[[maybe_unused]] inline void paired_blocks(const Problem& p, int kvh, const int32_t* table, int b, int nb, int b1,
+                                           int64_t block_elems, const uint16_t** K, const uint16_t** V) {
+    const uint16_t* k_cache = static_cast<const uint16_t*>(p.k_cache);
+    const uint16_t* v_cache = static_cast<const uint16_t*>(p.v_cache);
+    for (int nxt = b + nb; nxt < std::min(b1, b + 2 * nb); ++nxt) {
+        const int64_t at = (static_cast<int64_t>(kvh) * p.NB + table[nxt]) * block_elems;
+        for (int64_t line = 0; line < block_elems; line += 32) {
+            __builtin_prefetch(k_cache + at + line);
+            __builtin_prefetch(v_cache + at + line);
+        }
+    }
+    for (int i = 0; i < nb; ++i) {
+        const int64_t base = (static_cast<int64_t>(kvh) * p.NB + table[b + i]) * block_elems;
+        K[i] = k_cache + base;
+        V[i] = v_cache + base;
+    }
+}
+
 #if HAVE_AMX
 // -- Matrix tiles (AMX) -----------------------------------------------------------------------------
 // Where the CPU has AMX, bfloat16 blocks are stored in pairs (see the layout above) and every tile
@@ -497,26 +518,13 @@ void attend_blocks_tiles(const Problem& p, int kvh, int seq, int b0, int b1, int
     constexpr int BS = 16, S = kTileBlocksPerStep * BS;
     constexpr int64_t block_elems = static_cast<int64_t>(kD) * BS;
     const int32_t* table = p.block_tables + static_cast<int64_t>(seq) * p.bt_stride;
-    const uint16_t* k_cache = static_cast<const uint16_t*>(p.k_cache);
-    const uint16_t* v_cache = static_cast<const uint16_t*>(p.v_cache);
     const int groups = (rows + kTileRows - 1) / kTileRows;
     const uint16_t* K[kTileBlocksPerStep];
     const uint16_t* V[kTileBlocksPerStep];
     configure_tiles(std::min(rows, kTileRows));
     for (int b = b0; b < b1; b += kTileBlocksPerStep) {
         const int nb = std::min(kTileBlocksPerStep, b1 - b);
-        for (int nxt = b + nb; nxt < std::min(b1, b + 2 * nb); ++nxt) {  // as in attend_blocks
-            const int64_t at = (static_cast<int64_t>(kvh) * p.NB + table[nxt]) * block_elems;
-            for (int64_t line = 0; line < block_elems; line += 32) {
-                __builtin_prefetch(k_cache + at + line);
-                __builtin_prefetch(v_cache + at + line);
-            }
-        }
-        for (int i = 0; i < nb; ++i) {
-            const int64_t base = (static_cast<int64_t>(kvh) * p.NB + table[b + i]) * block_elems;
-            K[i] = k_cache + base;
-            V[i] = v_cache + base;
-        }
+        paired_blocks(p, kvh, table, b, nb, b1, block_elems, K, V);
         for (int g = 0; g < groups; ++g) {
             const uint16_t* qg = st.qb.data() + static_cast<int64_t>(g) * kTileRows * kD;
             float* sg = st.s.data() + static_cast<int64_t>(g) * kTileRows * S;
@@ -669,24 +677,11 @@ void attend_blocks_pairs(const Problem& p, int kvh, int seq, int b0, int b1, int
     constexpr int BS = 16, S = kMaxBlocksPerStep * BS;
     constexpr int64_t block_elems = static_cast<int64_t>(kD) * BS;
     const int32_t* table = p.block_tables + static_cast<int64_t>(seq) * p.bt_stride;
-    const uint16_t* k_cache = static_cast<const uint16_t*>(p.k_cache);
-    const uint16_t* v_cache = static_cast<const uint16_t*>(p.v_cache);
     const uint16_t* K[kMaxBlocksPerStep];
     const uint16_t* V[kMaxBlocksPerStep];
     for (int b = b0; b < b1; b += kMaxBlocksPerStep) {
         const int nb = std::min(kMaxBlocksPerStep, b1 - b);
-        for (int nxt = b + nb; nxt < std::min(b1, b + 2 * nb); ++nxt) {  // as in attend_blocks
-            const int64_t at = (static_cast<int64_t>(kvh) * p.NB + table[nxt]) * block_elems;
-            for (int64_t line = 0; line < block_elems; line += 32) {
-                __builtin_prefetch(k_cache + at + line);
-                __builtin_prefetch(v_cache + at + line);
-            }
-        }
-        for (int i = 0; i < nb; ++i) {
-            const int64_t base = (static_cast<int64_t>(kvh) * p.NB + table[b + i]) * block_elems;
-            K[i] = k_cache + base;
-            V[i] = v_cache + base;
-        }
+        paired_blocks(p, kvh, table, b, nb, b1, block_elems, K, V);
         int r = 0;
         for (; r + kGroupRows <= rows; r += kGroupRows)
             score_pairs_blocks<kGroupRows, kD>(st.qb.data() + r * kD, K, nb, st.s.data() + r * S, S);

@@ -95,8 +95,9 @@ inline void panel_rows(const float* __restrict x, int64_t x_stride, const W* __r
 }
 #endif
 
-// packed <- w [N, K] row-major, in panels (see the top), zero past N.
-template <typename W>
+// packed <- w [N, K] row-major, in panels (see the top), zero past N; with kK = 2, in pairs of k
+// (K even): W[16p + j][k] at (p * K + k - k % 2) * 16 + 2j + k % 2.
+template <int kK, typename W>
 void pack_panels(const W* w, int64_t N, int64_t K, W* packed) {
     const int64_t panels = num_panels(N);
 #pragma omp parallel for
@@ -104,7 +105,7 @@ void pack_panels(const W* w, int64_t N, int64_t K, W* packed) {
         for (int64_t k = 0; k < K; ++k)
             for (int j = 0; j < kPanel; ++j) {
                 const int64_t n = p * kPanel + j;
-                packed[(p * K + k) * kPanel + j] = n < N ? w[n * K + k] : W(0);
+                packed[(p * K + k - k % kK) * kPanel + kK * j + k % kK] = n < N ? w[n * K + k] : W(0);
             }
 }
 
@@ -310,21 +311,9 @@ extern "C" {
 // 1 where linear_bf16 runs here (AVX512-BF16 without AMX), else 0.
 int pair_linear_used() { return HAVE_PAIR_LINEAR; }
 
-// Elements the pair-packed weight of an N x K layer takes (K even; N rounded up to whole panels).
-int64_t packed_pair_linear_size(int64_t N, int64_t K) { return num_panels(N) * kPanel * K; }
-
-// packed (packed_pair_linear_size elements, 64-byte aligned) <- w [N, K] bfloat16 row-major, K even:
-// W[16p + j][k] at (p * K + k - k % 2) * 16 + 2j + k % 2.
-void pack_pair_linear(const uint16_t* w, int64_t N, int64_t K, uint16_t* packed) {
-    const int64_t panels = num_panels(N);
-#pragma omp parallel for
-    for (int64_t p = 0; p < panels; ++p)
-        for (int64_t k = 0; k < K; ++k)
-            for (int j = 0; j < kPanel; ++j) {
-                const int64_t n = p * kPanel + j;
-                packed[(p * K + (k & ~int64_t(1))) * kPanel + 2 * j + (k & 1)] = n < N ? w[n * K + k] : 0;
-            }
-}
+// packed (packed_linear_size elements, 64-byte aligned) <- w [N, K] bfloat16 row-major, K even, in
+// pairs of k.
+void pack_pair_linear(const uint16_t* w, int64_t N, int64_t K, uint16_t* packed) { pack_panels<2>(w, N, K, packed); }
 
 // out [M, N] bfloat16 contiguous = x [M, K] bfloat16 (rows x_stride apart) W^T + bias (N float32,
 // or null), with W pair-packed; K even.
@@ -344,8 +333,8 @@ int linear_kernel_used() { return HAVE_PANEL_LINEAR || HAVE_WIDE_LINEAR; }
 int64_t packed_linear_size(int64_t N, int64_t K) { return num_panels(N) * kPanel * K; }
 
 // packed (packed_linear_size elements, 64-byte aligned) <- w [N, K] row-major, float32 or bfloat16.
-void pack_linear(const float* w, int64_t N, int64_t K, float* packed) { pack_panels(w, N, K, packed); }
-void pack_linear_bf16(const uint16_t* w, int64_t N, int64_t K, uint16_t* packed) { pack_panels(w, N, K, packed); }
+void pack_linear(const float* w, int64_t N, int64_t K, float* packed) { pack_panels<1>(w, N, K, packed); }
+void pack_linear_bf16(const uint16_t* w, int64_t N, int64_t K, uint16_t* packed) { pack_panels<1>(w, N, K, packed); }
 
 // out [M, N] float32 contiguous = x [M, K] float32 (rows x_stride apart) W^T + bias (N floats, or
 // null), with W's panels float32 or bfloat16 (each widened exactly, so both give the same sums

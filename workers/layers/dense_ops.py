@@ -122,7 +122,7 @@ class CpuDenseOps:
             bias = None if bias is None else bias.float()
         n, k = weight.shape
         if weight.dtype == torch.bfloat16 and not in_float32 and k % 2 == 0 and self.library.pair_linear_used():
-            pairs = _aligned(self.library.packed_pair_linear_size(n, k), weight.dtype)
+            pairs = _aligned(self.library.packed_linear_size(n, k), weight.dtype)
             self.library.pack_pair_linear(weight.contiguous().data_ptr(), n, k, pairs.data_ptr())
             return _PackedLinear(pairs, None if bias is None else bias.float(), n, False, "pairs")
         if (weight.dtype == torch.float32 or in_float32) and self.library.linear_kernel_used():
