@@ -607,6 +607,13 @@ void attend_blocks_tiles(const Problem& p, int kvh, int seq, int b0, int b1, int
 // (bfloat16) and the scale onto the scores; the softmax runs in float32 over the visible keys, its
 // weights rounded to bfloat16 for the weighted values, and each row's sum adds the rounded weights.
 
+// The two bfloat16 values at p in every 32-bit lane: vdpbf16ps's broadcast operand.
+inline __m512bh broadcast_pair(const uint16_t* p) {
+    int32_t pair;
+    std::memcpy(&pair, p, sizeof(pair));
+    return (__m512bh)_mm512_set1_epi32(pair);
+}
+
 // s[r * S + i * 16 + k] = row r's score against key k of block i (keys in pairs of dims), unscaled,
 // for kR rows (qb: bfloat16, kR x kD) and kNB blocks: kR x kNB vectors of 16 sums in registers.
 template <int kR, int kNB, int kD>
@@ -618,9 +625,7 @@ inline void score_pairs_rows(const uint16_t* __restrict qb, const uint16_t* cons
         __m512bh keys[kNB];
         for (int i = 0; i < kNB; ++i) keys[i] = (__m512bh)_mm512_loadu_si512(K[i] + d2 * 32);
         for (int j = 0; j < kR; ++j) {
-            int32_t pair;
-            std::memcpy(&pair, qb + j * kD + 2 * d2, sizeof(pair));
-            const __m512bh q = (__m512bh)_mm512_set1_epi32(pair);
+            const __m512bh q = broadcast_pair(qb + j * kD + 2 * d2);
             for (int i = 0; i < kNB; ++i) acc[j][i] = _mm512_dpbf16_ps(acc[j][i], q, keys[i]);
         }
     }
@@ -658,9 +663,7 @@ inline void accumulate_pairs_rows(float* __restrict acc, const float* __restrict
             __m512bh vals[kVecs];
             for (int c = 0; c < kVecs; ++c) vals[c] = (__m512bh)_mm512_loadu_si512(line + 32 * c);
             for (int j = 0; j < kR; ++j) {
-                int32_t pair;
-                std::memcpy(&pair, w + j * S + 2 * kp, sizeof(pair));
-                const __m512bh wv = (__m512bh)_mm512_set1_epi32(pair);
+                const __m512bh wv = broadcast_pair(w + j * S + 2 * kp);
                 for (int c = 0; c < kVecs; ++c) a[j][c] = _mm512_dpbf16_ps(a[j][c], wv, vals[c]);
             }
         }
@@ -740,14 +743,12 @@ bool use_tiles(int BS, int D) {
 #endif
 }
 
+// The paired paths' instance of `f` for head dim D (32, 64, 128 or 256).
+#define BY_HEAD_DIM(f, D) ((D) == 32 ? f<32> : (D) == 64 ? f<64> : (D) == 128 ? f<128> : f<256>)
+
 AttendFn pick_attend_tiles(int D) {
 #if HAVE_AMX
-    switch (D) {
-        case 32: return attend_blocks_tiles<32>;
-        case 64: return attend_blocks_tiles<64>;
-        case 128: return attend_blocks_tiles<128>;
-        default: return attend_blocks_tiles<256>;
-    }
+    return BY_HEAD_DIM(attend_blocks_tiles, D);
 #else
     (void)D;
     return nullptr;
@@ -762,12 +763,7 @@ bool use_vector_pairs(int BS, int D) {
 
 AttendFn pick_attend_pairs(int D) {
 #if HAVE_VECTOR_PAIRS
-    switch (D) {
-        case 32: return attend_blocks_pairs<32>;
-        case 64: return attend_blocks_pairs<64>;
-        case 128: return attend_blocks_pairs<128>;
-        default: return attend_blocks_pairs<256>;
-    }
+    return BY_HEAD_DIM(attend_blocks_pairs, D);
 #else
     (void)D;
     return nullptr;
