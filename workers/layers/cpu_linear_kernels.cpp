@@ -151,7 +151,7 @@ void linear_panels(const float* x, int64_t x_stride, int64_t M, const W* packed,
 // registers and, per k (per pair of k), loads the 4 panel lines once for all 6 rows and broadcasts
 // each row's x: 24 multiply-adds per 10 loads. bfloat16 outputs are rounded once, at the end (as
 // oneDNN's are). On the 2-core AVX512-BF16 EPYC, oneDNN reached 70-85% of vdpbf16ps's rate at 64
-// rows and 30-65% at 16; this kernel 1.1-1.5x and 1.3-2.1x oneDNN there. Not where the CPU has
+// rows and 30-65% at 16; this kernel 1.1-1.5x and 1.2-2.1x oneDNN there (two sittings). Not where the CPU has
 // AMX: oneDNN multiplies on the matrix unit there, which this kernel was not measured against.
 #if defined(__AVX512F__) && !defined(__AMX_BF16__)
 #define HAVE_WIDE_LINEAR 1

@@ -100,7 +100,7 @@ class CpuDenseOps:
         does not run, gets float32 copies.
 
         bfloat16 layers on a CPU with AVX512-BF16 and no AMX go to our pairs kernel (its bfloat16
-        dot-product instruction, 1.1-1.5x oneDNN at 64 rows and 1.5-2.2x at 16 on the 2-core
+        dot-product instruction, 1.1-1.5x oneDNN at 64 rows and 1.2-2.1x at 16 on the 2-core
         AVX512-BF16 EPYC; see cpu_linear_kernels.cpp)."""
         linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
         linear_weights = {id(m.weight) for m in linears}
