@@ -138,6 +138,8 @@ class Settings:
     attention_backend: str = field(default="auto", metadata=_doc(
         "Attention kernels: 'cpu' (C++, built with the system's compiler on first use), 'triton' (CUDA), "
         "'reference' (plain PyTorch); 'auto': the fastest that runs here."))
+    cuda_graphs: bool = field(default=True, metadata=_doc(
+        "Replay decode steps as CUDA graphs (the triton backend on a GPU); no effect on the CPU."))
     block_size: int = field(default=16, metadata=_doc("Tokens per KV cache block."))
     kv_cache_memory_bytes: int | None = field(
         default=None,
@@ -255,7 +257,7 @@ class Settings:
 
     def engine_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for `workers.EngineConfig` (which validates them again)."""
-        names = ("model", "device", "dtype", "attention_backend", "block_size", "kv_cache_memory_bytes",
+        names = ("model", "device", "dtype", "attention_backend", "cuda_graphs", "block_size", "kv_cache_memory_bytes",
                  "kv_cache_dtype", "eviction_policy", "enable_prefix_caching", "max_num_seqs", "max_num_batched_tokens",
                  "cpu_threads", "chat_template_timeout_s", "max_pinned_fraction")
         return {name: getattr(self, name) for name in names}

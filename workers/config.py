@@ -33,6 +33,9 @@ class EngineConfig:
     max_pinned_fraction: float = 0.5
     kv_cache_dtype: str = "auto"
     attention_backend: str = "auto"  # workers/attention: "reference", "cpu", "triton"; auto: the fastest here
+    # Decode steps replayed as CUDA graphs (workers/decode_graphs.py) where the triton backend runs
+    # on a CUDA GPU. False: every kernel is launched from Python each step.
+    cuda_graphs: bool = True
     max_num_seqs: int = 256
     max_num_batched_tokens: int = 2048
     max_model_len: int | None = None
@@ -62,6 +65,8 @@ class EngineConfig:
             raise ValueError(
                 f"attention_backend={self.attention_backend!r} is unknown; use one of {', '.join(ATTENTION_BACKENDS)}"
             )
+        if not isinstance(self.cuda_graphs, bool):
+            raise ValueError(f"cuda_graphs={self.cuda_graphs!r} must be True or False")
         if self.eviction_policy not in EVICTION_POLICIES:
             raise ValueError(
                 f"eviction_policy={self.eviction_policy!r} is unknown; use one of {', '.join(EVICTION_POLICIES)}"

@@ -12,6 +12,7 @@ import torch
 from workers.attention import make_backend
 from workers.layers.dense_ops import make_dense_ops
 from workers.config import EngineConfig
+from workers.decode_graphs import make_static_decode
 from workers.dtype_choice import resolve_dtype
 from workers.errors import PromptTooLongError
 from workers.hashing import BlockHash, hash_full_blocks, root_hash
@@ -77,8 +78,12 @@ class LLMEngine:
         dense_ops = make_dense_ops(self.attention.library if self.attention.name == "cpu" else None)
         dense_ops.prepare(self.loaded.model)
         self.loaded.model.dense_ops = dense_ops
-        self.kv_cache = self.attention.make_cache(cfg.num_layers, num_blocks, config.block_size, dtype, self.device,
-                                                  config.kv_cache_dtype)
+        # Decode steps on static inputs, recorded as CUDA graphs on a GPU (on the CPU the triton
+        # backend runs only under Triton's interpreter, where the same path runs unrecorded). Their
+        # padding rows write to a scratch block past the pool.
+        static = config.cuda_graphs and self.attention.name == "triton"
+        self.kv_cache = self.attention.make_cache(cfg.num_layers, num_blocks + static, config.block_size, dtype,
+                                                  self.device, config.kv_cache_dtype)
         self.kv_manager = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching,
                                          config.eviction_policy, config.max_pinned_fraction)
         eos = frozenset(self.tokenizer.eos_token_ids | set(cfg.eos_token_ids))
@@ -86,8 +91,13 @@ class LLMEngine:
             self.kv_manager, StopChecker(eos, self.tokenizer.decode, self.max_model_len),
             config.max_num_seqs, config.max_num_batched_tokens,
         )
+        max_blocks_per_seq = -(-self.max_model_len // config.block_size)
+        static_decode = make_static_decode(
+            self.loaded.model, self.attention, self.kv_cache, num_blocks, config.max_num_seqs, max_blocks_per_seq,
+            record=self.device.type == "cuda",
+        ) if static else None
         self.runner = ModelRunner(self.loaded.model, self.attention, self.kv_cache, self.device, config.seed,
-                                  config.max_num_seqs, -(-self.max_model_len // config.block_size))
+                                  config.max_num_seqs, max_blocks_per_seq, static_decode)
         self._ids = itertools.count()
         self._live: dict[str, Sequence] = {}
         self._stats = EngineStats()
@@ -271,6 +281,7 @@ class LLMEngine:
             "peak_used_blocks": self.kv_manager.peak_used_blocks,
             "num_preemptions": self.scheduler.num_preemptions,
             "num_cascade_steps": self.runner.num_cascade_steps,
+            "num_cuda_graph_steps": self.runner.static_decode.num_steps if self.runner.static_decode else 0,
             "num_running": len(self.scheduler.running),
             "num_waiting": len(self.scheduler.waiting),
             **self._stats.summary(),

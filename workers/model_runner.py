@@ -9,6 +9,7 @@ import torch
 
 from workers.attention.block_tables import BlockTables
 from workers.attention.metadata import AttentionMetadata, cascade_groups
+from workers.decode_graphs import StaticDecode
 from workers.layers.sampler import Sampler
 from workers.models.llama import LlamaForCausalLM
 from workers.scheduler import ScheduledSeq, SchedulerOutput
@@ -16,16 +17,24 @@ from workers.scheduler import ScheduledSeq, SchedulerOutput
 
 @dataclass(slots=True)
 class StepInputs:
-    input_ids: torch.Tensor  # [T]
-    positions: torch.Tensor  # [T]
-    meta: AttentionMetadata
-    logits_rows: torch.Tensor  # [N] rows of the flattened tokens whose logits give a new token
+    """One step's inputs on the host, in the order `prepare` gives the sequences."""
+
+    input_ids: np.ndarray  # [T] int64
+    positions: np.ndarray  # [T] int64
+    slots: np.ndarray  # [T] int64: cache slot (block * block_size + offset) of each token
+    query_start: np.ndarray  # [S + 1] int32
+    seq_lens: np.ndarray  # [S] int32
+    block_tables: np.ndarray  # [S, MB] int32
+    num_decodes: int
+    cascade_start: np.ndarray  # [G + 1] int32
+    cascade_blocks: np.ndarray  # [G] int32
+    logits_rows: np.ndarray  # [N] rows of the flattened tokens whose logits give a new token
     sampling: list[ScheduledSeq]  # the N sequences those rows belong to, in that order
 
 
 class ModelRunner:
     def __init__(self, model: LlamaForCausalLM, backend, cache, device: torch.device, seed: int,
-                 max_num_seqs: int, max_blocks_per_seq: int) -> None:
+                 max_num_seqs: int, max_blocks_per_seq: int, static_decode: StaticDecode | None = None) -> None:
         self.model = model
         self.backend = backend
         self.cache = cache
@@ -34,6 +43,7 @@ class ModelRunner:
         self.sampler = Sampler(torch.Generator(device=device).manual_seed(seed))
         self.block_tables = BlockTables(max_num_seqs, max_blocks_per_seq)
         self.num_cascade_steps = 0  # steps whose decodes attended shared blocks once per group
+        self.static_decode = static_decode  # decode steps on static inputs (CUDA graphs), where set
 
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput) -> dict[str, int]:
@@ -43,18 +53,31 @@ class ModelRunner:
         if not out.scheduled:
             return {}
         inputs = self.prepare(out.scheduled)
-        step = self.backend.prepare(inputs.meta, self.cache)
-        self.num_cascade_steps += step.uses_cascade
-        hidden = self.model(inputs.input_ids, inputs.positions, step)  # [T, hidden]
+        static = self.static_decode
+        if static is not None and static.fits(len(inputs.seq_lens), inputs.num_decodes):
+            hidden = static.run(inputs.input_ids, inputs.positions, inputs.slots, inputs.seq_lens,
+                                inputs.block_tables)
+        else:
+            hidden = self._forward(inputs)  # [T, hidden]
         if not inputs.sampling:
             return {}
-        logits = self.model.compute_logits(hidden[inputs.logits_rows])  # [N, V]
+        logits = self.model.compute_logits(hidden[self._tensor(inputs.logits_rows)])  # [N, V]
         seqs = [item.seq for item in inputs.sampling]
         for row, seq in enumerate(seqs):
             if seq.keep_logits:
                 seq.last_logits = logits[row].float().cpu()
         tokens = self.sampler.sample(logits, seqs, self.model.dense_ops.first_max)
         return {seq.request_id: tok for seq, tok in zip(seqs, tokens)}
+
+    def _forward(self, inputs: StepInputs) -> torch.Tensor:
+        meta = AttentionMetadata(
+            slot_mapping=self._tensor(inputs.slots), query_start=inputs.query_start, seq_lens=inputs.seq_lens,
+            block_tables=inputs.block_tables, num_decodes=inputs.num_decodes, cascade_start=inputs.cascade_start,
+            cascade_blocks=inputs.cascade_blocks, block_size=self.block_size,
+        )
+        step = self.backend.prepare(meta, self.cache)
+        self.num_cascade_steps += step.uses_cascade
+        return self.model(self._tensor(inputs.input_ids), self._tensor(inputs.positions), step)
 
     def release(self, request_id: str) -> None:
         """Forgets a finished or aborted sequence's block-table row."""
@@ -94,17 +117,11 @@ class ModelRunner:
         block_tables = table[rows, :width]
         slots = block_tables[seq_of_token, positions // bs].astype(np.int64) * bs + positions % bs
         sampling_idx = np.fromiter((i for i, item in enumerate(items) if item.samples), dtype=np.int64)
-        meta = AttentionMetadata(
-            slot_mapping=self._tensor(slots), query_start=query_start.astype(np.int32),
-            seq_lens=seq_lens.astype(np.int32), block_tables=block_tables, num_decodes=len(decodes),
-            cascade_start=cascade_start, cascade_blocks=cascade_blocks, block_size=bs,
-        )
         return StepInputs(
-            input_ids=self._tensor(np.asarray(ids, dtype=np.int64)),
-            positions=self._tensor(positions),
-            meta=meta,
-            logits_rows=self._tensor(query_start[1:][sampling_idx] - 1),
-            sampling=[items[i] for i in sampling_idx],
+            input_ids=np.asarray(ids, dtype=np.int64), positions=positions, slots=slots,
+            query_start=query_start.astype(np.int32), seq_lens=seq_lens.astype(np.int32), block_tables=block_tables,
+            num_decodes=len(decodes), cascade_start=cascade_start, cascade_blocks=cascade_blocks,
+            logits_rows=query_start[1:][sampling_idx] - 1, sampling=[items[i] for i in sampling_idx],
         )
 
     def _tensor(self, array: np.ndarray) -> torch.Tensor:

@@ -13,6 +13,7 @@ BAD = [
     *(("device", v) for v in ("gpu", "CUDA", "cuda:", "cuda:x", "cuda:0:1", "cuda:-1", "cuda:²", "", "mps", "cpu:0")),
     *(("dtype", v) for v in ("fp16", "float64", "int8", "Auto", "")),
     ("attention_backend", "flash"),
+    *(("cuda_graphs", v) for v in (1, "yes", None)),
     *(("kv_cache_dtype", v) for v in ("int4", "float16", "")),
     *(("eviction_policy", v) for v in ("arc", "LRU", "mru", "")),
     *(("block_size", v) for v in (0, -16, 257, 1024)),
@@ -49,7 +50,7 @@ def test_defaults() -> None:
     assert dataclasses.asdict(c) == dict(
         model="tiny", device="cpu", dtype="auto", block_size=16, num_kv_blocks=None, kv_cache_memory_bytes=None,
         gpu_memory_utilization=0.9, enable_prefix_caching=True, eviction_policy="lru", max_pinned_fraction=0.5, kv_cache_dtype="auto",
-        attention_backend="auto",
+        attention_backend="auto", cuda_graphs=True,
         max_num_seqs=256, max_num_batched_tokens=2048, max_model_len=None, seed=0, cpu_threads=None,
         chat_template_timeout_s=10.0,
     )

@@ -109,28 +109,50 @@ def run_case(case: Case, seed: int) -> dict:
     }
 
 
+ENGINES = {  # name -> EngineConfig settings
+    "reference": dict(attention_backend="reference"),
+    "triton": dict(attention_backend="triton"),  # decodes on the CUDA graphs' static inputs
+    "triton-eager": dict(attention_backend="triton", cuda_graphs=False),
+}
+NUM_ENGINE_BLOCKS = 64
+DECODE_MAX_TOKENS = (2, 3, 4, 5, 6)  # short prompts prefilled in one step, then decode batches of 5, 4, 3, 2, 1
+
+
 def run_engines() -> dict:
-    """Greedy tokens of the built-in tiny model on the reference and triton backends: chunked
-    prefill (decodes and chunks in one step), a shared prefix served from the prefix cache."""
+    """Greedy tokens of the built-in tiny model on each engine of ENGINES: chunked prefill (decodes
+    and chunks in one step) and a shared prefix served from the prefix cache, then decode-only
+    steps of 5 to 1 sequences (on static inputs, 5 and 3 padded to 8 and 4)."""
     import torch
 
     from workers import EngineConfig, LLMEngine, SamplingParams
 
     gen = torch.Generator().manual_seed(4)
     prefix = torch.randint(0, 256, (24,), generator=gen).tolist()  # 3 blocks of 8
-    prompts = [prefix + torch.randint(0, 256, (n,), generator=gen).tolist() for n in (3, 11)]
-    prompts.append(torch.randint(0, 256, (21,), generator=gen).tolist())
-    params = SamplingParams(max_tokens=NUM_ENGINE_TOKENS, ignore_eos=True)
-    tokens, names = {}, {}
-    for backend in ("reference", "triton"):
-        engine = LLMEngine(EngineConfig(dtype="float32", attention_backend=backend, num_kv_blocks=64,
-                                        max_num_batched_tokens=16, block_size=8))
-        names[backend] = type(engine.attention).__name__
-        tokens[backend] = [out.token_ids for out in engine.generate(prompts, params)]
-        if backend == "triton":
-            stats = engine.stats()
-            hits = int(stats["prefix_cache_hits"])
-    return {"tokens": tokens, "backends": names, "prefix_cache_hits": hits}
+    mixed = [prefix + torch.randint(0, 256, (n,), generator=gen).tolist() for n in (3, 11)]
+    mixed.append(torch.randint(0, 256, (21,), generator=gen).tolist())
+    short = [torch.randint(0, 256, (3,), generator=gen).tolist() for _ in DECODE_MAX_TOKENS]
+    batches = [(mixed, [SamplingParams(max_tokens=NUM_ENGINE_TOKENS, ignore_eos=True)] * len(mixed)),
+               (short, [SamplingParams(max_tokens=n, ignore_eos=True) for n in DECODE_MAX_TOKENS])]
+    results, blocks = {}, {}
+    for name, settings in ENGINES.items():
+        engine = LLMEngine(EngineConfig(dtype="float32", num_kv_blocks=NUM_ENGINE_BLOCKS, max_num_batched_tokens=16,
+                                        block_size=8, **settings))
+        static, static_sizes = engine.runner.static_decode, []
+        if static is not None:
+            run = static.run
+            static.run = lambda *args: static_sizes.append(len(args[3])) or run(*args)  # args[3]: seq_lens
+        tokens = [out.token_ids for prompts, params in batches for out in engine.generate(prompts, params)]
+        stats = engine.stats()
+        blocks[name] = engine.kv_cache.kv[:, :, :, :NUM_ENGINE_BLOCKS]
+        results[name] = {
+            "backend": type(engine.attention).__name__, "tokens": tokens, "hits": int(stats["prefix_cache_hits"]),
+            "static_sizes": sorted(set(static_sizes)), "graph_steps": stats["num_cuda_graph_steps"],
+            "cache_blocks": engine.kv_cache.num_blocks, "pool_blocks": engine.kv_manager.pool.num_blocks,
+            "recorded": static is not None and static.record,
+        }
+    # The padding rows write only the scratch block: the pool's blocks hold what eager steps wrote.
+    results["triton"]["pool_difference"] = (blocks["triton"] - blocks["triton-eager"]).abs().max().item()
+    return results
 
 
 def _main() -> None:
@@ -167,10 +189,21 @@ def test_matches_reference_backend(results, name):
 
 def test_engine_greedy_tokens_match_reference(results):
     engines = results["engines"]
-    assert engines["backends"] == {"reference": "ReferenceBackend", "triton": "TritonBackend"}
-    assert engines["tokens"]["triton"] == engines["tokens"]["reference"]
-    assert all(len(t) == NUM_ENGINE_TOKENS for t in engines["tokens"]["triton"])
-    assert engines["prefix_cache_hits"] > 0  # the second prompt's prefix came from the cache
+    assert {name: e["backend"] for name, e in engines.items()} == {
+        "reference": "ReferenceBackend", "triton": "TritonBackend", "triton-eager": "TritonBackend"}
+    assert [len(t) for t in engines["reference"]["tokens"]] == [NUM_ENGINE_TOKENS] * 3 + list(DECODE_MAX_TOKENS)
+    assert engines["triton"]["tokens"] == engines["triton-eager"]["tokens"] == engines["reference"]["tokens"]
+    assert all(e["hits"] > 0 for e in engines.values())  # later prompts' prefix came from the cache
+
+
+def test_engine_decodes_run_on_static_inputs_with_padding(results):
+    static, eager = results["engines"]["triton"], results["engines"]["triton-eager"]
+    assert static["static_sizes"] == [1, 2, 3, 4, 5]  # 3 and 5 ran padded (graphs of 4 and 8)
+    assert static["graph_steps"] >= len(DECODE_MAX_TOKENS)
+    assert static["recorded"] is False  # no GPU: the same pass, not recorded
+    assert (static["cache_blocks"], static["pool_blocks"]) == (NUM_ENGINE_BLOCKS + 1, NUM_ENGINE_BLOCKS)
+    assert (eager["cache_blocks"], eager["graph_steps"], eager["static_sizes"]) == (NUM_ENGINE_BLOCKS, 0, [])
+    assert static["pool_difference"] <= 1e-5
 
 
 POINTERS = ("q_ptr", "k_ptr", "v_ptr", "k_scale_ptr", "v_scale_ptr", "out_ptr", "block_tables_ptr", "seq_lens_ptr",

@@ -9,10 +9,11 @@ head, so a key tile is a row-contiguous load) and its writes (`index_copy_`, qua
 Not here, on purpose:
 - Cascade: decodes sharing leading blocks each read those blocks themselves (`uses_cascade` is
   False); the results are the same, only the shared loads are repeated.
-- CUDA graphs for decode: the step's shapes (tokens, tiles, block-table width) change every step,
-  and a captured graph would need padded, persistent inputs and a warm-up per batch size. Nothing
-  here measures that they win, so decode launches the kernel like any step.
 - Split-KV for very long decodes: one program walks a sequence's keys for one KV head.
+
+Decode steps reuse this step object on static inputs and replay as CUDA graphs
+(`workers/decode_graphs.py`): nothing in `attend` reads the host or depends on anything but the
+tensors' shapes.
 
 The same kernel runs on the CPU under Triton's interpreter (`TRITON_INTERPRET=1`, set before
 triton is imported), which is how the tests check it against the reference backend; they also compile

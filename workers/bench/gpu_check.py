@@ -2,11 +2,13 @@
 has a CUDA GPU for a few minutes.
 
 1. Builds a 0.5B-class random Llama (hidden 896, 24 layers, 14 heads, 2 KV heads).
-2. Greedy equality of the triton attention backend with the reference backend, on the GPU, in
-   float32 (must be identical) and bfloat16 (agreement reported: the reference rounds its scores
-   to bfloat16, the kernel keeps them in float32).
-3. Tokens/s of the benchmark workloads for our engine in bfloat16 (triton and reference attention)
-   and for `transformers` generate in bfloat16 on the same GPU, and a table of them.
+2. Greedy equality of the triton attention backend, with its decode steps replayed as CUDA graphs
+   and without, against the reference backend, on the GPU, in float32 (must be identical) and
+   bfloat16 (agreement reported: the reference rounds its scores to bfloat16, the kernel keeps
+   them in float32).
+3. Tokens/s of the benchmark workloads for our engine in bfloat16 (triton attention with and
+   without CUDA graphs, reference attention) and for `transformers` generate in bfloat16 on the
+   same GPU, and a table of them; the seconds each engine took to start (graphs are recorded then).
 
 It prints progress to stderr and the tables to stdout, and is sized to finish in a few minutes.
 """
@@ -44,6 +46,7 @@ WARMUP_PROMPTS = [[3 + i] * (20 + 7 * i) for i in range(4)]  # a batched prefill
 @dataclass(frozen=True, slots=True)
 class Equality:
     dtype: str
+    system: str  # which of ours was compared with the reference backend
     num_prompts: int
     num_identical: int  # prompts whose greedy tokens are the same on both backends
     first_divergence: int | None  # earliest token index where any prompt differs; None: none does
@@ -53,39 +56,52 @@ class Equality:
 class Throughput:
     workload: str
     num_requested_tokens: int
-    triton_tokens_per_s: float
+    graphs_tokens_per_s: float  # triton attention, decode steps replayed as CUDA graphs
+    triton_tokens_per_s: float  # triton attention, every kernel launched from Python
     reference_tokens_per_s: float
     hf_tokens_per_s: float
-    num_agreeing_hf: int  # prompts whose tokens equal transformers' (bfloat16: rounding may differ)
+    num_agreeing_hf: int  # prompts whose graph-replayed tokens equal transformers' (bfloat16: rounding may differ)
     num_prompts: int
 
 
-def compare_tokens(dtype: str, ours: list[list[int]], reference: list[list[int]]) -> Equality:
+def systems() -> dict[str, tuple[str, bool]]:
+    """Our engines, by label: (attention backend, cuda_graphs)."""
+    return {
+        f"{KERNEL_BACKEND} + CUDA graphs": (KERNEL_BACKEND, True),
+        f"{KERNEL_BACKEND}, no graphs": (KERNEL_BACKEND, False),
+        "reference backend": ("reference", False),  # last: what the others are compared with
+    }
+
+
+def compare_tokens(dtype: str, system: str, ours: list[list[int]], reference: list[list[int]]) -> Equality:
     identical = sum(a == b for a, b in zip(ours, reference))
     divergences = [next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
                    for a, b in zip(ours, reference) if a != b]
-    return Equality(dtype, len(reference), identical, min(divergences) if divergences else None)
+    return Equality(dtype, system, len(reference), identical, min(divergences) if divergences else None)
 
 
 def format_equality(rows: list[Equality]) -> str:
-    lines = ["| dtype | prompts | identical greedy tokens | first divergence |", "|---|---|---|---|"]
+    lines = ["| dtype | ours | prompts | identical greedy tokens to reference | first divergence |",
+             "|---|---|---|---|---|"]
     for r in rows:
         where = "-" if r.first_divergence is None else f"token {r.first_divergence}"
-        lines.append(f"| {r.dtype} | {r.num_prompts} | {r.num_identical}/{r.num_prompts} | {where} |")
+        lines.append(f"| {r.dtype} | {r.system} | {r.num_prompts} | {r.num_identical}/{r.num_prompts} | {where} |")
     return "\n".join(lines)
 
 
 def format_throughput(rows: list[Throughput]) -> str:
     lines = [
-        "| workload | tokens | ours triton bf16 tok/s | ours reference bf16 tok/s | transformers bf16 tok/s "
-        "| triton / transformers | triton / reference | same tokens as transformers |",
-        "|---|---|---|---|---|---|---|---|",
+        "| workload | tokens | ours triton + graphs tok/s | ours triton tok/s | ours reference tok/s "
+        "| transformers tok/s | graphs / transformers | graphs / no graphs | graphs / reference "
+        "| same tokens as transformers |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
-            f"| {r.workload} | {r.num_requested_tokens} | {r.triton_tokens_per_s:.0f} | {r.reference_tokens_per_s:.0f} "
-            f"| {r.hf_tokens_per_s:.0f} | {r.triton_tokens_per_s / r.hf_tokens_per_s:.2f}x "
-            f"| {r.triton_tokens_per_s / r.reference_tokens_per_s:.2f}x | {r.num_agreeing_hf}/{r.num_prompts} |"
+            f"| {r.workload} | {r.num_requested_tokens} | {r.graphs_tokens_per_s:.0f} | {r.triton_tokens_per_s:.0f} "
+            f"| {r.reference_tokens_per_s:.0f} | {r.hf_tokens_per_s:.0f} "
+            f"| {r.graphs_tokens_per_s / r.hf_tokens_per_s:.2f}x | {r.graphs_tokens_per_s / r.triton_tokens_per_s:.2f}x "
+            f"| {r.graphs_tokens_per_s / r.reference_tokens_per_s:.2f}x | {r.num_agreeing_hf}/{r.num_prompts} |"
         )
     return "\n".join(lines)
 
@@ -101,15 +117,18 @@ def log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def make_engine(folder: Path, dtype: str, backend: str) -> Any:
+def make_engine(folder: Path, dtype: str, system: str) -> Any:
     from workers import EngineConfig, LLMEngine, SamplingParams
 
+    backend, graphs = systems()[system]
+    started = time.perf_counter()
     engine = LLMEngine(EngineConfig(
-        model=str(folder), device=DEVICE, dtype=dtype, attention_backend=backend, block_size=BLOCK_SIZE,
-        num_kv_blocks=NUM_KV_BLOCKS, max_num_seqs=256, max_num_batched_tokens=2048,
+        model=str(folder), device=DEVICE, dtype=dtype, attention_backend=backend, cuda_graphs=graphs,
+        block_size=BLOCK_SIZE, num_kv_blocks=NUM_KV_BLOCKS, max_num_seqs=256, max_num_batched_tokens=2048,
     ))
     engine.generate(WARMUP_PROMPTS, SamplingParams(max_tokens=4, ignore_eos=True))  # triton compiles here
     engine.reset_prefix_cache()
+    log(f"  {system}, {dtype}: started in {time.perf_counter() - started:.1f}s")
     return engine
 
 
@@ -120,9 +139,9 @@ def greedy(engine: Any, prompts: list[list[int]], max_tokens: list[int]) -> list
     return [out.token_ids for out in engine.generate(prompts, params)]
 
 
-def check_equality(folder: Path, dtype: str) -> Equality:
+def check_equality(folder: Path, dtype: str) -> list[Equality]:
     """Mixed-length prompts with a shared prefix (chunked prefill, prefix-cache hits, decodes of
-    different lengths in one step) on both backends."""
+    different lengths in one step, decode batches shrinking as prompts finish) on each system."""
     from workers.bench.workloads import distinct, shared_prefix
 
     a = shared_prefix(GPU_SHAPE.vocab_size, num_prompts=EQUALITY_PROMPTS, prefix_len=100, own_len=(1, 40),
@@ -131,13 +150,13 @@ def check_equality(folder: Path, dtype: str) -> Equality:
                  new_tokens=(EQUALITY_NEW_TOKENS,) * 2)
     prompts, max_tokens = a.prompts + b.prompts, a.max_tokens + b.max_tokens
     tokens = {}
-    for backend in ("reference", KERNEL_BACKEND):
-        log(f"  {dtype}: {backend} backend")
-        engine = make_engine(folder, dtype, backend)
-        tokens[backend] = greedy(engine, prompts, max_tokens)
+    for system in systems():
+        engine = make_engine(folder, dtype, system)
+        tokens[system] = greedy(engine, prompts, max_tokens)
         del engine
         _free_memory()
-    return compare_tokens(dtype, tokens[KERNEL_BACKEND], tokens["reference"])
+    *ours, reference = systems()
+    return [compare_tokens(dtype, system, tokens[system], tokens[reference]) for system in ours]
 
 
 def timed(engine: Any, workload: Any) -> tuple[float, list[list[int]]]:
@@ -189,22 +208,24 @@ def check_throughput(folder: Path, names: list[str], repeat: int) -> list[Throug
                 seconds[w.name, "hf"], tokens[w.name, "hf"] = s, t
     del hf_model
     _free_memory()
-    for backend in (KERNEL_BACKEND, "reference"):
-        engine = make_engine(folder, "bfloat16", backend)
+    for system in systems():
+        engine = make_engine(folder, "bfloat16", system)
         for w in workloads:
             for r in range(repeat):
-                log(f"  {w.name}: ours ({backend} attention) run {r + 1}/{repeat}")
+                log(f"  {w.name}: ours ({system}) run {r + 1}/{repeat}")
                 s, t = timed(engine, w)
-                if s < seconds.get((w.name, backend), float("inf")):
-                    seconds[w.name, backend], tokens[w.name, backend] = s, t
+                if s < seconds.get((w.name, system), float("inf")):
+                    seconds[w.name, system], tokens[w.name, system] = s, t
+        log(f"  {system}: {engine.stats()['num_cuda_graph_steps']} decode steps replayed as CUDA graphs")
         del engine
         _free_memory()
+    graphs, eager, reference = systems()
     rows = []
     for w in workloads:
         n = w.num_requested_tokens
-        agreeing = sum(a == b for a, b in zip(tokens[w.name, KERNEL_BACKEND], tokens[w.name, "hf"]))
-        rows.append(Throughput(w.name, n, n / seconds[w.name, KERNEL_BACKEND], n / seconds[w.name, "reference"],
-                               n / seconds[w.name, "hf"], agreeing, len(w.prompts)))
+        agreeing = sum(a == b for a, b in zip(tokens[w.name, graphs], tokens[w.name, "hf"]))
+        rows.append(Throughput(w.name, n, n / seconds[w.name, graphs], n / seconds[w.name, eager],
+                               n / seconds[w.name, reference], n / seconds[w.name, "hf"], agreeing, len(w.prompts)))
     return rows
 
 
@@ -253,15 +274,16 @@ def main(argv: list[str] | None = None) -> int:
         log(f"building the model (hidden {GPU_SHAPE.hidden_size}, {GPU_SHAPE.num_hidden_layers} layers)")
         build_model(GPU_SHAPE, folder)  # saved to the folder; the returned float32 copy is dropped
         log(f"  built in {time.perf_counter() - started:.0f}s")
-        log("greedy equality, triton against reference")
-        equality = [check_equality(folder, dtype) for dtype in EQUALITY_DTYPES]
+        log(f"greedy equality, {KERNEL_BACKEND} with and without CUDA graphs against reference")
+        equality = [row for dtype in EQUALITY_DTYPES for row in check_equality(folder, dtype)]
         print(format_equality(equality), flush=True)
         if not args.skip_throughput:
             names = available_workloads(THROUGHPUT_WORKLOADS)
             log(f"throughput: {', '.join(names)}")
             print(format_throughput(check_throughput(folder, names, args.repeat)), flush=True)
     log(f"done in {time.perf_counter() - started:.0f}s")
-    return 0 if equality[0].num_identical == equality[0].num_prompts else 2
+    exact = [r for r in equality if r.dtype == "float32"]
+    return 0 if all(r.num_identical == r.num_prompts for r in exact) else 2
 
 
 if __name__ == "__main__":

@@ -21,17 +21,18 @@ def test_shape_is_a_half_billion_parameter_llama() -> None:
 
 def test_compare_tokens_counts_identical_prompts_and_the_first_divergence() -> None:
     ref = [[1, 2, 3], [4, 5, 6], [7, 8, 9]]
-    assert compare_tokens("float32", [r[:] for r in ref], ref) == Equality("float32", 3, 3, None)
-    assert compare_tokens("bfloat16", [[1, 2, 3], [4, 0, 6], [7, 8, 0]], ref) == Equality("bfloat16", 3, 1, 1)
-    assert compare_tokens("bfloat16", [[1, 2, 3], [4, 5], [7, 8, 9]], ref).first_divergence == 2  # one stopped early
+    assert compare_tokens("float32", "triton", [r[:] for r in ref], ref) == Equality("float32", "triton", 3, 3, None)
+    assert compare_tokens("bfloat16", "t", [[1, 2, 3], [4, 0, 6], [7, 8, 0]], ref) == Equality("bfloat16", "t", 3, 1, 1)
+    assert compare_tokens("bfloat16", "t", [[1, 2, 3], [4, 5], [7, 8, 9]], ref).first_divergence == 2  # stopped early
 
 
 def test_tables() -> None:
-    eq = format_equality([Equality("float32", 16, 16, None), Equality("bfloat16", 16, 11, 5)])
-    assert eq.splitlines()[2] == "| float32 | 16 | 16/16 | - |"
-    assert eq.splitlines()[3] == "| bfloat16 | 16 | 11/16 | token 5 |"
-    row = format_throughput([Throughput("distinct", 4000, 20000.0, 8000.0, 5000.0, 60, 64)]).splitlines()[2]
-    assert row == "| distinct | 4000 | 20000 | 8000 | 5000 | 4.00x | 2.50x | 60/64 |"
+    eq = format_equality([Equality("float32", "triton + CUDA graphs", 16, 16, None),
+                          Equality("bfloat16", "triton, no graphs", 16, 11, 5)])
+    assert eq.splitlines()[2] == "| float32 | triton + CUDA graphs | 16 | 16/16 | - |"
+    assert eq.splitlines()[3] == "| bfloat16 | triton, no graphs | 16 | 11/16 | token 5 |"
+    row = format_throughput([Throughput("distinct", 4000, 20000.0, 10000.0, 8000.0, 5000.0, 60, 64)]).splitlines()[2]
+    assert row == "| distinct | 4000 | 20000 | 10000 | 8000 | 5000 | 4.00x | 2.00x | 2.50x | 60/64 |"
 
 
 def test_only_workloads_the_bench_defines() -> None:
@@ -65,6 +66,6 @@ def test_the_whole_check_runs_on_the_cpu_with_small_stand_ins(monkeypatch, capsy
         monkeypatch.setattr(gpu_check, name, value)
     assert gpu_check.main(["--repeat", "1"]) == 0
     out = capsys.readouterr().out.splitlines()
-    assert out[2] == "| float32 | 4 | 4/4 | - |"
-    rows = [line.split(" | ")[0].removeprefix("| ") for line in out[3:] if line.startswith("| ") and "---" not in line]
+    assert out[2:4] == ["| float32 | reference + CUDA graphs | 4 | 4/4 | - |", "| float32 | reference, no graphs | 4 | 4/4 | - |"]
+    rows = [line.split(" | ")[0].removeprefix("| ") for line in out[4:] if line.startswith("| ") and "---" not in line]
     assert rows == ["workload"] + gpu_check.available_workloads(gpu_check.THROUGHPUT_WORKLOADS)
