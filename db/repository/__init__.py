@@ -51,12 +51,14 @@ from db.repository.tenants import (
     create_api_key,
     create_tenant,
     disable_tenant,
+    enable_tenant,
     ensure_tenant,
     get_tenant,
     hash_api_key,
     list_api_keys,
     list_tenants,
     revoke_api_key,
+    set_tenant_quotas,
     tenant_for_api_key,
 )
 from db.results import RecordOutcome, RequestResult
@@ -83,6 +85,7 @@ __all__ = [
     "delete_file",
     "deliveries_used_up",
     "disable_tenant",
+    "enable_tenant",
     "ensure_tenant",
     "delete_idle_sessions",
     "expire_jobs",
@@ -115,6 +118,7 @@ __all__ = [
     "retry_failed",
     "revoke_api_key",
     "set_status",
+    "set_tenant_quotas",
     "tenant_for_api_key",
     "upsert_session",
 ]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import uuid
 from datetime import datetime
 
-from sqlalchemy import delete, select
+from sqlalchemy import and_, delete, or_, select
 from sqlalchemy.orm import Session
 
 from db.base import utcnow
@@ -31,12 +31,23 @@ def get_file(session: Session, tenant_id: str, file_id: str) -> StoredFile | Non
     return session.scalar(select(StoredFile).where(StoredFile.id == file_id, StoredFile.tenant_id == tenant_id))
 
 
-def list_files(session: Session, tenant_id: str, *, purpose: str | None = None) -> list[StoredFile]:
-    """The tenant's files, newest first, only those of `purpose` when given."""
+def list_files(session: Session, tenant_id: str, *, purpose: str | None = None, after: StoredFile | None = None,
+               limit: int | None = None, newest_first: bool = True) -> list[StoredFile]:
+    """The tenant's files, newest first (oldest first when not `newest_first`), only those of
+    `purpose` when given, at most `limit`; with `after`, only those listed after that file (a
+    page's last file: the cursor of the next)."""
     query = select(StoredFile).where(StoredFile.tenant_id == tenant_id)
     if purpose is not None:
         query = query.where(StoredFile.purpose == purpose)
-    return list(session.scalars(query.order_by(StoredFile.created_at.desc(), StoredFile.id.desc())))
+    if after is not None:
+        later = or_(StoredFile.created_at > after.created_at,
+                    and_(StoredFile.created_at == after.created_at, StoredFile.id > after.id))
+        earlier = or_(StoredFile.created_at < after.created_at,
+                      and_(StoredFile.created_at == after.created_at, StoredFile.id < after.id))
+        query = query.where(earlier if newest_first else later)
+    order = (StoredFile.created_at.desc(), StoredFile.id.desc()) if newest_first else (
+        StoredFile.created_at.asc(), StoredFile.id.asc())
+    return list(session.scalars(query.order_by(*order).limit(limit)))
 
 
 def delete_file(session: Session, tenant_id: str, file_id: str) -> StoredFile | None:

@@ -65,12 +65,45 @@ def list_tenants(session: Session) -> list[Tenant]:
 def disable_tenant(session: Session, name: str, *, now: datetime | None = None) -> Tenant:
     """Disable the tenant `name` (its keys stop working, its jobs are kept); a disabled one stays
     as it is. ValueError for an unknown name."""
-    tenant = get_tenant(session, name)
-    if tenant is None:
-        raise ValueError(f"no tenant {name!r}; `pipeline tenant list` shows them")
+    tenant = _existing(session, name)
     if tenant.disabled_at is None:
         tenant.disabled_at = now or utcnow()
         session.flush()
+    return tenant
+
+
+def enable_tenant(session: Session, name: str) -> Tenant:
+    """Enable a disabled tenant again (its unrevoked keys work again); an active one stays as it is.
+    ValueError for an unknown name."""
+    tenant = _existing(session, name)
+    tenant.disabled_at = None
+    session.flush()
+    return tenant
+
+
+QUOTA_COLUMNS = ("requests_per_minute", "tokens_per_day", "max_active_jobs")
+
+
+def set_tenant_quotas(session: Session, name: str, changes: dict[str, int | None]) -> Tenant:
+    """Set the quotas named in `changes` (None: unlimited), leaving the others; they apply from the
+    tenant's next request. ValueError for an unknown name, quota or a value below 1."""
+    unknown = set(changes) - set(QUOTA_COLUMNS)
+    if unknown:
+        raise ValueError(f"unknown quota {sorted(unknown)[0]!r}; the quotas are {', '.join(QUOTA_COLUMNS)}")
+    bad = next(((k, v) for k, v in changes.items() if v is not None and v < 1), None)
+    if bad is not None:
+        raise ValueError(f"{bad[0]}={bad[1]}: a quota is at least 1, or unlimited")
+    tenant = _existing(session, name)
+    for column, value in changes.items():
+        setattr(tenant, column, value)
+    session.flush()
+    return tenant
+
+
+def _existing(session: Session, name: str) -> Tenant:
+    tenant = get_tenant(session, name)
+    if tenant is None:
+        raise ValueError(f"no tenant {name!r}; `pipeline tenant list` shows them")
     return tenant
 
 

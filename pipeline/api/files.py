@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse
 
@@ -23,6 +23,7 @@ from pipeline.input_reader import JSONL_SUFFIXES, PARQUET_SUFFIXES, read_request
 router = APIRouter(prefix="/v1/files")
 FILE_ID = re.compile(r"file-[0-9a-f]{32}")
 SUFFIXES = (*JSONL_SUFFIXES, *PARQUET_SUFFIXES)
+MAX_LIST_LIMIT = 10_000  # OpenAI's largest (and default) page of files
 
 
 def file_object(row: StoredFile) -> dict[str, Any]:
@@ -76,13 +77,23 @@ async def create_file(request: Request, context: ServerContext = Depends(server_
 
 
 @router.get("")
-def list_all(purpose: str | None = None, context: ServerContext = Depends(server_context),
+def list_all(purpose: str | None = None, after: str | None = None,
+             limit: int = Query(MAX_LIST_LIMIT, ge=1, le=MAX_LIST_LIMIT),
+             order: Literal["asc", "desc"] = "desc", context: ServerContext = Depends(server_context),
              caller: Caller = Depends(authenticated)) -> dict[str, Any]:
+    """OpenAI's file list: newest first (`order=asc`: oldest first), pages of `limit` after the
+    file `after` (a page's `last_id`)."""
     with context.sessions() as session:
-        rows = list_files(session, caller.tenant_id, purpose=purpose)
-        data = [file_object(row) for row in rows]
+        cursor = None
+        if after is not None:
+            cursor = get_file(session, caller.tenant_id, after) if FILE_ID.fullmatch(after) else None
+            if cursor is None:
+                raise not_found("file", after)
+        rows = list_files(session, caller.tenant_id, purpose=purpose, after=cursor, limit=limit + 1,
+                          newest_first=order == "desc")
+        data = [file_object(row) for row in rows[:limit]]
     return {"object": "list", "data": data, "first_id": data[0]["id"] if data else None,
-            "last_id": data[-1]["id"] if data else None, "has_more": False}
+            "last_id": data[-1]["id"] if data else None, "has_more": len(rows) > limit}
 
 
 @router.get("/{file_id}")

@@ -1,4 +1,4 @@
-"""`pipeline tenant create | list | disable` and `pipeline key create | list | revoke`: the
+"""`pipeline tenant create | list | quota | disable | enable` and `pipeline key create | list | revoke`: the
 administrator's commands for tenants and their API keys. They talk to the database directly (the
 operator's path, as `submit` is); the API server only checks what they store.
 
@@ -20,7 +20,6 @@ tenant_app = typer.Typer(help="Tenants: who may use the API server, with their q
 key_app = typer.Typer(help="API keys of tenants (shown once, stored hashed).", no_args_is_help=True)
 
 TenantArgument = Annotated[str, typer.Argument(help="The tenant's name (letters, digits, '_', '.', '-').")]
-QuotaOption = Annotated[int | None, typer.Option(min=1)]
 
 
 @tenant_app.callback()
@@ -74,9 +73,7 @@ def tenant_list(as_json: JsonOption = False) -> None:
         typer.echo(json.dumps(rows, indent=2))
         return
     for row in rows:
-        quotas = ", ".join(f"{name} {row[name] if row[name] is not None else 'unlimited'}"
-                           for name in ("requests_per_minute", "max_active_batches", "tokens_per_day"))
-        typer.echo(f"{row['name']}  {'disabled' if row['disabled_at'] else 'active'}  {quotas}")
+        typer.echo(_tenant_line(row))
 
 
 @tenant_app.command("disable")
@@ -91,6 +88,64 @@ def tenant_disable(name: TenantArgument) -> None:
 
     guarded(action)
     typer.echo(f"tenant {name} disabled", err=True)
+
+
+@tenant_app.command("enable")
+def tenant_enable(name: TenantArgument) -> None:
+    """Enable a disabled tenant again: its keys that were not revoked work again."""
+    from db.repository import enable_tenant
+    from pipeline.settings import load_settings
+
+    def action() -> None:
+        with sessions(load_settings().database_url).begin() as session:
+            enable_tenant(session, name)
+
+    guarded(action)
+    typer.echo(f"tenant {name} enabled", err=True)
+
+
+@tenant_app.command("quota")
+def tenant_quota(
+    name: TenantArgument,
+    requests_per_minute: Annotated[str | None, typer.Option(
+        metavar="N|unlimited", help="API requests per minute (token bucket).")] = None,
+    max_active_batches: Annotated[str | None, typer.Option(
+        metavar="N|unlimited", help="Batches validating or in progress at once.")] = None,
+    tokens_per_day: Annotated[str | None, typer.Option(
+        metavar="N|unlimited", help="Prompt and completion tokens per UTC day.")] = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Change a tenant's quotas (those given; the others stay). They apply from its next request;
+    a running batch is never stopped."""
+    from db.repository import set_tenant_quotas
+    from pipeline.settings import load_settings
+
+    given = {"requests_per_minute": ("--requests-per-minute", requests_per_minute),
+             "max_active_jobs": ("--max-active-batches", max_active_batches),
+             "tokens_per_day": ("--tokens-per-day", tokens_per_day)}
+
+    def action() -> dict[str, Any]:
+        changes = {column: _quota_value(option, text) for column, (option, text) in given.items() if text is not None}
+        if not changes:
+            raise ValueError("nothing to change: give --requests-per-minute, --max-active-batches or "
+                             "--tokens-per-day (a number, or 'unlimited')")
+        with sessions(load_settings().database_url).begin() as session:
+            return _tenant_row(set_tenant_quotas(session, name, changes))
+
+    row = guarded(action)
+    typer.echo(json.dumps(row, indent=2) if as_json else _tenant_line(row))
+
+
+def _quota_value(option: str, text: str) -> int | None:
+    if text.strip().lower() == "unlimited":
+        return None
+    try:
+        value = int(text)
+    except ValueError:
+        raise ValueError(f"{option} {text!r}: expected a whole number of at least 1, or 'unlimited'") from None
+    if value < 1:
+        raise ValueError(f"{option} {value}: expected a whole number of at least 1, or 'unlimited'")
+    return value
 
 
 @key_app.command("create")
@@ -164,6 +219,12 @@ def _tenant_row(tenant: Any) -> dict[str, Any]:
     return {"id": tenant.id, "name": tenant.name, "requests_per_minute": tenant.requests_per_minute,
             "max_active_batches": tenant.max_active_jobs, "tokens_per_day": tenant.tokens_per_day,
             "created_at": _iso(tenant.created_at), "disabled_at": _iso(tenant.disabled_at)}
+
+
+def _tenant_line(row: dict[str, Any]) -> str:
+    quotas = ", ".join(f"{name} {row[name] if row[name] is not None else 'unlimited'}"
+                       for name in ("requests_per_minute", "max_active_batches", "tokens_per_day"))
+    return f"{row['name']}  {'disabled' if row['disabled_at'] else 'active'}  {quotas}"
 
 
 def _iso(stamp: datetime | None) -> str | None:

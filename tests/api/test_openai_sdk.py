@@ -17,6 +17,7 @@ from db.session import make_engine, session_factory
 from pipeline.quotas import Quotas
 from pipeline.settings import load_settings
 
+from support.http import assert_error, call
 from support.processes import settings_vars, worker
 
 LINES = [
@@ -109,6 +110,20 @@ def test_batches_list_pages_and_cancel_keeps_nothing_running(server, tmp_path: P
     second = client.batches.list(limit=2, after=first.data[-1].id)
     assert [b.id for b in second.data] == newest_first[2:] and not second.has_more
     assert [b.id for b in client.batches.list(limit=2)] == newest_first  # the SDK follows the pages
+
+    # Files page the same way, newest first unless order="asc".
+    more = [client.files.create(file=(tmp_path / "in.jsonl").open("rb"), purpose="batch").id for _ in range(2)]
+    files_newest_first = [*more[::-1], uploaded.id]
+    page = client.files.list(limit=2)
+    assert [f.id for f in page.data] == files_newest_first[:2] and page.has_more
+    rest = client.files.list(limit=2, after=page.data[-1].id)
+    assert [f.id for f in rest.data] == files_newest_first[2:] and not rest.has_more
+    assert [f.id for f in client.files.list(limit=1)] == files_newest_first  # the SDK follows the pages
+    assert [f.id for f in client.files.list(limit=2, order="asc")] == files_newest_first[::-1]
+    assert [f.id for f in client.files.list(order="asc", after=uploaded.id)] == more
+    assert_error(call(f"{server.url}/v1/files?after=file-{'0' * 32}", key=client.api_key), 404, "not_found")
+    assert_error(call(f"{server.url}/v1/files?limit=0", key=client.api_key), 400, "invalid_value")
+    assert_error(call(f"{server.url}/v1/files?order=sideways", key=client.api_key), 400, "invalid_value")
 
     cancelled = client.batches.cancel(ids[0])
     assert cancelled.status == "cancelled" and cancelled.request_counts.failed == 2

@@ -45,7 +45,14 @@ def test_requests_per_minute_answer_429_with_retry_after(server) -> None:
     with pytest.raises(openai.RateLimitError):
         server.client(key).files.list()
     # Another tenant's bucket is its own.
-    assert call(f"{server.url}/v1/files", key=server.tenant("quiet")).status == 200
+    quiet = server.tenant("quiet")
+    assert call(f"{server.url}/v1/files", key=quiet).status == 200
+    # A quota changed by `pipeline tenant quota` applies from the tenant's next request.
+    cli_ok(server.env, server.cwd, "tenant", "quota", "chatty", "--requests-per-minute", "unlimited")
+    assert call(f"{server.url}/v1/files", key=key).status == 200
+    cli_ok(server.env, server.cwd, "tenant", "quota", "quiet", "--requests-per-minute", "1")
+    assert call(f"{server.url}/v1/files", key=quiet).status == 200
+    assert_error(call(f"{server.url}/v1/files", key=quiet), 429, "rate_limit_exceeded")
 
 
 def test_active_batches_are_capped(server, tmp_path: Path) -> None:

@@ -108,6 +108,9 @@ def test_a_disabled_tenant_is_forbidden(world: World, server) -> None:
     with pytest.raises(openai.PermissionDeniedError):
         server.client(world.alice_key).batches.retrieve(world.alice_batch)
     assert world.snapshot() == before
+    # Enabled again, its keys work again, and everything it had is there.
+    cli_ok(server.env, server.cwd, "tenant", "enable", world.alice)
+    assert server.client(world.alice_key).batches.retrieve(world.alice_batch).id == world.alice_batch
 
 
 def test_another_tenants_ids_are_answered_as_unknown_ids(world: World, server) -> None:
@@ -120,6 +123,7 @@ def test_another_tenants_ids_are_answered_as_unknown_ids(world: World, server) -
         ("GET", "/v1/batches/{}", world.alice_batch, unknown_batch),
         ("POST", "/v1/batches/{}/cancel", world.alice_batch, unknown_batch),
         ("GET", "/v1/batches?after={}", world.alice_batch, unknown_batch),
+        ("GET", "/v1/files?after={}", world.alice_file, unknown_file),
     ]
     for method, path, theirs, unknown in pairs:
         stolen = call(server.url + path.format(theirs), method, key=world.bob_key)

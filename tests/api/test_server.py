@@ -3,7 +3,12 @@ metrics name routes by their templates, never by the ids (or tenants) in the pat
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import urllib.request
+from pathlib import Path
+
+import pytest
 
 from support.http import call
 
@@ -25,3 +30,18 @@ def test_health_and_metrics(server) -> None:
     assert "file-0000" not in text and key not in text
     peak = next(line for line in text.splitlines() if line.startswith("pipeline_api_peak_memory_bytes "))
     assert int(peak.split()[1]) > 10 * 2**20
+
+
+def test_the_compose_health_check_passes_against_a_real_server(server) -> None:
+    """docker-compose.yml's check of the `serve` service, run as the container runs it, against this
+    server (the port swapped for its own): it passes here, and fails where nothing answers."""
+    yaml = pytest.importorskip("yaml", reason="PyYAML parses docker-compose.yml (it comes with transformers)")
+    compose = yaml.safe_load((Path(__file__).resolve().parents[2] / "docker-compose.yml").read_text())
+    serve = compose["services"]["serve"]
+    port = serve["command"][serve["command"].index("--port") + 1]
+    code = serve["healthcheck"]["test"][3]
+    ours = code.replace(f"http://127.0.0.1:{port}", server.url)
+    assert ours != code
+    assert subprocess.run([sys.executable, "-c", ours], capture_output=True, timeout=60).returncode == 0
+    nothing = code.replace(f"http://127.0.0.1:{port}", "http://127.0.0.1:9")  # the discard port: refused
+    assert subprocess.run([sys.executable, "-c", nothing], capture_output=True, timeout=60).returncode != 0

@@ -47,6 +47,30 @@ def test_tenants_are_created_listed_and_disabled(env, tmp_path: Path) -> None:
     rows = json.loads(cli_ok(env, tmp_path, "tenant", "list", "--json").stdout)
     assert [r["disabled_at"] is not None for r in rows] == [False, True]
     assert_one_error_line(cli(env, tmp_path, "tenant", "disable", "nobody"), mentions="no tenant 'nobody'")
+    cli_ok(env, tmp_path, "tenant", "enable", "beta")
+    assert json.loads(cli_ok(env, tmp_path, "tenant", "list", "--json").stdout)[1]["disabled_at"] is None
+    assert_one_error_line(cli(env, tmp_path, "tenant", "enable", "nobody"), mentions="no tenant 'nobody'")
+
+
+def test_quotas_change_only_where_given(env, tmp_path: Path) -> None:
+    cli_ok(env, tmp_path, "tenant", "create", "acme", "--requests-per-minute", "60", "--tokens-per-day", "1000")
+    changed = cli_ok(env, tmp_path, "tenant", "quota", "acme", "--requests-per-minute", "unlimited",
+                     "--max-active-batches", "3")
+    assert changed.stdout == "acme  active  requests_per_minute unlimited, max_active_batches 3, tokens_per_day 1000\n"
+    row = json.loads(cli_ok(env, tmp_path, "tenant", "quota", "acme", "--tokens-per-day", "5", "--json").stdout)
+    assert (row["requests_per_minute"], row["max_active_batches"], row["tokens_per_day"]) == (None, 3, 5)
+
+    before = cli_ok(env, tmp_path, "tenant", "list", "--json").stdout
+    refusals = {
+        ("--tokens-per-day", "0"): "--tokens-per-day 0: expected a whole number of at least 1, or 'unlimited'",
+        ("--max-active-batches", "many"): "--max-active-batches 'many': expected a whole number",
+        (): "nothing to change: give --requests-per-minute",
+    }
+    for args, message in refusals.items():
+        assert_one_error_line(cli(env, tmp_path, "tenant", "quota", "acme", *args), mentions=message)
+    assert_one_error_line(cli(env, tmp_path, "tenant", "quota", "nobody", "--tokens-per-day", "5"),
+                          mentions="no tenant 'nobody'")
+    assert cli_ok(env, tmp_path, "tenant", "list", "--json").stdout == before  # each refusal changed nothing
 
 
 def test_a_key_is_shown_once_and_stored_hashed(env, tmp_path: Path) -> None:

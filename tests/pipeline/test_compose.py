@@ -19,7 +19,7 @@ from pipeline.settings import FIELD_NAMES, Settings, env_var, load_settings
 yaml = pytest.importorskip("yaml", reason="PyYAML parses docker-compose.yml (it comes with transformers)")
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-SERVICES = {"redis", "postgres", "migrate", "worker", "worker-gpu", "beat", "flower", "cli"}
+SERVICES = {"redis", "postgres", "migrate", "worker", "worker-gpu", "beat", "serve", "flower", "cli"}
 WORKERS = ("worker", "worker-gpu")
 # The major version of postgresql-client in each Debian release a python:*-slim image may be based on.
 DEBIAN_PG_CLIENT = {"bookworm": 15, "trixie": 17}
@@ -106,7 +106,7 @@ def test_start_order(services: dict) -> None:
     # It keeps trying while the server still refuses connections (a restart or a slow first start).
     command = services["migrate"]["command"]
     assert command[:3] == ["pipeline", "db", "upgrade"] and int(command[command.index("--wait") + 1]) >= 60
-    for name in ("worker", "worker-gpu", "beat"):
+    for name in ("worker", "worker-gpu", "beat", "serve"):
         assert services[name]["depends_on"] == {
             "migrate": {"condition": "service_completed_successfully"}, "redis": {"condition": "service_healthy"}}
 
@@ -131,7 +131,7 @@ PIPELINE_COMMANDS = pipeline_commands(yaml.safe_load((REPO_ROOT / "docker-compos
 def test_every_pipeline_command_is_checked() -> None:
     assert [where for where, _ in PIPELINE_COMMANDS] == [
         "migrate", "worker", "worker healthcheck", "worker-gpu", "worker-gpu healthcheck", "beat",
-        "beat healthcheck", "cli"]
+        "beat healthcheck", "serve", "cli"]
 
 
 @pytest.mark.parametrize(("name", "argv"), PIPELINE_COMMANDS, ids=[where for where, _ in PIPELINE_COMMANDS])
@@ -199,8 +199,28 @@ def test_beat_and_flower_have_real_health_checks(services: dict) -> None:
     assert (kind, python, flag) == ("CMD", "python", "-c")
     port = next(word.split("=", 1)[1] for word in flower["command"] if word.startswith("--port="))
     assert f"'http://127.0.0.1:{port}/healthcheck'" in code and "b'OK'" in code  # Flower's unauthenticated check
-    for name in ("beat", "flower", *WORKERS):
+    for name in ("beat", "flower", "serve", *WORKERS):
         assert set(services[name]["healthcheck"]) >= {"test", "interval", "timeout", "retries"}, name
+
+
+def serve_healthcheck(services: dict) -> tuple[int, str]:
+    """(the port `pipeline serve` listens on in its container, its health check's Python code)."""
+    serve = services["serve"]
+    command = serve["command"]
+    kind, python, flag, code = serve["healthcheck"]["test"]
+    assert (kind, python, flag) == ("CMD", "python", "-c")
+    return int(command[command.index("--port") + 1]), code
+
+
+def test_the_batch_api_server_is_reachable_and_keeps_its_files_in_the_volume(services: dict) -> None:
+    serve = services["serve"]
+    command = serve["command"]
+    port, code = serve_healthcheck(services)
+    assert command[command.index("--host") + 1] == "0.0.0.0"  # inside its container; published below
+    assert serve["ports"] == [f"127.0.0.1:{port}:{port}"]  # local only, as Flower: TLS goes in front
+    assert f"'http://127.0.0.1:{port}/healthz'" in code  # run against a real server in tests/api/test_server.py
+    assert serve["environment"]["PIPELINE_FILES_DIR"].startswith("/data/")
+    assert "pipeline-data:/data" in serve["volumes"]  # uploads and outputs outlive the container
 
 
 def test_the_image_has_the_pg_dump_that_backups_call(services: dict) -> None:
