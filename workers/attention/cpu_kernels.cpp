@@ -607,13 +607,6 @@ void attend_blocks_tiles(const Problem& p, int kvh, int seq, int b0, int b1, int
 // (bfloat16) and the scale onto the scores; the softmax runs in float32 over the visible keys, its
 // weights rounded to bfloat16 for the weighted values, and each row's sum adds the rounded weights.
 
-// The two bfloat16 values at p in every 32-bit lane: vdpbf16ps's broadcast operand.
-inline __m512bh broadcast_pair(const uint16_t* p) {
-    int32_t pair;
-    std::memcpy(&pair, p, sizeof(pair));
-    return (__m512bh)_mm512_set1_epi32(pair);
-}
-
 // s[r * S + i * 16 + k] = row r's score against key k of block i (keys in pairs of dims), unscaled,
 // for kR rows (qb: bfloat16, kR x kD) and kNB blocks: kR x kNB vectors of 16 sums in registers.
 template <int kR, int kNB, int kD>
@@ -625,7 +618,7 @@ inline void score_pairs_rows(const uint16_t* __restrict qb, const uint16_t* cons
         __m512bh keys[kNB];
         for (int i = 0; i < kNB; ++i) keys[i] = (__m512bh)_mm512_loadu_si512(K[i] + d2 * 32);
         for (int j = 0; j < kR; ++j) {
-            const __m512bh q = broadcast_pair(qb + j * kD + 2 * d2);
+            const __m512bh q = bf16::broadcast_pair(qb + j * kD + 2 * d2);
             for (int i = 0; i < kNB; ++i) acc[j][i] = _mm512_dpbf16_ps(acc[j][i], q, keys[i]);
         }
     }
@@ -663,7 +656,7 @@ inline void accumulate_pairs_rows(float* __restrict acc, const float* __restrict
             __m512bh vals[kVecs];
             for (int c = 0; c < kVecs; ++c) vals[c] = (__m512bh)_mm512_loadu_si512(line + 32 * c);
             for (int j = 0; j < kR; ++j) {
-                const __m512bh wv = broadcast_pair(w + j * S + 2 * kp);
+                const __m512bh wv = bf16::broadcast_pair(w + j * S + 2 * kp);
                 for (int c = 0; c < kVecs; ++c) a[j][c] = _mm512_dpbf16_ps(a[j][c], wv, vals[c]);
             }
         }

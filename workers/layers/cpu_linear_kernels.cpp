@@ -22,6 +22,8 @@
 #if defined(__AVX2__)
 #include <immintrin.h>
 #endif
+
+#include "../bfloat16.h"
 #if defined(__AVX2__) && defined(__FMA__) && !defined(__AVX512F__)
 #define HAVE_PANEL_LINEAR 1
 #else
@@ -194,11 +196,7 @@ struct Bfloat16Pairs {  // bfloat16 x and weights in pairs of k; two k a step
     using X = uint16_t; using W = uint16_t; using Out = uint16_t; using Xv = __m512bh; using Wv = __m512bh;
     static constexpr int kK = 2;
     static Wv weights(const W* p) { return (__m512bh)_mm512_load_si512(p); }
-    static Xv broadcast(const X* x) {
-        int32_t pair;
-        std::memcpy(&pair, x, sizeof(pair));
-        return (__m512bh)_mm512_set1_epi32(pair);
-    }
+    static Xv broadcast(const X* x) { return bf16::broadcast_pair(x); }
     static __m512 madd(__m512 acc, Xv x, Wv w) { return _mm512_dpbf16_ps(acc, x, w); }
     static void store(Out* o, __m512 sums, __mmask16 mask) {
         _mm256_mask_storeu_epi16(o, mask, (__m256i)_mm512_cvtneps_pbh(sums));
