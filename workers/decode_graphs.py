@@ -145,14 +145,15 @@ class StaticDecode:
         its memory). Each size runs once before it is recorded: Triton compiles its kernel and
         cuBLAS sets up its workspace on that run, neither of which a graph may do."""
         pool = None
-        for b in reversed(self.sizes):
-            self._fill(0, b, *(np.zeros(0, dtype=np.int64),) * 3, np.zeros(0, dtype=np.int32),
-                       np.zeros((0, 1), dtype=np.int32))
-            self._forward(b)
-            torch.cuda.synchronize(self.cache.device)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
-                hidden = self._forward(b)
-            pool = graph.pool()
-            self.graphs[b] = (graph, hidden)
-        torch.cuda.synchronize(self.cache.device)
+        empty = np.zeros(0, dtype=np.int64)
+        with torch.cuda.device(self.cache.device):  # the engine's GPU, whichever is current
+            for b in reversed(self.sizes):
+                self._fill(0, b, empty, empty, empty, empty.astype(np.int32), np.zeros((0, 1), dtype=np.int32))
+                self._forward(b)
+                torch.cuda.synchronize()
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=pool):
+                    hidden = self._forward(b)
+                pool = graph.pool()
+                self.graphs[b] = (graph, hidden)
+            torch.cuda.synchronize()
