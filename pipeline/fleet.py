@@ -29,11 +29,13 @@ class WorkerReport:
                 "active_chunks": self.active_chunks, "engine": self.engine}
 
 
-def worker_reports(app: Celery, *, timeout_s: float = 1.0, destination: list[str] | None = None) -> list[WorkerReport]:
+def worker_reports(app: Celery, *, timeout_s: float = 1.0, destination: list[str] | None = None,
+                   expected: int | None = None) -> list[WorkerReport]:
     """Every live worker's report (one broadcast round of `timeout_s`; it returns early when every
-    worker of `destination` has answered), by name. Raises kombu's OperationalError without a broker."""
+    worker of `destination`, or `expected` workers, have answered), by name. Raises kombu's
+    OperationalError without a broker."""
     inspect = app.control.inspect(timeout=timeout_s, destination=destination,
-                                  limit=len(destination) if destination else None)
+                                  limit=len(destination) if destination else expected)
     # A command of our own (`celery_app.engine_stats_command`): Inspect has methods for built-in ones only.
     replies = inspect._request("engine_stats") or {}
     return [WorkerReport(name, bool(r.get("healthy")), r.get("reason"), int(r.get("active_chunks", 0)), r.get("engine"))

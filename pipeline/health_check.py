@@ -17,6 +17,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from pipeline.beat_scheduler import SWEEP_ENTRY
 from pipeline.fleet import WorkerReport, age_s, beat_last_runs, worker_reports
 from pipeline.settings import Settings, mask_url
+from pipeline.worker_registry import expected_answers
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,7 +103,8 @@ def run_checks(settings: Settings, app: Celery, client: redis.Redis, *, worker: 
     if worker is None:
         checks += [check_database(settings), check_beat(client, settings)]
     try:
-        reports = worker_reports(app, timeout_s=timeout_s, destination=None if worker is None else [worker])
+        reports = worker_reports(app, timeout_s=timeout_s, destination=None if worker is None else [worker],
+                                 expected=expected_answers(client, settings.redis_key_prefix))
     except BrokerError as e:
         return [*checks, Check("workers", False, f"cannot ask the workers through the broker: {e}")]
     checks += [check_worker(r, settings.stall_timeout_s) for r in reports]

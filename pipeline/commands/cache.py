@@ -141,13 +141,17 @@ def _broadcast(command: str, arguments: dict[str, Any], timeout: float) -> dict[
     """{worker: its answer} for `command`, from every worker that answered within `timeout`."""
     from pipeline.celery_app import make_celery
     from pipeline.settings import load_settings
+    from pipeline.worker_registry import expected_answers_at
 
     def ask() -> dict[str, dict[str, Any]]:
-        app = make_celery(load_settings())
+        settings = load_settings()
+        app = make_celery(settings)
         try:
             # A broadcast cannot know how many workers will answer, so it waits out its timeout;
-            # counting the live workers first (a ping) lets it return once each has answered.
-            live = app.control.ping(timeout=PING_S) or []
+            # counting the live workers first (a ping) lets it return once each has answered. The
+            # ping itself returns once the registered workers have answered.
+            limit = expected_answers_at(settings.broker_url, settings.redis_key_prefix)
+            live = app.control.ping(timeout=PING_S, limit=limit) or []
             if not live:
                 return {}
             replies = app.control.broadcast(command, arguments=arguments, reply=True, timeout=timeout,

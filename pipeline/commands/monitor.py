@@ -62,10 +62,12 @@ def _frame(factory: Any, client: Any, key_prefix: str, app: Any) -> Any:
     from db.base import utcnow
     from pipeline.fleet import worker_reports
     from pipeline.fleet_stats import fleet_stats
+    from pipeline.worker_registry import expected_answers
     from pipeline.views import jobs_table, queues_table, throughput_table, workers_table
 
     try:
-        data = fleet_stats(factory, client, key_prefix, worker_reports(app, timeout_s=0.5), WINDOW_S)
+        workers = worker_reports(app, timeout_s=0.5, expected=expected_answers(client, key_prefix))
+        data = fleet_stats(factory, client, key_prefix, workers, WINDOW_S)
     except redis.RedisError as e:
         return Text(f"cannot reach Redis: {e} (retrying; q quits)")
     now = utcnow()

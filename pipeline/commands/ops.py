@@ -26,13 +26,15 @@ def stats(since: SinceOption = "1h", as_json: JsonOption = False) -> None:
     from pipeline.fleet import worker_reports
     from pipeline.fleet_stats import fleet_stats
     from pipeline.settings import duration_s, load_settings, mask_url
+    from pipeline.worker_registry import expected_answers
 
     def action() -> dict[str, Any]:
         settings = load_settings()
         window = duration_s(since)
         client = redis.Redis.from_url(settings.broker_url, socket_timeout=5, socket_connect_timeout=5)
         try:
-            workers = worker_reports(make_celery(settings), timeout_s=1.0)
+            workers = worker_reports(make_celery(settings), timeout_s=1.0,
+                                     expected=expected_answers(client, settings.redis_key_prefix))
             return fleet_stats(sessions(settings.database_url), client, settings.redis_key_prefix, workers, window)
         except redis.RedisError as e:
             raise ValueError(f"cannot reach Redis at {mask_url(settings.broker_url)}: {e}") from None

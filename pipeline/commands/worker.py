@@ -53,6 +53,7 @@ def worker(
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(1) from None
     _serve_metrics(loop, settings)
+    _register_while_running(settings, node)
     _snapshot_on_shutdown(settings, loop)
     # Threads, not processes: every task of this worker hands its requests to the one engine, whose
     # scheduler batches them together; no max-tasks-per-child, so the model stays loaded.
@@ -83,6 +84,20 @@ def _node_name(name: str | None) -> str:
     from celery.utils.nodenames import default_nodename, host_format
 
     return host_format(default_nodename(name))
+
+
+def _register_while_running(settings: Settings, node: str) -> None:
+    """Registers this worker once it answers remote control, until it stops: commands that ask
+    every worker then wait only for the registered ones (pipeline/worker_registry.py)."""
+    import redis
+    from celery.signals import worker_ready, worker_shutdown
+
+    from pipeline.worker_registry import Registration
+
+    client = redis.Redis.from_url(settings.broker_url, socket_timeout=10, socket_connect_timeout=10)
+    registration = Registration(client, settings.redis_key_prefix, node)
+    worker_ready.connect(lambda **_: registration.start(), weak=False)
+    worker_shutdown.connect(lambda **_: registration.stop(), weak=False)
 
 
 def _snapshot_on_shutdown(settings: Settings, loop) -> None:

@@ -10,10 +10,12 @@ import socket
 from pathlib import Path
 
 import pytest
+import redis
 
 from jobs.worker_process import delete_prefixed_keys
+from pipeline.worker_registry import registered_workers
 
-from support.processes import BROKER_URL, cli, cli_ok, key_prefix, log_count, pipeline_env, worker
+from support.processes import BROKER_URL, cli, cli_ok, key_prefix, log_count, pipeline_env, wait_until, worker
 
 SYSTEM = "You are a careful assistant who answers in one short sentence. " * 3  # 189 bytes: 11 full blocks
 
@@ -88,8 +90,12 @@ def test_cache_commands_reach_the_live_worker(env, tmp_path: Path) -> None:
     prompts.write_text(_line("s", ""))  # the system prompt alone: 11 full blocks
     bad = tmp_path / "bad.jsonl"
     bad.write_text(_line("s", "") + "not json\n")
+    client = redis.Redis.from_url(BROKER_URL)
+    prefix = env["PIPELINE_REDIS_KEY_PREFIX"]
     with worker(env, tmp_path, log, "--name", "cmds@%h"):
         node = f"cmds@{socket.gethostname()}"
+        # Registered once it takes commands: the cache commands wait for its answer, not a timeout.
+        wait_until(lambda: registered_workers(client, prefix) == [node], "the worker's registration", log)
         stats = json.loads(cli_ok(env, tmp_path, "cache", "stats", "--json").stdout)
         assert list(stats) == [node] and stats[node]["num_pinned_blocks"] == 0
         assert stats[node]["num_cached_blocks"] == 0
@@ -144,3 +150,6 @@ def test_cache_commands_reach_the_live_worker(env, tmp_path: Path) -> None:
         assert json.loads(from_job.stdout)[node]["cached_blocks"] == 12
         assert from_job.stderr.strip() == f"job {chats} (tenant acme): 1 shared prefix; lines starting with each: 2 (of 2)"
         assert _cached(_run_job(env, tmp_path, "next", [_chat_line("n", "And a block?")], tenant="acme")["n"]) == 192
+    # A warm shutdown (the helper's SIGTERM) takes the registration with it.
+    assert registered_workers(client, prefix) == []
+    client.close()
