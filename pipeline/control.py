@@ -9,9 +9,9 @@ from typing import Any
 from sqlalchemy.orm import Session, sessionmaker
 
 from db.enums import JobStatus
-from db.repository import assign_chunks, cancel_job, list_jobs, retry_failed
+from db.repository import assign_chunks, cancel_job, list_jobs, require_tenant, retry_failed
 from pipeline.settings import Settings
-from pipeline.submit import SendChunk, job_summary, require_tenant, send_chunks
+from pipeline.submit import SendChunk, job_summary, send_chunks
 
 
 @dataclass(frozen=True, slots=True)

@@ -27,7 +27,6 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from db.enums import JobStatus, Priority
 from db.models import Chunk, Job, Request
-from db.tenants import Tenant
 from db.repository import (
     DEFAULT_TENANT,
     add_requests,
@@ -35,7 +34,6 @@ from db.repository import (
     create_job,
     ensure_tenant,
     get_job,
-    get_tenant,
     get_usage,
     mark_chunks_queued,
     record_errors,
@@ -164,14 +162,6 @@ def require_job(session: Session, job_id: str, *, tenant_id: str | None = None) 
     if job is None or (tenant_id is not None and job.tenant_id != tenant_id):
         raise ValueError(f"no job {job_id!r}; `pipeline submit` prints the ids of new jobs")
     return job
-
-
-def require_tenant(session: Session, name: str) -> Tenant:
-    """The tenant named `name`; ValueError, saying where names come from, for an unknown one."""
-    tenant = get_tenant(session, name)
-    if tenant is None:
-        raise ValueError(f"no tenant {name!r}; `pipeline tenant list` shows them")
-    return tenant
 
 
 def job_summary(session: Session, job_id: str, *, tenant_id: str | None = None) -> dict[str, Any]:

@@ -65,7 +65,7 @@ def list_tenants(session: Session) -> list[Tenant]:
 def disable_tenant(session: Session, name: str, *, now: datetime | None = None) -> Tenant:
     """Disable the tenant `name` (its keys stop working, its jobs are kept); a disabled one stays
     as it is. ValueError for an unknown name."""
-    tenant = _existing(session, name)
+    tenant = require_tenant(session, name)
     if tenant.disabled_at is None:
         tenant.disabled_at = now or utcnow()
         session.flush()
@@ -75,7 +75,7 @@ def disable_tenant(session: Session, name: str, *, now: datetime | None = None) 
 def enable_tenant(session: Session, name: str) -> Tenant:
     """Enable a disabled tenant again (its unrevoked keys work again); an active one stays as it is.
     ValueError for an unknown name."""
-    tenant = _existing(session, name)
+    tenant = require_tenant(session, name)
     tenant.disabled_at = None
     session.flush()
     return tenant
@@ -93,14 +93,15 @@ def set_tenant_quotas(session: Session, name: str, changes: dict[str, int | None
     bad = next(((k, v) for k, v in changes.items() if v is not None and v < 1), None)
     if bad is not None:
         raise ValueError(f"{bad[0]}={bad[1]}: a quota is at least 1, or unlimited")
-    tenant = _existing(session, name)
+    tenant = require_tenant(session, name)
     for column, value in changes.items():
         setattr(tenant, column, value)
     session.flush()
     return tenant
 
 
-def _existing(session: Session, name: str) -> Tenant:
+def require_tenant(session: Session, name: str) -> Tenant:
+    """The tenant named `name`; ValueError, saying where names come from, for an unknown one."""
     tenant = get_tenant(session, name)
     if tenant is None:
         raise ValueError(f"no tenant {name!r}; `pipeline tenant list` shows them")

@@ -85,7 +85,7 @@ def tenant_id_of(factory, name: str | None) -> str | None:
     """The id of the tenant named `name` (None for None); ValueError for an unknown name."""
     if name is None:
         return None
-    from pipeline.submit import require_tenant
+    from db.repository import require_tenant
 
     with factory() as session:
         return require_tenant(session, name).id

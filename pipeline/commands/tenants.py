@@ -157,7 +157,7 @@ def key_create(
     """Create an API key and print it, once: only its hash is stored."""
     from db.repository import create_api_key
     from pipeline.settings import load_settings
-    from pipeline.submit import require_tenant
+    from db.repository import require_tenant
 
     def action() -> tuple[str, str]:
         with sessions(load_settings().database_url).begin() as session:
@@ -183,7 +183,7 @@ def key_list(
     """A tenant's keys: ids, labels, creation and revocation times (never the keys themselves)."""
     from db.repository import list_api_keys
     from pipeline.settings import load_settings
-    from pipeline.submit import require_tenant
+    from db.repository import require_tenant
 
     def action() -> list[dict[str, Any]]:
         with sessions(load_settings().database_url)() as session:
