@@ -77,7 +77,10 @@ def _factory(env: dict[str, str]):
 
 @pytest.mark.workers
 def test_cancel_while_a_worker_is_busy_keeps_finished_results(env, worker_log, tmp_path: Path) -> None:
-    ids = [f"r{i}" for i in range(120)]
+    # Enough lines that the worker cannot finish them between the status poll and the cancel (each
+    # a CLI call of about a second): a job completed first cannot be cancelled.
+    total = 600
+    ids = [f"r{i}" for i in range(total)]
     path = _write_jsonl(tmp_path / "in.jsonl", [
         {"custom_id": c, "text": f"Story {i}: once upon a time", "max_tokens": 48, "temperature": 0}
         for i, c in enumerate(ids)])
@@ -88,16 +91,16 @@ def test_cancel_while_a_worker_is_busy_keeps_finished_results(env, worker_log, t
     at_cancel = json.loads(cancelled.stdout)
     assert at_cancel["status"] == "cancelled"
     completed = at_cancel["request_counts"]["completed"]
-    assert 4 <= completed < 120
-    assert cancelled.stderr.strip() == f"{120 - completed} lines cancelled"
+    assert 4 <= completed < total
+    assert cancelled.stderr.strip() == f"{total - completed} lines cancelled"
     time.sleep(3)  # a chunk still running on the worker ends, and must write nothing
     # The cancelled lines count as failed, as OpenAI counts them.
-    assert _status(env, tmp_path, job_id)["request_counts"] == {"total": 120, "completed": completed,
-                                                                "failed": 120 - completed}
+    assert _status(env, tmp_path, job_id)["request_counts"] == {"total": total, "completed": completed,
+                                                                "failed": total - completed}
 
     cli_ok(env, tmp_path, "results", job_id, "-o", "out.jsonl", "--errors", "err.jsonl")
     out, err = _read_jsonl(tmp_path / "out.jsonl"), _read_jsonl(tmp_path / "err.jsonl")
-    assert len(out) == completed and len(err) == 120 - completed
+    assert len(out) == completed and len(err) == total - completed
     assert all(line["response"]["status_code"] == 200 for line in out)
     assert {e["error"]["code"] for e in err} == {"batch_cancelled"}
     assert sorted([x["custom_id"] for x in out] + [e["custom_id"] for e in err]) == sorted(ids)
