@@ -80,28 +80,28 @@ def tenant_list(as_json: JsonOption = False) -> None:
 def tenant_disable(name: TenantArgument) -> None:
     """Disable a tenant: its keys are refused (403) and it can submit nothing; its jobs are kept."""
     from db.repository import disable_tenant
-    from pipeline.settings import load_settings
 
-    def action() -> None:
-        with sessions(load_settings().database_url).begin() as session:
-            disable_tenant(session, name)
-
-    guarded(action)
-    typer.echo(f"tenant {name} disabled", err=True)
+    _change_tenant(name, disable_tenant, "disabled")
 
 
 @tenant_app.command("enable")
 def tenant_enable(name: TenantArgument) -> None:
     """Enable a disabled tenant again: its keys that were not revoked work again."""
     from db.repository import enable_tenant
+
+    _change_tenant(name, enable_tenant, "enabled")
+
+
+def _change_tenant(name: str, change: Any, done: str) -> None:
+    """`change(session, name)` in one transaction, then `tenant NAME <done>` on stderr."""
     from pipeline.settings import load_settings
 
     def action() -> None:
         with sessions(load_settings().database_url).begin() as session:
-            enable_tenant(session, name)
+            change(session, name)
 
     guarded(action)
-    typer.echo(f"tenant {name} enabled", err=True)
+    typer.echo(f"tenant {name} {done}", err=True)
 
 
 @tenant_app.command("quota")
