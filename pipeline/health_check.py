@@ -103,8 +103,11 @@ def run_checks(settings: Settings, app: Celery, client: redis.Redis, *, worker: 
     if worker is None:
         checks += [check_database(settings), check_beat(client, settings)]
     try:
-        reports = worker_reports(app, timeout_s=timeout_s, destination=None if worker is None else [worker],
-                                 expected=expected_answers(client, settings.redis_key_prefix))
+        if worker is None:
+            reports = worker_reports(app, timeout_s=timeout_s,
+                                     expected=expected_answers(client, settings.redis_key_prefix))
+        else:
+            reports = worker_reports(app, timeout_s=timeout_s, destination=[worker])
     except BrokerError as e:
         return [*checks, Check("workers", False, f"cannot ask the workers through the broker: {e}")]
     checks += [check_worker(r, settings.stall_timeout_s) for r in reports]

@@ -73,8 +73,11 @@ class Registration:
         self._thread.start()
 
     def stop(self) -> None:
+        """Ends the renewals and deletes the key (also where `start` never ran: a worker stopped
+        while it was starting)."""
         self._stopped.set()
-        self._thread.join(timeout=RENEW_S)
+        if self._thread.is_alive():
+            self._thread.join(timeout=RENEW_S)
         try:
             self.client.delete(self.key)
         except redis.RedisError as e:  # it expires on its own

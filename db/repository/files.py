@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import operator
 import uuid
 from datetime import datetime
 
@@ -40,14 +41,11 @@ def list_files(session: Session, tenant_id: str, *, purpose: str | None = None, 
     if purpose is not None:
         query = query.where(StoredFile.purpose == purpose)
     if after is not None:
-        later = or_(StoredFile.created_at > after.created_at,
-                    and_(StoredFile.created_at == after.created_at, StoredFile.id > after.id))
-        earlier = or_(StoredFile.created_at < after.created_at,
-                      and_(StoredFile.created_at == after.created_at, StoredFile.id < after.id))
-        query = query.where(earlier if newest_first else later)
-    order = (StoredFile.created_at.desc(), StoredFile.id.desc()) if newest_first else (
-        StoredFile.created_at.asc(), StoredFile.id.asc())
-    return list(session.scalars(query.order_by(*order).limit(limit)))
+        beyond = operator.lt if newest_first else operator.gt  # listed after it: older, or newer when ascending
+        query = query.where(or_(beyond(StoredFile.created_at, after.created_at),
+                                and_(StoredFile.created_at == after.created_at, beyond(StoredFile.id, after.id))))
+    columns = (StoredFile.created_at, StoredFile.id)
+    return list(session.scalars(query.order_by(*(c.desc() if newest_first else c.asc() for c in columns)).limit(limit)))
 
 
 def delete_file(session: Session, tenant_id: str, file_id: str) -> StoredFile | None:

@@ -155,9 +155,8 @@ def key_create(
     as_json: Annotated[bool, typer.Option("--json", help='{"id", "key", "tenant"} instead of the key alone.')] = False,
 ) -> None:
     """Create an API key and print it, once: only its hash is stored."""
-    from db.repository import create_api_key
+    from db.repository import create_api_key, require_tenant
     from pipeline.settings import load_settings
-    from db.repository import require_tenant
 
     def action() -> tuple[str, str]:
         with sessions(load_settings().database_url).begin() as session:
@@ -181,9 +180,8 @@ def key_list(
     as_json: JsonOption = False,
 ) -> None:
     """A tenant's keys: ids, labels, creation and revocation times (never the keys themselves)."""
-    from db.repository import list_api_keys
+    from db.repository import list_api_keys, require_tenant
     from pipeline.settings import load_settings
-    from db.repository import require_tenant
 
     def action() -> list[dict[str, Any]]:
         with sessions(load_settings().database_url)() as session:

@@ -203,19 +203,12 @@ def test_beat_and_flower_have_real_health_checks(services: dict) -> None:
         assert set(services[name]["healthcheck"]) >= {"test", "interval", "timeout", "retries"}, name
 
 
-def serve_healthcheck(services: dict) -> tuple[int, str]:
-    """(the port `pipeline serve` listens on in its container, its health check's Python code)."""
-    serve = services["serve"]
-    command = serve["command"]
-    kind, python, flag, code = serve["healthcheck"]["test"]
-    assert (kind, python, flag) == ("CMD", "python", "-c")
-    return int(command[command.index("--port") + 1]), code
-
-
 def test_the_batch_api_server_is_reachable_and_keeps_its_files_in_the_volume(services: dict) -> None:
     serve = services["serve"]
     command = serve["command"]
-    port, code = serve_healthcheck(services)
+    port = int(command[command.index("--port") + 1])
+    kind, python, flag, code = serve["healthcheck"]["test"]
+    assert (kind, python, flag) == ("CMD", "python", "-c")
     assert command[command.index("--host") + 1] == "0.0.0.0"  # inside its container; published below
     assert serve["ports"] == [f"127.0.0.1:{port}:{port}"]  # local only, as Flower: TLS goes in front
     assert f"'http://127.0.0.1:{port}/healthz'" in code  # run against a real server in tests/api/test_server.py

@@ -50,6 +50,16 @@ def test_a_registration_lives_while_renewed_and_goes_at_stop(redis_client, prefi
     assert registered_workers(redis_client, prefix) == []
 
 
+def test_a_worker_stopped_before_it_started_stops_cleanly(redis_client, prefix) -> None:
+    other = Registration(redis_client, prefix, "running@host")
+    other.start()
+    try:
+        Registration(redis_client, prefix, "starting@host").stop()  # shut down before worker_ready
+        assert registered_workers(redis_client, prefix) == ["running@host"]
+    finally:
+        other.stop()
+
+
 def test_prefixes_stay_apart_even_with_pattern_characters(redis_client, prefix) -> None:
     odd = f"{prefix}[a]*?\\:"
     ours, theirs = Registration(redis_client, prefix, "ours@host"), Registration(redis_client, odd, "theirs@host")

@@ -403,8 +403,6 @@ AttendFn pick_attend(int BS, int D) {
     return attend_blocks<0, 0, T>;
 }
 
-// The rows' queries, scaled, as float32 into st.q; and, for the matrix-tile path (st.qb sized),
-// the bfloat16 queries as they are into st.qb (its products take the scale afterwards).
 // K[i], V[i] <- blocks b .. b + nb of the sequence's table in a bfloat16 pool stored in pairs, for
 // the paths that read them there (matrix tiles, vector pairs); the next blocks up to b1 are asked
 // for meanwhile, as in attend_blocks.
@@ -763,6 +761,8 @@ AttendFn pick_attend_pairs(int D) {
 #endif
 }
 
+// The rows' queries, scaled, as float32 into st.q; and, for the paired paths (st.qb sized), the
+// bfloat16 queries as they are into st.qb (their products take the scale afterwards).
 void load_queries(const Problem& p, int rows, const int64_t* tokens, const int* heads, RowState& st) {
     for (int r = 0; r < rows; ++r) {
         const int64_t off = tokens[r] * p.q_stride + static_cast<int64_t>(heads[r]) * p.D;
